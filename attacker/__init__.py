@@ -1,0 +1,1 @@
+"""Gradient-inversion attacks (pure code) and the malicious peer that runs them live."""

@@ -1,0 +1,314 @@
+"""The attack interface, its registry, and the DLG / iDLG gradient-inversion attacks.
+
+An attack gets only what a malicious peer really sees (the model at the sender's
+version and an Observation: gradients plus public metadata) and returns a
+Reconstruction with stats. Ground truth reaches only the scoring step (metrics.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacker.inversion import Callback, MatchResult, match_gradients
+from attacker.labels import find_last_linear_grads, recover_label_batch1
+
+INITS = ("randn", "rand")  # dummy-image starts: N(0, 1) as DLG, or uniform [0, 1)
+LINE_SEARCHES = (None, "strong_wolfe")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a peer receives: gradients and public metadata, nothing about ground truth."""
+
+    gradients: tuple[torch.Tensor, ...]  # one per parameter, model.parameters() order, float32
+    batch_size: int  # number of samples behind the gradient (public header field)
+    input_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    num_classes: int  # logits of the model
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gradients", tuple(self.gradients))
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        if not self.gradients or not all(isinstance(g, torch.Tensor) for g in self.gradients):
+            raise ValueError("an observation needs at least one gradient tensor")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape must be positive (C, H, W), got {self.input_shape}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Settings shared by the optimisation-based attacks."""
+
+    max_iters: int = 300  # outer L-BFGS steps (DLG's 300 "iterations")
+    lbfgs_inner: int = 20  # L-BFGS iterations per outer step (torch's max_iter default)
+    lr: float = 1.0  # L-BFGS step size; DLG uses 1 with no line search
+    seed: int = 0  # seeds the dummy images and labels: same seed, same start
+    # Stop once sum over parameters of ||g_dummy - g_obs||^2 is below this. Absolute, in
+    # squared gradient units: ||g_obs||^2 is ~160 for DLG-init LeNet on one 16x16 digit
+    # (rms entry ~0.13), so 1e-7 is agreement to ~2.5e-5 of the gradient's norm.
+    grad_tol: float = 1e-7
+    init: str = "randn"  # dummy-image start, one of INITS
+    lbfgs_history: int = 100  # L-BFGS memory (torch default)
+    line_search: str | None = None  # None = DLG's fixed step; or "strong_wolfe"
+    patience: int = 0  # stop after this many outer steps with no new best; 0 = never (DLG)
+
+    def __post_init__(self) -> None:
+        if self.max_iters < 1 or self.lbfgs_inner < 1 or self.lbfgs_history < 1:
+            raise ValueError("max_iters, lbfgs_inner and lbfgs_history must be >= 1")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not self.grad_tol >= 0:
+            raise ValueError(f"grad_tol must be >= 0, got {self.grad_tol}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init '{self.init}' (known: {', '.join(INITS)})")
+        if self.line_search not in LINE_SEARCHES:
+            raise ValueError(f"line_search must be None or 'strong_wolfe', got {self.line_search}")
+
+
+@dataclass
+class Reconstruction:
+    """An attack's answer: images, labels and how it got there."""
+
+    images: torch.Tensor  # (B, C, H, W) clamped to [0, 1], what gets scored
+    labels: torch.Tensor  # (B,) int64
+    stats: dict[str, Any] = field(default_factory=dict)  # see Attack.reconstruct
+    raw_images: torch.Tensor | None = None  # (B, C, H, W) the optimiser's iterate, unclamped
+
+
+class Attack(ABC):
+    """A gradient-inversion attack: (model, observation) -> reconstruction."""
+
+    name = "attack"
+
+    def __init__(self, config: AttackConfig | None = None) -> None:
+        self.config = config if config is not None else AttackConfig()
+
+    @abstractmethod
+    def reconstruct(
+        self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
+    ) -> Reconstruction:
+        """Reconstruct the batch behind `obs.gradients` taken of `model`.
+
+        Args:
+            model: the model at the version the gradient was taken at; left untouched.
+            obs: the observed update.
+            callback: `callback(iteration, images)` after each outer step with the
+                best-so-far images clamped to [0, 1]; returning True stops the attack.
+
+        Returns:
+            A Reconstruction whose stats hold: attack, iterations, evaluations,
+            grad_distance, seconds, label_source ("analytic" | "optimised"),
+            diverged, stop_reason, device.
+        """
+
+
+_REGISTRY: dict[str, type[Attack]] = {}
+# Read-only live view: `name in ATTACKS`, `sorted(ATTACKS)` give the known names.
+ATTACKS: Mapping[str, type[Attack]] = MappingProxyType(_REGISTRY)
+
+
+def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
+    """Register an Attack subclass under `name`.
+
+    Raises:
+        ValueError: if `name` is already registered.
+    """
+
+    def wrap(cls: type[Attack]) -> type[Attack]:
+        if name in _REGISTRY:
+            raise ValueError(f"attack '{name}' is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def create_attack(name: str, config: AttackConfig | None = None) -> Attack:
+    """Instantiate a registered attack.
+
+    Raises:
+        ValueError: on an unknown name; the message lists the known ones.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attack '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name](config)
+
+
+def compute_gradients(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """What an honest peer sends: d(mean cross-entropy)/d(params), in parameters() order.
+
+    Args:
+        model: the peer's model; its .grad fields are not touched.
+        images: (B, C, H, W) private batch.
+        labels: (B,) int64 private labels.
+
+    Returns:
+        One detached float32 tensor per parameter.
+    """
+    loss = F.cross_entropy(model(images), labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return tuple(g.detach().to(torch.float32) for g in grads)
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy the attack may differentiate through without touching the caller's.
+
+    The copy keeps the caller's train/eval mode: the gradient was taken in the
+    sender's mode, and layers such as BatchNorm compute differently in each.
+    """
+    victim = copy.deepcopy(model)
+    for param in victim.parameters():
+        param.requires_grad_(True)
+        param.grad = None
+    return victim
+
+
+def _targets(model: nn.Module, obs: Observation) -> list[torch.Tensor]:
+    """The observed gradients on the model's device/dtype, after checking they fit it."""
+    params = list(model.parameters())
+    if len(obs.gradients) != len(params):
+        raise ValueError(f"observation has {len(obs.gradients)} gradients, model has {len(params)}")
+    for i, (grad, param) in enumerate(zip(obs.gradients, params, strict=True)):
+        if grad.shape != param.shape:
+            raise ValueError(
+                f"gradient {i} has shape {tuple(grad.shape)}, parameter {tuple(param.shape)}"
+            )
+    return [g.detach().to(device=p.device, dtype=p.dtype) for g, p in zip(obs.gradients, params)]
+
+
+def _initial_images(
+    config: AttackConfig, obs: Observation, generator: torch.Generator, like: torch.Tensor
+) -> torch.Tensor:
+    """Seeded dummy images, drawn on the CPU so a seed gives the same start on any device."""
+    shape = (obs.batch_size, *obs.input_shape)
+    if config.init == "randn":
+        start = torch.randn(shape, generator=generator)
+    else:
+        start = torch.rand(shape, generator=generator)
+    return start.to(device=like.device, dtype=like.dtype).requires_grad_(True)
+
+
+def _run(
+    config: AttackConfig,
+    model: nn.Module,
+    targets: list[torch.Tensor],
+    data: torch.Tensor,
+    callback: Callback | None,
+    **labels: torch.Tensor,
+) -> MatchResult:
+    return match_gradients(
+        model,
+        targets,
+        data,
+        max_iters=config.max_iters,
+        inner=config.lbfgs_inner,
+        lr=config.lr,
+        history=config.lbfgs_history,
+        line_search=config.line_search,
+        grad_tol=config.grad_tol,
+        patience=config.patience,
+        callback=callback,
+        **labels,
+    )
+
+
+def _reconstruction(
+    name: str, result: MatchResult, labels: torch.Tensor, source: str, start: float
+) -> Reconstruction:
+    stats = {
+        "attack": name,
+        "iterations": result.iterations,
+        "evaluations": result.evaluations,
+        "grad_distance": result.distance,
+        "seconds": time.perf_counter() - start,
+        "label_source": source,
+        "diverged": result.diverged,
+        "stop_reason": result.stop_reason,
+        "device": str(result.images.device),
+    }
+    images = torch.nan_to_num(result.images.detach(), nan=0.0).clamp(0.0, 1.0)
+    return Reconstruction(
+        images=images,
+        labels=labels.detach().to(torch.int64),
+        stats=stats,
+        raw_images=result.images.detach(),
+    )
+
+
+@register_attack("dlg")
+class DLG(Attack):
+    """Deep Leakage from Gradients (Zhu et al. 2019): images and soft labels jointly."""
+
+    def reconstruct(
+        self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
+    ) -> Reconstruction:
+        """See Attack.reconstruct; labels are the argmax of the optimised soft labels."""
+        start = time.perf_counter()
+        victim = _private_copy(model)
+        targets = _targets(victim, obs)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        # DLG draws the dummy images first, then the dummy labels.
+        data = _initial_images(self.config, obs, generator, targets[0])
+        label_logits = torch.randn((obs.batch_size, obs.num_classes), generator=generator)
+        label_logits = label_logits.to(targets[0]).requires_grad_(True)
+        result = _run(self.config, victim, targets, data, callback, label_logits=label_logits)
+        assert result.label_logits is not None  # joint optimisation always returns them
+        labels = result.label_logits.argmax(dim=-1)
+        return _reconstruction(self.name, result, labels, "optimised", start)
+
+
+@register_attack("idlg")
+class IDLG(Attack):
+    """iDLG (Zhao et al. 2020): analytic label for batch 1, then images only.
+
+    iDLG is defined for one sample; for B > 1, or when the last layer's gradient
+    gives no label (non-finite, all zero), it runs DLG's joint optimisation and
+    reports label_source "optimised".
+    """
+
+    def reconstruct(
+        self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
+    ) -> Reconstruction:
+        """See Attack.reconstruct."""
+        start = time.perf_counter()
+        victim = _private_copy(model)
+        targets = _targets(victim, obs)
+        label = _analytic_label(victim, targets) if obs.batch_size == 1 else None
+        if label is None:
+            # No analytic label (B > 1, or a gradient without a usable sign pattern).
+            recon = DLG(self.config).reconstruct(model, obs, callback=callback)
+            recon.stats["attack"] = self.name
+            return recon
+        labels = torch.tensor([label], dtype=torch.int64, device=targets[0].device)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        data = _initial_images(self.config, obs, generator, targets[0])
+        result = _run(self.config, victim, targets, data, callback, hard_labels=labels)
+        return _reconstruction(self.name, result, labels, "analytic", start)
+
+
+def _analytic_label(model: nn.Module, targets: list[torch.Tensor]) -> int | None:
+    """iDLG's label from the last linear layer, or None when the gradient gives none."""
+    weight_grad, bias_grad = find_last_linear_grads(model, targets)
+    try:
+        return recover_label_batch1(weight_grad, bias_grad)
+    except ValueError:
+        return None

@@ -1,0 +1,133 @@
+"""Analytic label recovery from the last linear layer's gradient (iDLG, Zhao et al. 2020).
+
+Why it works, for one sample (B = 1) with cross-entropy on logits z = W a + b and
+softmax p = softmax(z): dL/dW = (p - y) a^T, so row i of the weight gradient sums to
+(p_i - y_i) * sum(a). If the activations a feeding the layer are non-negative
+(sigmoid, ReLU, softmax outputs) and not all zero, then sum(a) > 0, the true class's
+row (p_c - 1 < 0) has the only negative sum, and every other row (p_i > 0) is
+positive. The bias gradient p - y has the same sign pattern whatever a is.
+
+It does not hold for batches (rows mix several samples), for losses other than
+cross-entropy with a hard label, for two classes with activations summing negative,
+or once a defence (noise, pruning, quantisation) flips the signs; the function then
+still answers (the most negative row, iDLG's own rule) but the answer is a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def recover_label_batch1(
+    last_weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None
+) -> int:
+    """Return the label of a batch-1 update from its last linear layer's gradient.
+
+    Rules, first that applies: (1) the only negative weight-row sum (iDLG, holds
+    for non-negative activations); (2) the only negative bias-gradient entry (holds
+    for any activations); (3) the only positive row sum if it is also the largest in
+    magnitude, with more than two classes (activations summing negative flip every
+    sign); (4) the most negative row sum, iDLG's argmin rule, as the best guess
+    once noise or compression blurred the signs.
+    Weight rows come first because summing over in_features averages noise out.
+
+    Args:
+        last_weight_grad: (num_classes, in_features) gradient of the final nn.Linear.
+        bias_grad: optional (num_classes,) gradient of its bias.
+
+    Returns:
+        The recovered class index.
+
+    Raises:
+        ValueError: on a wrongly shaped or non-finite gradient, or one without signal.
+    """
+    if last_weight_grad.dim() != 2 or last_weight_grad.shape[0] < 1:
+        raise ValueError(
+            f"expected a (num_classes, in_features) gradient, got {tuple(last_weight_grad.shape)}"
+        )
+    # float64 so the sums of many tiny entries keep their sign.
+    row_sums = last_weight_grad.detach().to(torch.float64).sum(dim=1)  # (num_classes,)
+    bias = _checked_bias(bias_grad, row_sums.shape[0])
+    if not torch.isfinite(row_sums).all():
+        raise ValueError("last-layer weight gradient is not finite")
+    for hit in (_single(row_sums < 0), _single(bias < 0) if bias is not None else None):
+        if hit is not None:
+            return hit
+    flipped = _flipped(row_sums)
+    if flipped is not None:
+        return flipped
+    if torch.any(row_sums != 0):
+        return int(torch.argmin(row_sums))
+    if bias is not None and torch.any(bias != 0):
+        return int(torch.argmin(bias))
+    raise ValueError("last-layer gradient is all zero: no label signal")
+
+
+def _checked_bias(bias_grad: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    """The bias gradient as float64, or None when absent or not finite."""
+    if bias_grad is None:
+        return None
+    bias = bias_grad.detach().to(torch.float64).flatten()  # (num_classes,)
+    if bias.shape[0] != num_classes:
+        raise ValueError(f"bias gradient has {bias.shape[0]} entries, need {num_classes}")
+    return bias if torch.isfinite(bias).all() else None
+
+
+def _flipped(row_sums: torch.Tensor) -> int | None:
+    """The true row when activations summing negative flipped every sign, else None.
+
+    Flipped, the true row is the only positive one and, since |s_c| equals the sum
+    of the other rows' magnitudes, the largest; a lone positive row that is not the
+    largest is noise. With two classes a flip cannot be told from no flip.
+    """
+    hit = _single(row_sums > 0)
+    if row_sums.shape[0] <= 2 or hit is None:
+        return None
+    return hit if hit == int(torch.argmax(row_sums.abs())) else None
+
+
+def _single(mask: torch.Tensor) -> int | None:
+    """The index of the only True entry of a 1-D mask, else None."""
+    hits = torch.nonzero(mask).flatten()
+    return int(hits[0]) if hits.numel() == 1 else None
+
+
+def find_last_linear_grads(
+    model: nn.Module, grads: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick the final nn.Linear's weight (and bias) gradient out of a full gradient list.
+
+    "Final" means the nn.Linear whose weight comes last in `model.parameters()` order,
+    the order in which peers send gradients; for a sequential classifier that is the
+    output layer.
+
+    Args:
+        model: the model the gradients were taken of.
+        grads: one tensor per parameter, in `model.parameters()` order.
+
+    Returns:
+        (weight_grad (num_classes, in_features), bias_grad (num_classes,) or None).
+
+    Raises:
+        ValueError: if the model has no nn.Linear, or the gradients do not line up
+            with the parameters.
+    """
+    params = list(model.parameters())
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    index = {id(p): i for i, p in enumerate(params)}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    last = max(linears, key=lambda m: index[id(m.weight)])
+    weight_grad = grads[index[id(last.weight)]]
+    if tuple(weight_grad.shape) != tuple(last.weight.shape):
+        raise ValueError(
+            f"last linear weight is {tuple(last.weight.shape)}, "
+            f"its gradient {tuple(weight_grad.shape)}"
+        )
+    bias_grad = grads[index[id(last.bias)]] if last.bias is not None else None
+    return weight_grad, bias_grad

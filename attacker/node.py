@@ -1,0 +1,99 @@
+"""The malicious peer as a network node and Ray actor: a PeerNode whose handler captures.
+
+Only what differs from an honest node is here: the handler is a MaliciousPeer,
+weights are pulled over gRPC from the update's sender, reconstructions go to the
+evaluator, and the attacker's counters go to Prometheus.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+import torch
+
+from attacker.attacks import AttackConfig, Reconstruction, create_attack
+from attacker.malicious import MaliciousPeer
+from gradleak.telemetry import Metrics
+from p2p.node import PeerNode, PeerSpec
+from p2p.update import UpdateHeader
+
+log = logging.getLogger(__name__)
+
+
+class _PromObserver:
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def captured(self) -> None:
+        self.m.captured.inc()
+
+    def dropped(self) -> None:
+        self.m.dropped.inc()
+
+    def queue_depth(self, depth: int) -> None:
+        self.m.queue_depth.set(depth)
+
+    def attacked(self, header: UpdateHeader, attack: str, seconds: float) -> None:
+        self.m.attack_seconds.labels(attack, str(header.num_samples), header.defence).observe(seconds)
+
+    def failed(self, reason: str) -> None:
+        self.m.attack_failures.labels(reason).inc()
+
+
+class MaliciousNode(PeerNode):
+    """A gossip member that reconstructs the private batches behind the updates it receives."""
+
+    def __init__(
+        self, spec: PeerSpec, evaluator: Any = None, *, attacks: tuple[str, ...] = ("idlg",),
+        attack_config: AttackConfig | None = None, queue_size: int = 16,
+        max_batch_size: int = 8, device: str = "auto", attack_threads: int = 1,
+    ) -> None:
+        # Set before the base __init__, which calls make_handler().
+        self._attacks = attacks
+        self._attack_config = attack_config or AttackConfig()
+        self._queue_size = queue_size
+        self._max_batch_size = max_batch_size
+        self._device = device
+        super().__init__(spec, evaluator)
+        torch.set_num_threads(max(spec.threads, attack_threads))
+        self.malicious.start()
+        log.warning("malicious peer %s attacks on %s", spec.peer_id, self.malicious.device)
+
+    def make_handler(self) -> MaliciousPeer:
+        self.malicious = MaliciousPeer(
+            self.peer, attacks={name: create_attack(name, self._attack_config) for name in self._attacks},
+            build_model=self.build_model, fetch_weights=self._fetch_weights, report=self._report,
+            input_shape=self.spec.input_shape, num_classes=self.spec.num_classes,
+            queue_size=self._queue_size, max_batch_size=self._max_batch_size, device=self._device,
+            observer=_PromObserver(self.metrics),
+        )
+        return self.malicious
+
+    def _fetch_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
+        _v, state = self.client(sender).get_model(version)
+        return state
+
+    def _report(self, header: UpdateHeader, attack: str, rec: Reconstruction) -> None:
+        if self.evaluator is None:
+            return
+        stats = {k: v for k, v in rec.stats.items() if isinstance(v, (int, float, str, bool))}
+        ray.get(self.evaluator.score.remote(
+            header.update_id, attack, rec.images.detach().cpu().numpy(),
+            rec.labels.detach().cpu().numpy(), stats,
+        ))
+
+    def status(self) -> dict[str, Any]:
+        return {**self.malicious.stats, "queue": self.malicious.queue_depth(),
+                "idle": self.malicious.idle(), "device": str(self.malicious.device)}
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self.malicious.wait_idle(timeout)
+
+    def stop(self) -> None:
+        self.malicious.stop()
+        super().stop()
+
+
+MaliciousActor = ray.remote(MaliciousNode)

@@ -1,0 +1,270 @@
+"""Typed, frozen, validated run configuration, composed from sections and loadable from YAML.
+
+Every CLI flag of `gradleak run` maps to one field here (see gradleak/cli.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Raised when a config value, flag or file is invalid; the message is one line."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # digits (offline, scikit-learn) | mnist | cifar10 | cifar100
+    data_root: str | None = None  # where torchvision datasets lie (never downloaded)
+    image_size: int | None = None  # resize to this many pixels a side; None = dataset default
+    limit: int | None = 4000  # use at most this many samples (keeps start-up small)
+    test_fraction: float = 0.2  # held-out share for the honest model's accuracy
+
+    def validate(self) -> None:
+        from gradleak.data import DATASETS
+
+        _known("dataset", self.dataset, DATASETS)
+        if self.image_size is not None and not 4 <= self.image_size <= 512:
+            raise ConfigError(f"image_size must be in 4..512, got {self.image_size}")
+        if self.limit is not None and self.limit < 20:
+            raise ConfigError(f"limit must be >= 20 samples, got {self.limit}")
+        if not 0.0 < self.test_fraction < 0.9:
+            raise ConfigError(f"test_fraction must be in (0, 0.9), got {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    honest: int = 4  # number of honest peers
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)  # assigned to honest peers cyclically
+    defences: tuple[str, ...] = ("none",)  # defence chains, assigned cyclically
+    model: str = "lenet"  # model registry name
+    optimizer: str = "adam"  # local optimiser applying the aggregated gradient: adam | sgd
+    lr: float = 0.005  # its learning rate
+    keep_versions: int = 256  # past weight versions kept for GetModel pulls
+    eval_every: int = 10  # rounds between held-out accuracy measurements
+    num_cpus: float = 0.25  # Ray CPU share per peer actor (fractional so many fit)
+    threads: int = 1  # torch threads per peer process
+
+    def validate(self) -> None:
+        from gradleak.models import MODELS
+        from p2p.defences import parse_defence
+        from p2p.peer import OPTIMIZERS
+
+        if not 2 <= self.honest <= 256:
+            raise ConfigError(f"honest peers must be in 2..256, got {self.honest}")
+        if not self.batch_sizes or any(not 1 <= b <= 4096 for b in self.batch_sizes):
+            raise ConfigError(f"batch sizes must be in 1..4096, got {list(self.batch_sizes)}")
+        if not self.defences:
+            raise ConfigError("at least one defence (or 'none') is required")
+        for spec in self.defences:
+            try:
+                parse_defence(spec)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        _known("model", self.model, MODELS)
+        _known("optimizer", self.optimizer, OPTIMIZERS)
+        _positive("lr", self.lr)
+        if self.keep_versions < 1 or self.eval_every < 1 or self.threads < 1:
+            raise ConfigError("keep_versions, eval_every and threads must be >= 1")
+        if not 0.0 <= self.num_cpus <= 64:
+            raise ConfigError(f"num_cpus must be in 0..64, got {self.num_cpus}")
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    rounds: int = 150  # synchronous gossip rounds
+    fanout: int = 2  # neighbours each peer sends its update to per round
+    topology: str = "complete"  # topology registry name
+    round_interval_s: float = 0.25  # minimum seconds per round: leaves the attacker CPU on small machines
+    timeout_s: float = 10.0  # deadline of every RPC
+    chunk_bytes: int = 1 << 20  # payload bytes per streamed chunk
+
+    def validate(self) -> None:
+        from p2p.topology import TOPOLOGIES
+
+        if not 1 <= self.rounds <= 1_000_000:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.fanout < 1:
+            raise ConfigError(f"fanout must be >= 1, got {self.fanout}")
+        _known("topology", self.topology, TOPOLOGIES)
+        if self.round_interval_s < 0:
+            raise ConfigError(f"round_interval_s must be >= 0, got {self.round_interval_s}")
+        _positive("timeout_s", self.timeout_s)
+        if not 1024 <= self.chunk_bytes <= 4 << 20:
+            raise ConfigError(f"chunk_bytes must be in 1 KiB..4 MiB, got {self.chunk_bytes}")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    attacks: tuple[str, ...] = ("idlg",)  # attacks run on every captured update
+    max_iters: int = 100  # outer optimiser steps per reconstruction
+    queue_size: int = 16  # captured updates waiting; further ones are dropped and counted
+    max_batch_size: int = 8  # updates from larger batches are captured but not attacked
+    num_gpus: float = 0.0  # Ray GPU request of the malicious peer
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    threads: int = 1  # torch threads of the attack worker
+    drain_timeout_s: float = 60.0  # after the last round, time left to finish the queue
+
+    def validate(self) -> None:
+        from attacker.attacks import ATTACKS
+
+        if not self.attacks:
+            raise ConfigError("at least one attack is required")
+        for name in self.attacks:
+            _known("attack", name, ATTACKS)
+        if self.max_iters < 1 or self.queue_size < 1 or self.threads < 1:
+            raise ConfigError("max_iters, queue_size and threads must be >= 1")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.num_gpus < 0:
+            raise ConfigError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        _known("device", self.device, ("auto", "cpu", "cuda"))
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    metrics_port: int = 9480  # the evaluator's /metrics port (leakage); 0 = any free port
+    host: str = "127.0.0.1"  # address every exporter and gRPC server binds
+
+    def validate(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if not self.host:
+            raise ConfigError("host must not be empty")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0  # same seed + config = same split, init and attack starts
+    out_dir: str = "runs"  # each run writes a fresh directory under it
+    ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray
+    data: DataConfig = field(default_factory=DataConfig)
+    peers: PeerConfig = field(default_factory=PeerConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def validate(self) -> RunConfig:
+        """Check every section; return self so calls chain."""
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for section in (self.data, self.peers, self.gossip, self.attack, self.telemetry):
+            section.validate()
+        if self.gossip.fanout > self.peers.honest:
+            raise ConfigError(
+                f"fanout {self.gossip.fanout} exceeds the {self.peers.honest} other peers"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "peers": PeerConfig,
+    "gossip": GossipConfig,
+    "attack": AttackSettings,
+    "telemetry": TelemetryConfig,
+}
+
+
+def from_dict(raw: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Overlay a nested mapping (as in a YAML file) on `base`; unknown keys are errors."""
+    base = base or RunConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping of sections")
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            top[key] = _section(key, getattr(base, key), value)
+        elif key in ("seed", "out_dir", "ray_address"):
+            top[key] = value
+        else:
+            known = sorted([*SECTIONS, "seed", "out_dir", "ray_address"])
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(known)})")
+    try:
+        cfg = dataclasses.replace(base, **top)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    return _checked_types(cfg)
+
+
+def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a YAML config file and overlay it on `base`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}")
+    return from_dict(raw, base)
+
+
+def _section(name: str, current: Any, value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config section '{name}' must be a mapping")
+    names = {f.name for f in dataclasses.fields(current)}
+    for key in value:
+        if key not in names:
+            raise ConfigError(f"unknown key '{name}.{key}' (known: {', '.join(sorted(names))})")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    return dataclasses.replace(current, **fixed)
+
+
+def _checked_types(cfg: RunConfig) -> RunConfig:
+    """Reject values of the wrong type (YAML gives strings where numbers were meant)."""
+    for section in [cfg, *(getattr(cfg, s) for s in SECTIONS)]:
+        for f in dataclasses.fields(section):
+            if f.name in SECTIONS:
+                continue
+            value = getattr(section, f.name)
+            if not _type_ok(str(f.type), value):
+                raise ConfigError(f"'{f.name}' has the wrong type: {value!r} (expected {f.type})")
+    return cfg
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    if value is None:
+        return "None" in annotation
+    if isinstance(value, bool):
+        return "bool" in annotation
+    if annotation.startswith("tuple[int"):
+        return isinstance(value, tuple) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+    if annotation.startswith("tuple[str"):
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if annotation.startswith("int"):
+        return isinstance(value, int)
+    if annotation.startswith("float"):
+        return isinstance(value, (int, float))
+    if annotation.startswith("str"):
+        return isinstance(value, str)
+    return True
+
+
+def _known(what: str, name: str, known: Any) -> None:
+    if name not in known:
+        raise ConfigError(f"unknown {what} '{name}' (known: {', '.join(sorted(known))})")
+
+
+def _positive(what: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{what} must be > 0, got {value}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,146 @@
+"""The evaluator: holds ground truth by update_id and scores reconstructions against it.
+
+Honest peers hand it their private batch before the update leaves them; the
+malicious peer hands it reconstructions. Nothing flows back: `score` returns
+nothing, and there is no way to read a truth out, so the attack never sees one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from attacker.metrics import score_batch
+from gradleak.record import RunRecord, clean, write_grid
+from gradleak.telemetry import Metrics
+
+
+@dataclass(frozen=True)
+class Truth:
+    images: np.ndarray  # (B, C, H, W)
+    labels: np.ndarray  # (B,)
+    origin: str
+    round: int
+    batch_size: int
+    defence: str
+
+
+class Evaluator:
+    """Scores reconstructions, writes the run record and the leakage metrics."""
+
+    def __init__(
+        self, record: RunRecord, metrics: Metrics | None = None, *,
+        keep_truths: int = 4096, grid_items: int = 16,
+    ) -> None:
+        self.record = record
+        self.metrics = metrics
+        self._truths: OrderedDict[str, Truth] = OrderedDict()
+        self._keep = keep_truths
+        self._grid_items = grid_items
+        self._examples: dict[tuple[int, str, str], tuple[float, np.ndarray, np.ndarray]] = {}
+        self._rows: list[dict[str, Any]] = []
+        self.unmatched = 0
+
+    def register_truth(
+        self, update_id: str, images: np.ndarray, labels: np.ndarray, *,
+        origin: str, round: int, defence: str,
+    ) -> None:
+        """File the private batch behind `update_id` (oldest dropped beyond the cap)."""
+        images = np.asarray(images, dtype=np.float32)
+        labels = np.asarray(labels, dtype=np.int64)
+        if images.ndim != 4 or labels.shape != (images.shape[0],):
+            raise ValueError(f"truth shapes {images.shape} / {labels.shape} are not (B,C,H,W) / (B,)")
+        self._truths[update_id] = Truth(images, labels, origin, round, len(labels), defence)
+        while len(self._truths) > self._keep:
+            self._truths.popitem(last=False)
+
+    def score(
+        self, update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
+        stats: dict[str, Any],
+    ) -> None:
+        """Score one reconstruction; updates the record and metrics, returns nothing."""
+        truth = self._truths.get(update_id)
+        if truth is None:
+            self.unmatched += 1  # truth evicted or never filed: nothing to compare against
+            return
+        images = np.asarray(images, dtype=np.float32)
+        if images.shape != truth.images.shape:
+            raise ValueError(f"reconstruction shape {images.shape} != truth shape {truth.images.shape}")
+        s = score_batch(images, np.asarray(labels), truth.images, truth.labels)
+        row = {
+            "update_id": update_id, "origin": truth.origin, "round": truth.round,
+            "batch_size": truth.batch_size, "defence": truth.defence, "attack": attack,
+            "psnr": [clean(v) for v in s["psnr"]], "ssim": [clean(v) for v in s["ssim"]],
+            "mean_psnr": clean(s["mean_psnr"]), "mean_ssim": clean(s["mean_ssim"]),
+            "mse": clean(float(np.mean(s["mse"]))), "label_accuracy": clean(s["label_accuracy"]),
+            "seconds": clean(float(stats.get("seconds", 0.0))),
+            "iterations": int(stats.get("iterations", 0)), "time": time.time(),
+        }
+        self.record.append(row)
+        self._rows.append(row)
+        self._observe(row, s)
+        self._keep_example(truth, images, s, attack)
+
+    def _observe(self, row: dict[str, Any], s: dict[str, Any]) -> None:
+        if self.metrics is None:
+            return
+        key = (row["attack"], str(row["batch_size"]), row["defence"])
+        m = self.metrics
+        m.reconstructions.labels(*key).inc()
+        for p, q in zip(s["psnr"], s["ssim"]):
+            m.psnr.labels(*key).observe(min(float(p), 100.0))
+            m.ssim.labels(*key).observe(float(q))
+        m.label_accuracy.labels(*key).observe(float(s["label_accuracy"]))
+
+    def _keep_example(self, truth: Truth, images: np.ndarray, s: dict[str, Any], attack: str) -> None:
+        # The best image of each (batch size, defence, attack) group goes into the grid.
+        # psnr is in truth order; permutation[j] is the reconstruction matched to truth j.
+        best = int(np.argmax(s["psnr"]))
+        key = (truth.batch_size, truth.defence, attack)
+        psnr = float(s["psnr"][best])
+        if key not in self._examples or psnr > self._examples[key][0]:
+            self._examples[key] = (psnr, truth.images[best], images[int(s["permutation"][best])])
+
+    def summary(self, honest_accuracy: dict[tuple[int, str], float] | None = None) -> list[dict[str, Any]]:
+        """One row per (batch size, defence, attack) with the leakage and honest accuracy."""
+        groups: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
+        for row in self._rows:
+            groups[(row["batch_size"], row["defence"], row["attack"])].append(row)
+        out = []
+        for (bs, defence, attack), rows in sorted(groups.items()):
+            psnrs = [p for r in rows for p in r["psnr"] if p is not None]
+            out.append({
+                "batch_size": bs, "defence": defence, "attack": attack, "reconstructions": len(rows),
+                "mean_psnr": _mean(psnrs), "best_psnr": max(psnrs) if psnrs else None,
+                "share_psnr_30": _mean([float(p >= 30.0) for p in psnrs]),
+                "mean_ssim": _mean([q for r in rows for q in r["ssim"] if q is not None]),
+                "label_accuracy": _mean([r["label_accuracy"] for r in rows]),
+                "honest_accuracy": (honest_accuracy or {}).get((bs, defence)),
+            })
+        return out
+
+    def write_outputs(self, honest_accuracy: dict[tuple[int, str], float], extra: dict[str, Any]) -> list[dict[str, Any]]:
+        """Write summary.json / summary.md and grid.png; return the summary rows."""
+        rows = self.summary(honest_accuracy)
+        self.record.write_summary(rows, {**extra, "unmatched": self.unmatched})
+        pairs = [
+            (t, r, f"b{bs} {d[:5]} {p:.0f}dB")
+            for (bs, d, _a), (p, t, r) in sorted(self._examples.items())
+        ][: self._grid_items]
+        if pairs:
+            write_grid(self.record.dir / "grid.png", pairs)
+        return rows
+
+    def counts(self) -> dict[str, int]:
+        return {"reconstructions": len(self._rows), "truths": len(self._truths), "unmatched": self.unmatched}
+
+    def mean_psnr(self) -> float | None:
+        return _mean([r["mean_psnr"] for r in self._rows if r["mean_psnr"] is not None])
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None

@@ -1,0 +1,44 @@
+"""The evaluator as a Ray actor with its own /metrics exporter (the run's leakage endpoint)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from gradleak.evaluation import Evaluator
+from gradleak.record import RunRecord
+from gradleak.telemetry import Metrics, start_exporter
+
+
+class EvaluatorNode:
+    """Thin adapter: owns the Evaluator, the run record and the leakage exporter."""
+
+    def __init__(self, run_dir: str, *, host: str = "127.0.0.1", metrics_port: int = 0) -> None:
+        self.metrics = Metrics()
+        self.exporter = start_exporter(self.metrics, host=host, port=metrics_port)
+        self.evaluator = Evaluator(RunRecord(run_dir), self.metrics)
+
+    def metrics_address(self) -> str:
+        return self.exporter.address
+
+    def register_truth(self, update_id: str, images: np.ndarray, labels: np.ndarray, **meta: Any) -> None:
+        self.evaluator.register_truth(update_id, images, labels, **meta)
+
+    def score(self, update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
+              stats: dict[str, Any]) -> None:
+        self.evaluator.score(update_id, attack, images, labels, stats)
+
+    def counts(self) -> dict[str, Any]:
+        return {**self.evaluator.counts(), "mean_psnr": self.evaluator.mean_psnr()}
+
+    def finish(self, honest_accuracy: list[tuple[int, str, float]], extra: dict[str, Any]) -> list[dict[str, Any]]:
+        acc: dict[tuple[int, str], list[float]] = {}
+        for bs, defence, value in honest_accuracy:
+            acc.setdefault((bs, defence), []).append(value)
+        mean = {k: float(np.mean(v)) for k, v in acc.items()}
+        return self.evaluator.write_outputs(mean, extra)
+
+
+EvaluatorActor = ray.remote(EvaluatorNode)

@@ -1,0 +1,140 @@
+"""Model registry and the small victim models the attacks are measured on.
+
+Pure torch: no Ray, gRPC or I/O. Every model maps (B, C, H, W) images to (B, classes)
+logits so any attack and any dataset of the registry can be combined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+# (in_channels, num_classes, (H, W)) -> module
+ModelFactory = Callable[[int, int, tuple[int, int]], nn.Module]
+
+_REGISTRY: dict[str, ModelFactory] = {}
+# Read-only live view: `name in MODELS`, `sorted(MODELS)` give the known names.
+MODELS: Mapping[str, ModelFactory] = MappingProxyType(_REGISTRY)
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Register a model factory under `name`.
+
+    Raises:
+        ValueError: if `name` is already registered.
+    """
+
+    def wrap(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def create_model(
+    name: str, *, in_channels: int, num_classes: int, image_size: int | tuple[int, int]
+) -> nn.Module:
+    """Build a registered model for (in_channels, H, W) inputs and `num_classes` outputs.
+
+    Args:
+        name: registry name (see `MODELS`).
+        in_channels: image channels C.
+        num_classes: number of logits.
+        image_size: H == W as an int, or (H, W).
+
+    Raises:
+        ValueError: on an unknown name (the message lists the known ones) or a
+            non-positive size.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or min(size) < 1 or in_channels < 1 or num_classes < 1:
+        raise ValueError(
+            f"need positive in_channels, num_classes and (H, W); got {in_channels}, "
+            f"{num_classes}, {image_size}"
+        )
+    return _REGISTRY[name](in_channels, num_classes, (int(size[0]), int(size[1])))
+
+
+def init_dlg_uniform(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-initialise every parameter with uniform(-0.5, 0.5), as the DLG paper does.
+
+    DLG's wide uniform init keeps the sigmoids out of saturation and makes the
+    gradient informative; the attack success figures of the paper assume it.
+    Values are drawn on the CPU generator in `model.parameters()` order and then
+    copied to each parameter's device, so a seed gives the same weights on any device.
+
+    Args:
+        model: module to initialise in place.
+        generator: seeded CPU generator.
+
+    Returns:
+        The same module, for chaining.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            values = torch.rand(param.shape, generator=generator, dtype=torch.float64) - 0.5
+            param.copy_(values.to(device=param.device, dtype=param.dtype))
+    return model
+
+
+class LeNet(nn.Module):
+    """The DLG paper's LeNet: three sigmoid convolutions and one linear layer.
+
+    Sigmoid (not ReLU) keeps the network twice differentiable everywhere, which the
+    gradient-matching objective needs, and its non-negative outputs are what
+    iDLG's label recovery relies on.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        h, w = image_size
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),  # (B, 12, ceil(H/2), ceil(W/2))
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),  # (B, 12, ceil(H/4), ceil(W/4))
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=1),
+            nn.Sigmoid(),  # (B, 12, ceil(H/4), ceil(W/4))
+        )
+        self.classifier = nn.Linear(12 * math.ceil(h / 4) * math.ceil(w / 4), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, C, H, W) images to (B, num_classes) logits."""
+        features = self.features(x)  # (B, 12, ceil(H/4), ceil(W/4))
+        return self.classifier(features.flatten(1))  # (B, num_classes)
+
+
+class MLP(nn.Module):
+    """One sigmoid hidden layer of 256 units: a cheap second victim model."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        h, w = image_size
+        self.net = nn.Sequential(
+            nn.Flatten(),  # (B, C*H*W)
+            nn.Linear(in_channels * h * w, 256),
+            nn.Sigmoid(),  # (B, 256)
+            nn.Linear(256, num_classes),  # (B, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, C, H, W) images to (B, num_classes) logits."""
+        return self.net(x)
+
+
+@register_model("lenet")
+def _lenet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    return LeNet(in_channels, num_classes, image_size)
+
+
+@register_model("mlp")
+def _mlp(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    return MLP(in_channels, num_classes, image_size)

@@ -1,0 +1,89 @@
+"""Prometheus metrics of the testbed and the exporter each process starts.
+
+Names follow Prometheus conventions: the `gradleak_` prefix, base units, `_total`
+counters, `_ratio` for 0..1. Label values come only from small fixed grids
+(attack, batch_size, defence, reason); per-update detail goes to the run record.
+Every process (peer, malicious peer, evaluator) has its own registry and exporter;
+the run writes a file_sd target list so Prometheus finds them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LEAK = ("attack", "batch_size", "defence")
+PSNR_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 80, 100)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """All gradleak metrics on one private registry (one instance per process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.reconstructions = Counter(
+            "gradleak_reconstructions_total", "Reconstructions scored by the evaluator.", LEAK, registry=r)
+        self.psnr = Histogram(
+            "gradleak_reconstruction_psnr_decibels", "PSNR of each reconstructed image against its truth.",
+            LEAK, buckets=PSNR_BUCKETS, registry=r)
+        self.ssim = Histogram(
+            "gradleak_reconstruction_ssim", "SSIM of each reconstructed image against its truth.",
+            LEAK, buckets=RATIO_BUCKETS, registry=r)
+        self.label_accuracy = Histogram(
+            "gradleak_reconstruction_label_accuracy_ratio", "Share of labels the attack got right, per update.",
+            LEAK, buckets=RATIO_BUCKETS, registry=r)
+        self.attack_seconds = Histogram(
+            "gradleak_attack_duration_seconds", "Wall time of one reconstruction.",
+            LEAK, buckets=SECONDS_BUCKETS, registry=r)
+        self.attack_failures = Counter(
+            "gradleak_attack_failures_total", "Captured updates the attacker could not attack.",
+            ("reason",), registry=r)
+        self.captured = Counter(
+            "gradleak_attack_captured_total", "Updates the malicious peer put on its queue.", registry=r)
+        self.dropped = Counter(
+            "gradleak_attack_dropped_total", "Updates dropped because the attack queue was full.", registry=r)
+        self.queue_depth = Gauge(
+            "gradleak_attack_queue_depth", "Updates waiting for the attack worker.", registry=r)
+        self.sent = Counter(
+            "gradleak_gossip_messages_sent_total", "Updates a peer sent.", ("defence",), registry=r)
+        self.sent_bytes = Counter(
+            "gradleak_gossip_sent_bytes_total", "Wire bytes of updates a peer sent.", ("defence",), registry=r)
+        self.received = Counter(
+            "gradleak_gossip_messages_received_total", "Updates a peer accepted.", ("defence",), registry=r)
+        self.received_bytes = Counter(
+            "gradleak_gossip_received_bytes_total", "Wire bytes of updates a peer accepted.",
+            ("defence",), registry=r)
+        self.send_failures = Counter(
+            "gradleak_gossip_send_failures_total", "Updates that could not be delivered.", ("code",), registry=r)
+        self.accuracy = Gauge(
+            "gradleak_model_accuracy_ratio", "Honest model accuracy on the held-out set.",
+            ("batch_size", "defence"), registry=r)
+        self.round = Gauge("gradleak_round", "Last gossip round this process completed.", registry=r)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """A running /metrics endpoint."""
+
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}/metrics"
+
+
+def start_exporter(metrics: Metrics, *, host: str = "127.0.0.1", port: int = 0) -> Exporter:
+    """Serve `metrics` over HTTP on host:port (0 = a free port); return the bound address."""
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    return Exporter(host, int(server.server_port))

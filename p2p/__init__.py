@@ -1,0 +1,1 @@
+"""Gossip protocol: updates, codec, defences, topology, peers and their gRPC/Ray adapters."""

@@ -1,0 +1,392 @@
+"""Codec between updates / model weights and the protobuf frames of the gossip protocol.
+
+This is the only module outside p2p/proto that imports the generated messages; the
+rest of the code sees `Update` and tensors. Decoding is strict because the sender may
+be malicious: every field is checked against every other one before any memory the
+sender asked for is allocated, and every violation raises `MalformedMessage`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError, Message
+
+from p2p.errors import MalformedMessage
+from p2p.proto import gossip_pb2 as pb
+from p2p.update import Update, UpdateHeader
+
+if sys.byteorder != "little":  # payloads are copied as host bytes, which must be LE
+    raise ImportError("p2p.codec supports little-endian hosts only")
+
+# Message types, re-exported so the transport can name them without importing pb.
+UpdateFrame = pb.UpdateFrame
+ModelFrame = pb.ModelFrame
+PushAck = pb.PushAck
+ModelRequest = pb.ModelRequest
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Gossip"].full_name
+
+_TO_WIRE: dict[torch.dtype, pb.DType] = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.int8: pb.DTYPE_INT8,
+    torch.int32: pb.DTYPE_INT32,
+    torch.int64: pb.DTYPE_INT64,
+    torch.uint8: pb.DTYPE_UINT8,
+}
+_FROM_WIRE: dict[int, torch.dtype] = {wire: dtype for dtype, wire in _TO_WIRE.items()}
+# Integer dtype of the same width, to compare and select elements by bit pattern.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_M = TypeVar("_M", bound=Message)
+_F = TypeVar("_F", pb.UpdateFrame, pb.ModelFrame)
+_SPARSE_MODES = ("auto", "never", "always")
+_MAX_NDIM = 64  # far deeper than any real parameter; bounds the work per spec
+DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """A validated TensorSpec: everything needed to allocate and fill one tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    sparse: bool
+    nnz: int
+    byte_length: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the decoded (dense) tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def index_size(self) -> int:
+        """Bytes per sparse flat index: uint32 while every index fits, else int64."""
+        return 4 if self.numel <= 1 << 32 else 8
+
+
+# ----------------------------------------------------------------------- encoding
+
+
+def _bits(flat: torch.Tensor) -> torch.Tensor:
+    """Reinterpret a contiguous 1-d tensor as integers of the same width."""
+    return flat.view(_BITS[flat.element_size()])
+
+
+def _as_bytes(flat: torch.Tensor) -> np.ndarray:
+    """Return the raw bytes of a contiguous 1-d tensor as a uint8 array, without a copy."""
+    return flat.view(torch.uint8).numpy()
+
+
+def _encode_tensor(
+    name: str, tensor: torch.Tensor, sparse: str
+) -> tuple[pb.TensorSpec, np.ndarray]:
+    """Encode one tensor into its spec and its payload bytes (see gossip.proto)."""
+    if tensor.dtype not in _TO_WIRE:
+        known = ", ".join(str(d) for d in _TO_WIRE)
+        raise ValueError(f"tensor {name!r} has unsupported dtype {tensor.dtype}; known: {known}")
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:  # empty tensors may carry stride 0, which view(dtype) refuses
+        flat = torch.empty(0, dtype=tensor.dtype)
+    size = flat.element_size()
+    spec = pb.TensorSpec(name=name, dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape))
+    # Select by bit pattern, not by value, so -0.0 survives the sparse encoding.
+    index = torch.nonzero(_bits(flat)).reshape(-1) if sparse != "never" else None
+    index_size = 4 if flat.numel() <= 1 << 32 else 8
+    if index is not None and (
+        sparse == "always" or index.numel() * (index_size + size) < flat.numel() * size
+    ):
+        index_dtype = np.uint32 if index_size == 4 else np.int64
+        payload = np.concatenate(
+            [index.numpy().astype(index_dtype).view(np.uint8), _as_bytes(flat[index])]
+        )
+        spec.layout = pb.LAYOUT_SPARSE
+        spec.nnz = index.numel()
+    else:
+        payload = _as_bytes(flat)
+        spec.layout = pb.LAYOUT_DENSE
+    spec.byte_length = payload.size
+    return spec, payload
+
+
+def _encode_tensors(
+    tensors: Mapping[str, torch.Tensor], sparse: str
+) -> tuple[list[pb.TensorSpec], list[np.ndarray]]:
+    """Encode every tensor; return the specs and payloads in the mapping's order."""
+    if sparse not in _SPARSE_MODES:
+        raise ValueError(f"sparse must be one of {_SPARSE_MODES}, got {sparse!r}")
+    encoded = [_encode_tensor(name, t, sparse) for name, t in tensors.items()]
+    return [spec for spec, _ in encoded], [payload for _, payload in encoded]
+
+
+def _chunks(payloads: list[np.ndarray], chunk_bytes: int) -> Iterator[pb.Chunk]:
+    """Split each payload into chunks of at most chunk_bytes, in tensor order."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    for index, payload in enumerate(payloads):
+        for offset in range(0, payload.size, chunk_bytes):
+            data = payload[offset : offset + chunk_bytes].tobytes()
+            yield pb.Chunk(tensor_index=index, offset=offset, data=data)
+
+
+def update_to_frames(
+    update: Update, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, sparse: str = "auto"
+) -> Iterator[pb.UpdateFrame]:
+    """Encode an update as a header frame followed by chunk frames.
+
+    Args:
+        update: the update to send.
+        chunk_bytes: the most payload bytes in one chunk frame.
+        sparse: "auto" sends a tensor SPARSE when that is smaller on the wire,
+            "never" / "always" force DENSE / SPARSE.
+
+    Raises:
+        ValueError: on an unsupported dtype or option.
+    """
+    specs, payloads = _encode_tensors(update.tensors, sparse)
+    h = update.header
+    header = pb.UpdateHeader(
+        update_id=h.update_id,
+        origin=h.origin,
+        sender=h.sender,
+        round=h.round,
+        model_version=h.model_version,
+        num_samples=h.num_samples,
+        defence=h.defence,
+        mixing_weight=h.mixing_weight,
+        tensors=specs,
+    )
+    yield pb.UpdateFrame(header=header)
+    for chunk in _chunks(payloads, chunk_bytes):
+        yield pb.UpdateFrame(chunk=chunk)
+
+
+def model_to_frames(
+    peer_id: str,
+    version: int,
+    state: Mapping[str, torch.Tensor],
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[pb.ModelFrame]:
+    """Encode model weights (DENSE) as a header frame followed by chunk frames."""
+    specs, payloads = _encode_tensors(state, "never")
+    yield pb.ModelFrame(
+        header=pb.ModelHeader(peer_id=peer_id, model_version=version, tensors=specs)
+    )
+    for chunk in _chunks(payloads, chunk_bytes):
+        yield pb.ModelFrame(chunk=chunk)
+
+
+def push_ack(update_id: str, bytes_received: int) -> pb.PushAck:
+    """Build the receipt of an accepted update."""
+    return pb.PushAck(update_id=update_id, bytes_received=bytes_received)
+
+
+def model_request(version: int | None) -> pb.ModelRequest:
+    """Build a model request; None asks for the latest version."""
+    return pb.ModelRequest() if version is None else pb.ModelRequest(version=version)
+
+
+# ----------------------------------------------------------------------- decoding
+
+
+def parse_update_frame(data: bytes) -> pb.UpdateFrame:
+    """Parse one serialized UpdateFrame; raise MalformedMessage on bad bytes."""
+    return _parse(pb.UpdateFrame, data)
+
+
+def parse_model_request(data: bytes) -> int | None:
+    """Parse a serialized ModelRequest; return the version asked for, None for latest."""
+    request = _parse(pb.ModelRequest, data)
+    return request.version if request.HasField("version") else None
+
+
+def _parse(cls: type[_M], data: bytes) -> _M:
+    """Parse bytes as a message of cls, mapping protobuf errors to MalformedMessage."""
+    message = cls()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise MalformedMessage(f"cannot parse {cls.__name__}: {exc}") from exc
+    return message
+
+
+def _check_spec(spec: pb.TensorSpec, dense_only: bool) -> _Spec:
+    """Validate one TensorSpec against itself and return its decoded form."""
+    where = f"tensor {spec.name!r}"
+    if spec.dtype not in _FROM_WIRE:
+        raise MalformedMessage(f"{where}: unknown or unspecified dtype {spec.dtype}")
+    if spec.layout not in (pb.LAYOUT_DENSE, pb.LAYOUT_SPARSE):
+        raise MalformedMessage(f"{where}: unknown layout {spec.layout}")
+    sparse = spec.layout == pb.LAYOUT_SPARSE
+    if sparse and dense_only:
+        raise MalformedMessage(f"{where}: SPARSE layout is not allowed here")
+    if len(spec.shape) > _MAX_NDIM or any(d < 0 for d in spec.shape):
+        raise MalformedMessage(f"{where}: invalid shape {list(spec.shape)}")
+    out = _Spec(
+        spec.name, _FROM_WIRE[spec.dtype], tuple(spec.shape), sparse, spec.nnz, spec.byte_length
+    )
+    item = out.dtype.itemsize
+    if sparse and out.nnz > out.numel:
+        raise MalformedMessage(f"{where}: nnz {out.nnz} exceeds numel {out.numel}")
+    if not sparse and out.nnz:
+        raise MalformedMessage(f"{where}: nnz must be 0 for a DENSE tensor")
+    expected = out.nnz * (out.index_size + item) if sparse else out.numel * item
+    if out.byte_length != expected:
+        raise MalformedMessage(
+            f"{where}: byte_length {out.byte_length} != {expected} implied by dtype, "
+            f"shape, layout and nnz"
+        )
+    return out
+
+
+def _check_specs(raw: Iterable[pb.TensorSpec], max_bytes: int, dense_only: bool) -> list[_Spec]:
+    """Validate every spec, the uniqueness of names and the size limit."""
+    specs = [_check_spec(s, dense_only) for s in raw]
+    names = [s.name for s in specs]
+    if any(not n for n in names):
+        raise MalformedMessage("tensor names must be non-empty")
+    if len(set(names)) != len(names):
+        raise MalformedMessage("tensor names must be unique")
+    # Both the wire bytes and the dense memory they decode into are bounded.
+    wire = sum(s.byte_length for s in specs)
+    dense = sum(s.numel * s.dtype.itemsize for s in specs)
+    if max(wire, dense) > max_bytes:
+        raise MalformedMessage(
+            f"message too large: {wire} payload bytes, {dense} decoded bytes, limit {max_bytes}"
+        )
+    return specs
+
+
+class _Assembler:
+    """Collects chunks into preallocated per-tensor buffers, strictly in order."""
+
+    def __init__(self, specs: list[_Spec]) -> None:
+        self.specs = specs
+        # torch owns this memory, so decoded tensors are writable and need no copy.
+        self.buffers = [torch.empty(s.byte_length, dtype=torch.uint8) for s in specs]
+        self.filled = [0] * len(specs)
+
+    def add(self, chunk: pb.Chunk) -> None:
+        """Append one chunk; it must extend its tensor's payload contiguously."""
+        i = chunk.tensor_index
+        if i >= len(self.specs):
+            raise MalformedMessage(f"chunk for undeclared tensor index {i}")
+        name, size = self.specs[i].name, len(chunk.data)
+        if size == 0:
+            raise MalformedMessage(f"empty chunk for tensor {name!r}")
+        if chunk.offset != self.filled[i]:
+            raise MalformedMessage(
+                f"chunk for tensor {name!r} at offset {chunk.offset}, expected {self.filled[i]}"
+            )
+        end = self.filled[i] + size
+        if end > self.specs[i].byte_length:
+            raise MalformedMessage(
+                f"tensor {name!r} payload exceeds byte_length {self.specs[i].byte_length}"
+            )
+        self.buffers[i].numpy()[self.filled[i] : end] = np.frombuffer(chunk.data, np.uint8)
+        self.filled[i] = end
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Check every payload is complete and decode it."""
+        for spec, filled in zip(self.specs, self.filled, strict=True):
+            if filled != spec.byte_length:
+                raise MalformedMessage(
+                    f"tensor {spec.name!r} truncated: {filled} of {spec.byte_length} bytes"
+                )
+        return {s.name: _decode(s, b) for s, b in zip(self.specs, self.buffers, strict=True)}
+
+
+def _decode(spec: _Spec, payload: torch.Tensor) -> torch.Tensor:
+    """Decode a complete payload into a dense tensor of spec's dtype and shape."""
+    if not spec.sparse:
+        return payload.view(spec.dtype).reshape(spec.shape)
+    split = spec.nnz * spec.index_size
+    index_dtype = "<u4" if spec.index_size == 4 else "<i8"
+    index = torch.from_numpy(payload.numpy()[:split].view(index_dtype).astype(np.int64))
+    if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= spec.numel):
+        raise MalformedMessage(f"tensor {spec.name!r}: sparse index out of range")
+    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise MalformedMessage(f"tensor {spec.name!r}: sparse indices not strictly increasing")
+    # Values follow indices at an offset that may be unaligned for the dtype: copy.
+    values = payload[split:].clone().view(spec.dtype)
+    dense = torch.zeros(spec.numel, dtype=spec.dtype)
+    dense[index] = values
+    return dense.reshape(spec.shape)
+
+
+def _first(frames: Iterator[_F]) -> _F:
+    """Return the first frame, which must carry the header."""
+    first = next(frames, None)
+    if first is None or first.WhichOneof("kind") != "header":
+        raise MalformedMessage("stream must start with a header frame")
+    return first
+
+
+def _read_chunks(
+    frames: Iterator[pb.UpdateFrame] | Iterator[pb.ModelFrame],
+    specs: Iterable[pb.TensorSpec],
+    max_bytes: int,
+    dense_only: bool,
+) -> dict[str, torch.Tensor]:
+    """Validate the declared specs, then read the remaining (chunk) frames into tensors."""
+    assembler = _Assembler(_check_specs(specs, max_bytes, dense_only))
+    for frame in frames:
+        kind = frame.WhichOneof("kind")
+        if kind != "chunk":
+            raise MalformedMessage(f"expected a chunk frame, got {kind or 'an empty frame'}")
+        assembler.add(frame.chunk)
+    return assembler.tensors()
+
+
+def update_from_frames(
+    frames: Iterable[pb.UpdateFrame], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Update:
+    """Decode an update from its frames, strictly.
+
+    Sparse tensors come back dense (zeros elsewhere) in their dtype.
+
+    Raises:
+        MalformedMessage: on any violation of the format in gossip.proto, or when the
+            payload or the decoded tensors would exceed max_bytes.
+    """
+    it = iter(frames)
+    h = _first(it).header
+    if not h.update_id:  # the evaluator joins ground truth on it
+        raise MalformedMessage("update_id must be non-empty")
+    tensors = _read_chunks(it, h.tensors, max_bytes, dense_only=False)
+    header = UpdateHeader(
+        update_id=h.update_id,
+        origin=h.origin,
+        sender=h.sender,
+        round=h.round,
+        model_version=h.model_version,
+        num_samples=h.num_samples,
+        defence=h.defence,
+        mixing_weight=h.mixing_weight,
+    )
+    return Update(header=header, tensors=tensors)
+
+
+def model_from_frames(
+    frames: Iterable[pb.ModelFrame], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[str, int, dict[str, torch.Tensor]]:
+    """Decode model weights from their frames; return (peer_id, version, state).
+
+    Raises:
+        MalformedMessage: on any format violation, a SPARSE tensor, or over max_bytes.
+    """
+    it = iter(frames)
+    h = _first(it).header
+    state = _read_chunks(it, h.tensors, max_bytes, dense_only=True)
+    return h.peer_id, h.model_version, state

@@ -1,0 +1,181 @@
+"""An honest gossip peer as plain Python: local step, receive, aggregate, apply.
+
+No gRPC and no Ray here: the transport calls `accept_update` / `model_at` (the
+UpdateHandler protocol) from its threads, the Ray actor calls the rest. A lock
+keeps the inbox and the weight history consistent between the two.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2p.defences import Defence
+from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
+from p2p.update import Update, UpdateHeader
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A private batch: stays with the peer and the evaluator, never in an Update."""
+
+    images: np.ndarray  # (B, C, H, W) float32 in [0, 1]
+    labels: np.ndarray  # (B,) int64
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The local optimiser a peer applies the aggregated gradient with.
+
+    Adam by default: the DLG paper's sigmoid LeNet barely moves under plain SGD at
+    the small batches whose leakage we study, and the utility side of the trade-off
+    must be measured on a model that learns.
+    """
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    raise ValueError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")
+
+
+class Peer:
+    """One honest FL peer holding a model copy, a private shard and an inbox per round."""
+
+    def __init__(
+        self, peer_id: str, model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
+        batch_size: int, defence: Defence, lr: float, keep_versions: int, seed: int,
+        optimizer: str = "adam",
+    ) -> None:
+        if batch_size > len(labels):
+            raise ValueError(f"batch size {batch_size} exceeds the shard's {len(labels)} samples")
+        self.peer_id = peer_id
+        self.model = model
+        self.batch_size = batch_size
+        self.defence = defence
+        self.lr = lr
+        self._opt = make_optimizer(optimizer, model, lr)
+        self._images = torch.from_numpy(np.ascontiguousarray(images))
+        self._labels = torch.from_numpy(np.ascontiguousarray(labels))
+        self._shapes = {n: p.shape for n, p in model.named_parameters()}
+        self._rng = np.random.default_rng(seed)
+        self._noise = torch.Generator().manual_seed(seed)
+        self._lock = threading.Lock()
+        self._inbox: dict[int, list[Update]] = {}
+        self._seen: deque[str] = deque(maxlen=100_000)
+        self._seen_set: set[str] = set()
+        self._history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._keep = keep_versions
+        self.version = 0
+        self.applied_round = 0
+        self._snapshot()
+
+    def local_update(self, round_: int) -> tuple[Update, Batch]:
+        """Take a gradient on a fresh private batch, defend it and file it as own update."""
+        idx = self._rng.choice(len(self._labels), size=self.batch_size, replace=False)
+        x, y = self._images[idx], self._labels[idx]
+        self.model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        grads = torch.autograd.grad(loss, list(self.model.parameters()))
+        named = {n: g.detach() for (n, _), g in zip(self.model.named_parameters(), grads)}
+        header = UpdateHeader(
+            update_id=f"{self.peer_id}/r{round_}", origin=self.peer_id, sender=self.peer_id,
+            round=round_, model_version=self.version, num_samples=self.batch_size,
+            defence=self.defence.name,
+        )
+        update = Update(header, self.defence.apply(named, self._noise))
+        with self._lock:
+            self._remember(header.update_id)
+            self._inbox.setdefault(round_, []).append(update)
+        return update, Batch(x.numpy().copy(), y.numpy().copy())
+
+    def accept_update(self, update: Update, wire_bytes: int = 0) -> None:
+        """Validate a received update and file it for its round; bad ones change nothing."""
+        self._validate(update)
+        with self._lock:
+            if update.header.update_id in self._seen_set:
+                raise DuplicateUpdate(f"update {update.header.update_id} already received")
+            if update.header.round <= self.applied_round:
+                raise UpdateRejected(
+                    f"update for round {update.header.round} arrived after that round was applied"
+                )
+            self._remember(update.header.update_id)
+            self._inbox.setdefault(update.header.round, []).append(update)
+
+    def apply_round(self, round_: int) -> int:
+        """Average own + received updates of `round_` (weighted by samples) and step; return count."""
+        with self._lock:
+            updates = self._inbox.pop(round_, [])
+            self.applied_round = max(self.applied_round, round_)
+        if updates:
+            weights = [u.header.num_samples * u.header.mixing_weight for u in updates]
+            total = float(sum(weights))
+            for name, p in self.model.named_parameters():
+                agg = torch.zeros_like(p)
+                for u, w in zip(updates, weights):
+                    agg += u.tensors[name].to(torch.float32) * w
+                p.grad = agg / total
+            self._opt.step()
+            self._opt.zero_grad(set_to_none=True)
+        with self._lock:
+            self.version += 1
+            self._snapshot()
+        return len(updates)
+
+    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+        """Weights at `version` (None = latest) from the kept history."""
+        with self._lock:
+            v = self.version if version is None else version
+            if v not in self._history:
+                oldest = next(iter(self._history))
+                raise VersionNotFound(
+                    f"peer {self.peer_id} holds versions {oldest}..{self.version}, not {v}"
+                )
+            return v, self._history[v]
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        """Share of `images` the current model classifies correctly."""
+        with torch.no_grad():
+            pred = self.model(torch.from_numpy(images)).argmax(dim=1).numpy()
+        return float((pred == labels).mean())
+
+    def _snapshot(self) -> None:
+        state = {n: t.detach().clone() for n, t in self.model.state_dict().items()}
+        self._history[self.version] = state
+        while len(self._history) > self._keep:
+            self._history.popitem(last=False)
+
+    def _remember(self, update_id: str) -> None:
+        if len(self._seen) == self._seen.maxlen:
+            self._seen_set.discard(self._seen[0])
+        self._seen.append(update_id)
+        self._seen_set.add(update_id)
+
+    def _validate(self, update: Update) -> None:
+        h: UpdateHeader = update.header
+        if h.num_samples < 1:
+            raise UpdateRejected(f"num_samples must be >= 1, got {h.num_samples}")
+        if h.round < 1 or h.model_version < 0:
+            raise UpdateRejected(f"bad round {h.round} or model version {h.model_version}")
+        if not (h.mixing_weight > 0 and h.mixing_weight < float("inf")):
+            raise UpdateRejected(f"mixing weight must be positive and finite, got {h.mixing_weight}")
+        if set(update.tensors) != set(self._shapes):
+            missing = sorted(set(self._shapes) - set(update.tensors))
+            extra = sorted(set(update.tensors) - set(self._shapes))
+            raise UpdateRejected(f"parameter names do not match the model: missing {missing}, unknown {extra}")
+        for name, t in update.tensors.items():
+            if t.shape != self._shapes[name]:
+                raise UpdateRejected(
+                    f"tensor '{name}' has shape {list(t.shape)}, the model's is {list(self._shapes[name])}"
+                )
+            if not t.is_floating_point():
+                raise UpdateRejected(f"tensor '{name}' has non-float dtype {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise UpdateRejected(f"tensor '{name}' holds NaN or infinite values")

@@ -1,0 +1,303 @@
+"""gRPC adapter of the gossip protocol: a thin server and client around p2p.codec.
+
+No tensor maths here: the server parses frames, hands the decoded update to an
+`UpdateHandler` and maps domain errors to status codes; the client encodes, sends
+and maps RPC errors to `TransportError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from types import TracebackType
+from typing import Protocol, Self, TypeVar
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from p2p import codec
+from p2p.errors import (
+    DuplicateUpdate,
+    MalformedMessage,
+    TransportError,
+    UpdateRejected,
+    VersionNotFound,
+)
+from p2p.proto import gossip_pb2_grpc
+from p2p.update import Update
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+# Domain error -> status code; the first matching class wins. Anything else is INTERNAL.
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (MalformedMessage, grpc.StatusCode.INVALID_ARGUMENT),
+    (UpdateRejected, grpc.StatusCode.INVALID_ARGUMENT),
+    (DuplicateUpdate, grpc.StatusCode.ALREADY_EXISTS),
+    (VersionNotFound, grpc.StatusCode.NOT_FOUND),
+)
+_HEALTH_SERVICES = ("", codec.SERVICE_NAME)
+
+
+class UpdateHandler(Protocol):
+    """The peer logic behind a GossipServer."""
+
+    def accept_update(self, update: Update, wire_bytes: int) -> None:
+        """Take a decoded update; raise UpdateRejected or DuplicateUpdate to refuse it."""
+
+    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+        """Return (version, weights) at version, or the latest for None.
+
+        The weights are streamed after this returns, so they must not change in place
+        meanwhile: return a retained snapshot, not the live parameters.
+
+        Raises:
+            VersionNotFound: when that version is not (or no longer) held.
+        """
+
+
+def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel options that raise gRPC's 4 MiB default message limits."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def _status_of(exc: Exception) -> grpc.StatusCode:
+    """Map a raised exception to the status code the peer gets."""
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _guarded(context: grpc.ServicerContext, what: str, fn: Callable[[], _T]) -> _T:
+    """Run fn; on failure abort the RPC with the mapped status and a clear message."""
+    try:
+        return fn()
+    except Exception as exc:  # every failure must become a status, never a crash
+        code = _status_of(exc)
+        if not context.is_active():  # the client cancelled or its deadline passed
+            code, details = grpc.StatusCode.CANCELLED, f"{what}: the call ended early"
+        elif code is grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", what)
+            details = f"{what}: internal error ({type(exc).__name__})"
+        else:
+            details = f"{what}: {type(exc).__name__}: {exc}"
+    context.abort(code, details)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class _GossipServicer:
+    """Translates RPCs into handler calls; requests arrive as raw bytes."""
+
+    def __init__(
+        self, handler: UpdateHandler, peer_id: str, max_update_bytes: int, chunk_bytes: int
+    ) -> None:
+        self._handler = handler
+        self._peer_id = peer_id
+        self._max_update_bytes = max_update_bytes
+        self._chunk_bytes = chunk_bytes
+
+    def push_update(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """Decode the streamed update, then (and only then) hand it to the handler."""
+        received = [0]
+
+        def frames() -> Iterator[codec.UpdateFrame]:
+            for raw in requests:
+                received[0] += len(raw)
+                yield codec.parse_update_frame(raw)
+
+        def run() -> str:
+            update = codec.update_from_frames(frames(), max_bytes=self._max_update_bytes)
+            self._handler.accept_update(update, received[0])
+            return update.header.update_id
+
+        update_id = _guarded(context, "PushUpdate", run)
+        return codec.push_ack(update_id, received[0]).SerializeToString()
+
+    def get_model(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Stream the handler's weights at the requested version."""
+
+        def run() -> Iterator[codec.ModelFrame]:
+            version, state = self._handler.model_at(codec.parse_model_request(request))
+            frames = codec.model_to_frames(
+                self._peer_id, version, state, chunk_bytes=self._chunk_bytes
+            )
+            # The header frame encodes every tensor, so anything that can fail fails
+            # here, inside the guard; the chunks after it are plain slices.
+            first = next(frames)
+            return itertools.chain((first,), frames)
+
+        for frame in _guarded(context, "GetModel", run):
+            yield frame.SerializeToString()
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Register both RPCs without deserializers, so bad bytes map to INVALID_ARGUMENT."""
+        return grpc.method_handlers_generic_handler(
+            codec.SERVICE_NAME,
+            {
+                "PushUpdate": grpc.stream_unary_rpc_method_handler(self.push_update),
+                "GetModel": grpc.unary_stream_rpc_method_handler(self.get_model),
+            },
+        )
+
+
+class GossipServer:
+    """A peer's gRPC endpoint: PushUpdate, GetModel and the standard health service."""
+
+    def __init__(
+        self,
+        handler: UpdateHandler,
+        peer_id: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_message_bytes: int = 8 << 20,
+        max_update_bytes: int = 256 << 20,
+        workers: int = 4,
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gossip"),
+            options=_size_options(max_message_bytes),
+        )
+        servicer = _GossipServicer(handler, peer_id, max_update_bytes, chunk_bytes)
+        self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+
+    def start(self) -> int:
+        """Bind, start serving and return the bound port.
+
+        Raises:
+            OSError: when the address cannot be bound.
+        """
+        try:
+            bound = self._server.add_insecure_port(f"{_host_literal(self._host)}:{self._port}")
+        except RuntimeError as exc:  # grpcio raises RuntimeError on a failed bind
+            raise OSError(f"cannot bind {self._host}:{self._port}: {exc}") from exc
+        if bound == 0:
+            raise OSError(f"cannot bind {self._host}:{self._port}")
+        self._port = bound
+        self._server.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return bound
+
+    @property
+    def address(self) -> str:
+        """The "host:port" clients dial (port is the bound one after start)."""
+        return f"{_host_literal(self._host)}:{self._port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Report NOT_SERVING, then stop, letting in-flight RPCs finish within grace."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server.stop(grace).wait()
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        """Set the same status for the whole server and the gossip service."""
+        for service in _HEALTH_SERVICES:
+            self._health.set(service, status)
+
+
+def _host_literal(host: str) -> str:
+    """Bracket an IPv6 literal so that it can be followed by ":port"."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class GossipClient:
+    """Talks to one peer's GossipServer; every call has a deadline."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        max_message_bytes: int = 8 << 20,
+        chunk_bytes: int = 1 << 20,
+        max_model_bytes: int = 256 << 20,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._chunk_bytes = chunk_bytes
+        self._max_model_bytes = max_model_bytes
+        self._channel = grpc.insecure_channel(address, options=_size_options(max_message_bytes))
+        self._stub = gossip_pb2_grpc.GossipStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def push_update(self, update: Update, *, sparse: str = "auto") -> int:
+        """Send an update and return the bytes sent (sum of the frames' serialized sizes).
+
+        Raises:
+            TransportError: when the RPC fails or the receipt does not match.
+        """
+        sent = [0]
+
+        def frames() -> Iterator[codec.UpdateFrame]:
+            for frame in codec.update_to_frames(
+                update, chunk_bytes=self._chunk_bytes, sparse=sparse
+            ):
+                sent[0] += frame.ByteSize()
+                yield frame
+
+        ack = _call(lambda: self._stub.PushUpdate(frames(), timeout=self._timeout_s))
+        if ack.update_id != update.header.update_id or ack.bytes_received != sent[0]:
+            raise TransportError(
+                "DATA_LOSS",
+                f"receipt {ack.update_id!r}/{ack.bytes_received} bytes does not match "
+                f"{update.header.update_id!r}/{sent[0]} bytes sent",
+            )
+        return sent[0]
+
+    def get_model(self, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """Fetch the peer's weights at version (None: latest); return (version, state).
+
+        Raises:
+            TransportError: when the RPC fails (NOT_FOUND for a version not held).
+            MalformedMessage: when the peer's frames do not decode.
+        """
+
+        def fetch() -> tuple[str, int, dict[str, torch.Tensor]]:
+            frames = self._stub.GetModel(codec.model_request(version), timeout=self._timeout_s)
+            return codec.model_from_frames(frames, max_bytes=self._max_model_bytes)
+
+        _, got, state = _call(fetch)
+        return got, state
+
+    def health(self) -> str:
+        """Return the gossip service's health status name, e.g. "SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=codec.SERVICE_NAME)
+        response = _call(lambda: self._health.Check(request, timeout=self._timeout_s))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        """Return the client itself; it is closed on exit."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the channel."""
+        self.close()
+
+
+def _call(fn: Callable[[], _T]) -> _T:
+    """Run an RPC, raising its failure as TransportError(code name, details)."""
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+        raise TransportError(code.name, details) from exc

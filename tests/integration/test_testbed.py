@@ -1,0 +1,121 @@
+"""End to end: Ray actors gossiping over real gRPC, a live attacker, a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradleak.config import (
+    AttackSettings,
+    DataConfig,
+    GossipConfig,
+    PeerConfig,
+    RunConfig,
+    TelemetryConfig,
+)
+from gradleak.runner import Testbed
+from p2p.errors import TransportError
+from p2p.transport import GossipClient
+from p2p.update import Update, UpdateHeader
+
+from .prom import Prometheus
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory):
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"))
+    yield prom
+    prom.stop()
+
+
+@pytest.fixture(scope="module")
+def testbed(ray_session, prometheus, tmp_path_factory: pytest.TempPathFactory):
+    cfg = RunConfig(
+        seed=0, out_dir=str(tmp_path_factory.mktemp("runs")),
+        data=DataConfig(limit=1500),
+        # The batch-1 peer is the victim; the larger batches make the shared model learn.
+        peers=PeerConfig(honest=3, batch_sizes=(1, 8, 16)),
+        gossip=GossipConfig(rounds=120, fanout=2, round_interval_s=0.1),
+        attack=AttackSettings(attacks=("idlg",), max_iters=100, queue_size=8, max_batch_size=1,
+                              drain_timeout_s=60),
+        telemetry=TelemetryConfig(metrics_port=0),
+    )
+    bed = Testbed(cfg)
+    bed.start()
+    prometheus.set_targets(json.loads((bed.run_dir / "prometheus_targets.json").read_text()))
+    bed.run_rounds()
+    bed.drain()
+    result = bed.finish(0.0)
+    yield bed, result
+    bed.shutdown()
+
+
+def test_updates_flow_and_the_model_learns(testbed) -> None:
+    _bed, result = testbed
+    assert result.messages == 120 * 4 * 2  # every node reached its 2 neighbours every round
+    assert result.attacker["captured"] > 10
+    honest = [v for k, v in result.accuracy.items() if k != "mallory"]
+    assert len(honest) == 3 and min(honest) > 0.2, result.accuracy  # chance is 0.1
+
+
+def test_attacker_reconstructs_a_batch1_image(testbed) -> None:
+    bed, _result = testbed
+    rows = [json.loads(line) for line in (bed.run_dir / "reconstructions.jsonl").read_text().splitlines()]
+    batch1 = [r for r in rows if r["batch_size"] == 1 and r["defence"] == "none"]
+    assert batch1, "no batch-1 reconstruction was scored"
+    assert max(r["mean_psnr"] for r in batch1) >= 25.0
+    assert {"update_id", "origin", "round", "attack", "psnr", "ssim", "label_accuracy", "seconds"} <= set(rows[0])
+    assert (bed.run_dir / "grid.png").stat().st_size > 0
+    assert "batch_size" in (bed.run_dir / "summary.md").read_text()
+    assert json.loads((bed.run_dir / "summary.json").read_text())["groups"][0]["reconstructions"] >= 1
+
+
+def test_prometheus_scrapes_leakage_by_batch_size(testbed, prometheus) -> None:
+    _bed, result = testbed
+    expected = result.counts["reconstructions"]
+
+    def by_size(series: list[dict]) -> dict[str, float]:
+        return {s["metric"]["batch_size"]: float(s["value"][1]) for s in series}
+
+    series = prometheus.wait_for("sum by (batch_size) (gradleak_reconstructions_total)",
+                                 until=lambda r: by_size(r).get("1") == expected)
+    assert by_size(series) == {"1": expected}
+    psnr = prometheus.wait_for(
+        'sum by (batch_size) (gradleak_reconstruction_psnr_decibels_sum)'
+        ' / sum by (batch_size) (gradleak_reconstruction_psnr_decibels_count)')
+    assert float(psnr[0]["value"][1]) > 0
+    # Gossip counters come from the peers' own exporters: several targets were scraped.
+    sent = prometheus.wait_for("sum(gradleak_gossip_messages_sent_total)",
+                               until=lambda r: bool(r) and float(r[0]["value"][1]) == result.messages)
+    assert float(sent[0]["value"][1]) == result.messages
+    up = prometheus.query('count(up{job="gradleak"} == 1)')
+    assert float(up[0]["value"][1]) == 5  # evaluator + 3 honest + malicious
+
+
+def test_a_malformed_update_gets_a_status_and_the_peer_keeps_serving(testbed) -> None:
+    bed, _result = testbed
+    peer = next(a for a in bed.addresses if a["role"] == "honest")
+    with GossipClient(peer["gossip"], timeout_s=5) as client:
+        version, state = client.get_model()
+        names = {n: t for n, t in state.items()}
+        header = UpdateHeader("test/bad", "test", "test", 10_000, version, 1)
+        wrong_shape = Update(header, {**{n: torch.zeros_like(t) for n, t in names.items()},
+                                      next(iter(names)): torch.zeros(3)})
+        with pytest.raises(TransportError) as err:
+            client.push_update(wrong_shape)
+        assert err.value.code == "INVALID_ARGUMENT" and "shape" in err.value.details
+        good = Update(UpdateHeader("test/good", "test", "test", 10_000, version, 1),
+                      {n: torch.zeros_like(t) for n, t in names.items()})
+        assert client.push_update(good) > 0
+        assert client.health() == "SERVING"
+
+
+def test_run_dir_has_the_resolved_config(testbed) -> None:
+    bed, _ = testbed
+    text = Path(bed.run_dir / "config.yaml").read_text()
+    assert "batch_sizes:" in text and "- 16" in text

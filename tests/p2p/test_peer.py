@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from gradleak.data import Dataset
+from p2p.defences import parse_defence
+from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
+from p2p.peer import Peer
+from p2p.update import Update, UpdateHeader
+
+
+def _peer(digits_data: Dataset, lenet: torch.nn.Module, pid: str = "p0", **kw: object) -> Peer:
+    args: dict = {"batch_size": 2, "defence": parse_defence("none"), "lr": 0.1, "keep_versions": 3, "seed": 1}
+    args.update(kw)
+    return Peer(pid, lenet, digits_data.images[:100], digits_data.labels[:100], **args)
+
+
+def test_local_update_is_the_true_gradient_and_carries_no_truth(digits_data, lenet) -> None:
+    peer = _peer(digits_data, lenet)
+    update, batch = peer.local_update(1)
+    assert update.header.num_samples == 2 and update.header.model_version == 0
+    x, y = torch.from_numpy(batch.images), torch.from_numpy(batch.labels)
+    loss = torch.nn.functional.cross_entropy(lenet(x), y)
+    expected = torch.autograd.grad(loss, list(lenet.parameters()))
+    for got, want in zip(update.tensors.values(), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    # The public update has no field that could hold the batch.
+    assert set(vars(update)) == {"header", "tensors"}
+    assert list(update.tensors) == [n for n, _ in lenet.named_parameters()]
+
+
+def test_apply_averages_by_samples_and_versions(digits_data, lenet) -> None:
+    a = _peer(digits_data, lenet, "a", optimizer="sgd")
+    before = {n: p.detach().clone() for n, p in lenet.named_parameters()}
+    own, _ = a.local_update(1)
+    other = Update(
+        UpdateHeader("b/r1", "b", "b", 1, 0, 6),
+        {k: torch.ones_like(v) for k, v in own.tensors.items()},
+    )
+    a.accept_update(other)
+    assert a.apply_round(1) == 2
+    for n, p in lenet.named_parameters():
+        expected = before[n] - 0.1 * (2 * own.tensors[n] + 6 * torch.ones_like(p)) / 8
+        assert torch.allclose(p.detach(), expected, atol=1e-6)
+    assert a.version == 1
+    v, state = a.model_at(0)
+    assert v == 0 and all(torch.equal(state[n], before[n]) for n in before)
+
+
+def test_history_is_bounded(digits_data, lenet) -> None:
+    a = _peer(digits_data, lenet)
+    for r in range(1, 6):
+        a.local_update(r)
+        a.apply_round(r)
+    assert a.model_at(None)[0] == 5
+    with pytest.raises(VersionNotFound, match="holds versions 3..5"):
+        a.model_at(1)
+
+
+def _bad(update: Update, **changes: object) -> Update:
+    h = update.header
+    return Update(UpdateHeader(**{**vars(h), **changes}), update.tensors)
+
+
+def test_bad_updates_are_rejected_and_change_nothing(digits_data, lenet) -> None:
+    a = _peer(digits_data, lenet, "a")
+    good, _ = _peer(digits_data, lenet, "b").local_update(1)
+    good = _bad(good, update_id="b/r1", origin="b", sender="b")
+    t = good.tensors
+    name0 = next(iter(t))
+    cases = [
+        Update(good.header, {**t, name0: torch.zeros(3)}),
+        Update(good.header, {k: v for k, v in t.items() if k != name0}),
+        Update(good.header, {**t, name0: torch.full_like(t[name0], float("nan"))}),
+        Update(good.header, {**t, name0: t[name0].to(torch.int64)}),
+        _bad(good, num_samples=0),
+        _bad(good, round=0),
+        _bad(good, mixing_weight=float("inf")),
+    ]
+    for bad in cases:
+        with pytest.raises(UpdateRejected):
+            a.accept_update(bad)
+    assert a.apply_round(1) == 0  # nothing was filed
+    a.accept_update(_bad(good, round=2))
+    with pytest.raises(DuplicateUpdate):
+        a.accept_update(_bad(good, round=2))
+    with pytest.raises(UpdateRejected, match="after that round was applied"):
+        a.accept_update(_bad(good, update_id="b/late", round=1))
+
+
+def test_training_learns_digits(digits_data, lenet) -> None:
+    peer = _peer(digits_data, lenet, batch_size=8, lr=0.01)
+    peer._images = torch.from_numpy(digits_data.images[:1200])
+    peer._labels = torch.from_numpy(digits_data.labels[:1200])
+    for r in range(1, 301):
+        peer.local_update(r)
+        peer.apply_round(r)
+    acc = peer.accuracy(digits_data.images[1400:], digits_data.labels[1400:])
+    assert acc > 0.5, acc

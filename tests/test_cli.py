@@ -1,0 +1,88 @@
+"""The CLI's contract: flags and YAML map onto the config; bad input gives one line and exit != 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradleak.cli import build_parser, config_from_args, main
+from gradleak.config import ConfigError, RunConfig, from_dict, load_yaml
+
+
+def _cfg(*argv: str) -> RunConfig:
+    return config_from_args(build_parser().parse_args(["run", *argv]))
+
+
+def test_flags_map_to_config_fields() -> None:
+    cfg = _cfg("--peers", "6", "--rounds", "7", "--batch-size", "1,4", "--defence", "prune:0.3,fp16",
+               "--fanout", "3", "--seed", "5", "--dataset", "digits", "--metrics-port", "0",
+               "--out", "/tmp/x", "--attack", "dlg,idlg", "--topology", "ring")
+    assert cfg.peers.honest == 6 and cfg.gossip.rounds == 7 and cfg.peers.batch_sizes == (1, 4)
+    assert cfg.peers.defences == ("prune:0.3", "fp16") and cfg.gossip.fanout == 3
+    assert cfg.seed == 5 and cfg.telemetry.metrics_port == 0 and cfg.out_dir == "/tmp/x"
+    assert cfg.attack.attacks == ("dlg", "idlg") and cfg.gossip.topology == "ring"
+
+
+def test_yaml_then_flags(tmp_path: Path) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text("seed: 3\npeers: {honest: 5, batch_sizes: [2, 8]}\ngossip: {rounds: 9}\n")
+    assert load_yaml(f).peers.batch_sizes == (2, 8)
+    cfg = _cfg("--config", str(f), "--rounds", "11")
+    assert (cfg.seed, cfg.peers.honest, cfg.gossip.rounds) == (3, 5, 11)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--peers", "x"], "bad value for --peers"),
+    (["--peers", "1"], "honest peers must be in 2..256"),
+    (["--batch-size", "0"], "batch sizes"),
+    (["--defence", "prune:7"], "prune ratio"),
+    (["--defence", "shield"], "unknown defence 'shield'"),
+    (["--attack", "magic"], "unknown attack 'magic'"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--fanout", "9"], "fanout 9 exceeds"),
+    (["--metrics-port", "70000"], "metrics_port"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+])
+def test_bad_values_give_one_line_and_exit_2(argv: list[str], needle: str, capsys) -> None:
+    assert main(["run", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and err.startswith("gradleak: error:")
+
+
+def test_unknown_flag_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--bogus", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unrecognized arguments: --bogus" in err and "\n" not in err
+
+
+def test_bad_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("peers: {honest: [}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(f)
+    f.write_text("peers: {colour: blue}\n")
+    with pytest.raises(ConfigError, match="unknown key 'peers.colour'"):
+        load_yaml(f)
+    f.write_text("gossip: {rounds: ten}\n")
+    with pytest.raises(ConfigError, match="'rounds' has the wrong type"):
+        load_yaml(f)
+
+
+def test_missing_dataset_files_fail_cleanly(tmp_path: Path) -> None:
+    cfg = from_dict({"data": {"dataset": "mnist", "data_root": str(tmp_path)}}).validate()
+    from gradleak.data import load_dataset
+
+    with pytest.raises(FileNotFoundError, match="MNIST files not found"):
+        load_dataset(cfg.data.dataset, data_root=cfg.data.data_root)
+
+
+def test_console_script_reports_bad_flag_in_a_subprocess() -> None:
+    proc = subprocess.run([sys.executable, "-m", "gradleak.cli", "run", "--rounds", "0"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gradleak: error: rounds must be >= 1, got 0"
