@@ -8,51 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradleak.config import (
-    AttackSettings,
-    DataConfig,
-    GossipConfig,
-    PeerConfig,
-    RunConfig,
-    TelemetryConfig,
-)
-from gradleak.runner import Testbed
 from p2p.errors import TransportError
 from p2p.transport import GossipClient
 from p2p.update import Update, UpdateHeader
 
-from .prom import Prometheus
-
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory):
-    prom = Prometheus(tmp_path_factory.mktemp("prometheus"))
-    yield prom
-    prom.stop()
-
-
-@pytest.fixture(scope="module")
-def testbed(ray_session, prometheus, tmp_path_factory: pytest.TempPathFactory):
-    cfg = RunConfig(
-        seed=0, out_dir=str(tmp_path_factory.mktemp("runs")),
-        data=DataConfig(limit=1500),
-        # The batch-1 peer is the victim; the larger batches make the shared model learn.
-        peers=PeerConfig(honest=3, batch_sizes=(1, 8, 16)),
-        gossip=GossipConfig(rounds=120, fanout=2, round_interval_s=0.1),
-        attack=AttackSettings(attacks=("idlg",), max_iters=100, queue_size=8, max_batch_size=1,
-                              drain_timeout_s=60),
-        telemetry=TelemetryConfig(metrics_port=0),
-    )
-    bed = Testbed(cfg)
-    bed.start()
-    prometheus.set_targets(json.loads((bed.run_dir / "prometheus_targets.json").read_text()))
-    bed.run_rounds()
-    bed.drain()
-    result = bed.finish(0.0)
-    yield bed, result
-    bed.shutdown()
 
 
 def test_updates_flow_and_the_model_learns(testbed) -> None:

@@ -1,0 +1,48 @@
+"""Integration fixtures: one real Prometheus and one live testbed run shared by the module's tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradleak.config import (
+    AttackSettings,
+    DataConfig,
+    GossipConfig,
+    PeerConfig,
+    RunConfig,
+    TelemetryConfig,
+)
+from gradleak.runner import Testbed
+
+from .prom import Prometheus
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory):
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"))
+    yield prom
+    prom.stop()
+
+
+@pytest.fixture(scope="session")
+def testbed(ray_session, prometheus, tmp_path_factory: pytest.TempPathFactory):
+    cfg = RunConfig(
+        seed=0, out_dir=str(tmp_path_factory.mktemp("runs")),
+        data=DataConfig(limit=1500),
+        # The batch-1 peer is the victim; the larger batches make the shared model learn.
+        peers=PeerConfig(honest=3, batch_sizes=(1, 8, 16)),
+        gossip=GossipConfig(rounds=120, fanout=2, round_interval_s=0.1),
+        attack=AttackSettings(attacks=("idlg",), max_iters=100, queue_size=8, max_batch_size=1,
+                              drain_timeout_s=60),
+        telemetry=TelemetryConfig(metrics_port=0),
+    )
+    bed = Testbed(cfg)
+    bed.start()
+    prometheus.set_targets(json.loads((bed.run_dir / "prometheus_targets.json").read_text()))
+    bed.run_rounds()
+    bed.drain()
+    result = bed.finish(0.0)
+    yield bed, result
+    bed.shutdown()
