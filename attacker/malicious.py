@@ -55,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("attack device 'cuda' requested but torch sees no CUDA device")
+        raise ValueError("attack device 'cuda' requested but torch sees no CUDA device")
     return torch.device(name)
 
 
