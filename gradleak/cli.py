@@ -29,6 +29,7 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
     "--attack-gpus": ("attack", "num_gpus", float),
     "--device": ("attack", "device", str),
     "--drain-timeout": ("attack", "drain_timeout_s", float),
+    "--attack-resource": ("attack", "resource", str),
     "--dataset": ("data", "dataset", str),
     "--data-root": ("data", "data_root", str),
     "--image-size": ("data", "image_size", int),

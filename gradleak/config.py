@@ -109,6 +109,7 @@ class AttackSettings:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     threads: int = 1  # torch threads of the attack worker
     drain_timeout_s: float = 60.0  # after the last round, time left to finish the queue
+    resource: str | None = None  # custom Ray resource marking attacker nodes (e.g. "attacker")
 
     def validate(self) -> None:
         from attacker.attacks import ATTACKS
@@ -124,6 +125,8 @@ class AttackSettings:
         if self.num_gpus < 0:
             raise ConfigError(f"num_gpus must be >= 0, got {self.num_gpus}")
         _known("device", self.device, ("auto", "cpu", "cuda"))
+        if self.resource is not None and not self.resource.strip():
+            raise ConfigError("attack resource must be a non-empty name")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
 
@@ -131,7 +134,9 @@ class AttackSettings:
 @dataclass(frozen=True)
 class TelemetryConfig:
     metrics_port: int = 9480  # the evaluator's /metrics port (leakage); 0 = any free port
-    host: str = "127.0.0.1"  # address every exporter and gRPC server binds
+    # Address every gRPC server and exporter binds and advertises: 127.0.0.1 on one
+    # machine; "auto" on a cluster, where each actor uses its own node's IP.
+    host: str = "127.0.0.1"
 
     def validate(self) -> None:
         if not 0 <= self.metrics_port <= 65535:

@@ -9,7 +9,7 @@ import ray
 
 from gradleak.evaluation import Evaluator
 from gradleak.record import RunRecord
-from gradleak.telemetry import Metrics, start_exporter
+from gradleak.telemetry import Metrics, resolve_host, start_exporter
 
 
 class EvaluatorNode:
@@ -17,7 +17,7 @@ class EvaluatorNode:
 
     def __init__(self, run_dir: str, *, host: str = "127.0.0.1", metrics_port: int = 0) -> None:
         self.metrics = Metrics()
-        self.exporter = start_exporter(self.metrics, host=host, port=metrics_port)
+        self.exporter = start_exporter(self.metrics, host=resolve_host(host), port=metrics_port)
         self.evaluator = Evaluator(RunRecord(run_dir), self.metrics)
 
     def metrics_address(self) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from attacker.attacks import AttackConfig
 from attacker.node import MaliciousActor
@@ -51,6 +52,12 @@ def make_run_dir(out_dir: str, seed: int) -> Path:
         path, n = Path(f"{base}-{n}"), n + 1
     path.mkdir(parents=True)
     return path
+
+
+def nodes_without(resource: str) -> list[str]:
+    """IDs of alive nodes with CPUs that do not declare `resource` (where honest peers go)."""
+    return sorted(n["NodeID"] for n in ray.nodes()
+                  if n["Alive"] and n["Resources"].get("CPU", 0) > 0 and resource not in n["Resources"])
 
 
 def ensure_ray(cfg: RunConfig) -> bool:
@@ -95,10 +102,15 @@ class Testbed:
             str(self.run_dir), host=tel.host, metrics_port=tel.metrics_port)
         self.metrics_url = f"http://{ray.get(self.evaluator.metrics_address.remote())}/metrics"
         specs = self._specs(data)
-        for spec in specs[:-1]:
-            self.peers.append(PeerActor.options(num_cpus=cfg.peers.num_cpus).remote(spec, self.evaluator))
         a = cfg.attack
-        self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus).remote(
+        peer_nodes = nodes_without(a.resource) if a.resource else []
+        for i, spec in enumerate(specs[:-1]):
+            # Honest peers stay off the nodes marked for the attacker.
+            where = ({"scheduling_strategy": NodeAffinitySchedulingStrategy(peer_nodes[i % len(peer_nodes)], soft=False)}
+                     if peer_nodes else {})
+            self.peers.append(PeerActor.options(num_cpus=cfg.peers.num_cpus, **where).remote(spec, self.evaluator))
+        marker = {"resources": {a.resource: 1}} if a.resource else {}
+        self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
             specs[-1], self.evaluator, attacks=a.attacks,
             attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed),
             queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.device,

@@ -64,6 +64,16 @@ class Metrics:
         self.round = Gauge("gradleak_round", "Last gossip round this process completed.", registry=r)
 
 
+def resolve_host(host: str) -> str:
+    """'auto' = this node's own IP as Ray sees it (every actor binds and advertises its
+    node's address on a cluster); anything else is used as given."""
+    if host != "auto":
+        return host
+    import ray
+
+    return str(ray.util.get_node_ip_address())
+
+
 @dataclass(frozen=True)
 class Exporter:
     """A running /metrics endpoint."""

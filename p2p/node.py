@@ -17,7 +17,7 @@ import ray
 import torch
 
 from gradleak.models import create_model, init_dlg_uniform
-from gradleak.telemetry import Metrics, start_exporter
+from gradleak.telemetry import Metrics, resolve_host, start_exporter
 from p2p.defences import parse_defence
 from p2p.errors import TransportError
 from p2p.peer import Batch, Peer
@@ -61,15 +61,16 @@ class PeerNode:
         torch.set_num_threads(spec.threads)
         self.spec = spec
         self.evaluator = evaluator  # Ray handle of the evaluator, or None
+        self.host = resolve_host(spec.host)
         self.metrics = Metrics()
-        self.exporter = start_exporter(self.metrics, host=spec.host, port=0)
+        self.exporter = start_exporter(self.metrics, host=self.host, port=0)
         self.peer = Peer(
             spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
             keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
         )
         self.handler = self.make_handler()
-        self.server = GossipServer(self, spec.peer_id, host=spec.host, chunk_bytes=spec.chunk_bytes)
+        self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes)
         self.server.start()
         self._members: dict[str, str] = {}
         self._clients: dict[str, GossipClient] = {}
@@ -102,7 +103,8 @@ class PeerNode:
     # -- driven by the runner --------------------------------------------------------
     def addresses(self) -> dict[str, str]:
         return {"peer_id": self.spec.peer_id, "role": self.spec.role,
-                "gossip": self.server.address, "metrics": self.exporter.address}
+                "gossip": self.server.address, "metrics": self.exporter.address,
+                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""}
 
     def set_members(self, members: dict[str, str]) -> None:
         """The address book: peer id -> gossip address, self included."""

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# Ray swaps 127.0.0.1 for the machine's outward IP when a driver connects to a cluster;
+# our test servers bind loopback only, so keep Ray on loopback (set before ray is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,15 +30,22 @@ def lenet() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray for the whole test session (worker start-up costs seconds on 2 cores)."""
-    import ray
+def ray_session() -> Iterator[Any]:
+    """One two-node Ray cluster on 127.0.0.1 for the whole session (start-up costs seconds).
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
-    yield
+    The second node declares a GPU and the custom resource `attacker`, as a cluster's GPU
+    node would, so placement is tested without a GPU (Ray's resources are logical).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+    cluster.add_node(num_cpus=1, num_gpus=1, resources={"attacker": 1}, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(autouse=True)

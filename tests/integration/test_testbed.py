@@ -79,3 +79,19 @@ def test_run_dir_has_the_resolved_config(testbed) -> None:
     bed, _ = testbed
     text = Path(bed.run_dir / "config.yaml").read_text()
     assert "batch_sizes:" in text and "- 16" in text
+
+
+def test_attacker_runs_on_the_gpu_node_and_peers_elsewhere(testbed, ray_session) -> None:
+    import ray
+
+    bed, result = testbed
+    gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and "attacker" in n["Resources"]}
+    placed = {a["role"]: a["node_id"] for a in bed.addresses}
+    attacker_node = next(a["node_id"] for a in bed.addresses if a["role"] == "malicious")
+    assert attacker_node in gpu_nodes
+    assert all(a["node_id"] not in gpu_nodes for a in bed.addresses if a["role"] == "honest"), placed
+    # Gossip crossed nodes: the attacker on the GPU node captured the head node's updates.
+    assert result.attacker["captured"] > 0
+    # "auto" advertised the node's own IP (127.0.0.1 for this one-machine cluster).
+    assert all(a["gossip"].startswith("127.0.0.1:") for a in bed.addresses)
+    assert result.attacker["device"] in ("cpu", "cuda")
