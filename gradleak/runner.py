@@ -202,7 +202,7 @@ class Testbed:
                          seconds, self._messages, self._bytes)
 
     def shutdown(self) -> None:
-        for n in self.nodes:
+        for n in [n for n in self.nodes if n is not None]:  # start() may have failed half-way
             try:
                 ray.get(n.stop.remote(), timeout=10)
             except (ray.exceptions.RayError, TimeoutError) as exc:  # a dead actor has nothing to stop

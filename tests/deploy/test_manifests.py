@@ -113,13 +113,15 @@ def test_rayjob_runs_the_cluster_of_raycluster_yaml() -> None:
 
 def test_rayjob_entrypoint_is_a_valid_gradleak_run() -> None:
     """The entrypoint goes through the real CLI parser and config validation."""
-    argv = shlex.split(JOB["spec"]["entrypoint"].replace("$(hostname -i)", "10.1.2.3"))
+    argv = shlex.split(JOB["spec"]["entrypoint"])
     assert argv[:2] == ["gradleak", "run"]
     unknown = [a for a in argv if a.startswith("--") and a not in FLAGS and a != "--config"]
     assert not unknown, f"flags gradleak run does not have: {unknown}"
     cfg = config_from_args(build_parser().parse_args(argv[1:]))  # raises ConfigError if invalid
     assert cfg.ray_address == "auto" and cfg.attack.num_gpus >= 1
-    assert cfg.telemetry.host == "10.1.2.3", "--host must be a pod address, not the 127.0.0.1 default"
+    # Actors spread over pods: each must bind its own pod's IP, and the attacker goes to the GPU group.
+    assert cfg.telemetry.host == "auto", "--host must be auto on a cluster, not the 127.0.0.1 default"
+    assert cfg.attack.resource == "attacker"
     head = containers(CLUSTER["spec"]["headGroupSpec"])[0]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert cfg.telemetry.metrics_port == ports["gradleak"], "evaluator exporter = the pod's gradleak port"
