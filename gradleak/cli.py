@@ -62,13 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_attack_parser(sub: Any) -> None:
     p = sub.add_parser("attack", help="attack gradients of images from a file, offline")
-    p.add_argument("--images", required=True, help=".npz (images N x C x H x W in [0, 1], labels N) or a folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help=".npz (images N x C x H x W in [0, 1], labels N) or a folder")
+    source.add_argument("--corpus", help="text file, one sentence per line (use a text model and attack)")
     p.add_argument("--out", required=True, help="directory for result.json and grid.png")
-    p.add_argument("--model", default="lenet")
-    p.add_argument("--attack", default="idlg")
+    p.add_argument("--model", default=None, help="lenet | mlp | resnet18; transformer for --corpus")
+    p.add_argument("--attack", default=None, help="dlg | idlg | ig; dlg-text | analytic-text for --corpus")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--defence", default="none")
-    p.add_argument("--max-iters", type=int, default=300)
+    p.add_argument("--max-iters", type=int, default=None, help="default 300 (images), 30 (text)")
     p.add_argument("--target-psnr", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -81,13 +83,15 @@ def _attack(args: argparse.Namespace) -> int:
     from gradleak.offline import OfflineConfig, run_offline
 
     for name in ("batch_size", "max_iters", "threads", "num_classes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"gradleak: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     if args.num_batches is not None and args.num_batches < 1:
         print("gradleak: error: --num-batches must be >= 1", file=sys.stderr)
         return 2
-    fields = {k: v for k, v in vars(args).items() if k != "command"}
+    if args.corpus is not None:
+        return _attack_text(args)
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "corpus") and v is not None}
     try:
         result = run_offline(OfflineConfig(**fields))
     except ValueError as exc:  # bad input of any kind: one line, nothing written
@@ -99,6 +103,24 @@ def _attack(args: argparse.Namespace) -> int:
               f"labels {a['label_accuracy']:.2f}, {a['iterations']} it, {a['seconds']:.2f} s, "
               f"to target {'-' if t is None else f'{t:.2f} s'}")
     print(f"wrote {Path(args.out) / 'result.json'} and grid.png")
+    return 0
+
+
+def _attack_text(args: argparse.Namespace) -> int:
+    from gradleak.offline_text import TextOfflineConfig, run_text_offline
+
+    keep = ("corpus", "out", "model", "attack", "batch_size", "defence", "max_iters", "seed",
+            "threads", "num_batches")
+    fields = {k: getattr(args, k) for k in keep if getattr(args, k) is not None}
+    try:
+        result = run_text_offline(TextOfflineConfig(**fields))
+    except ValueError as exc:  # bad corpus, unknown names, bad defence: one line
+        print(f"gradleak: error: {exc}", file=sys.stderr)
+        return 2
+    for a in result["attacks"]:
+        print(f"sentences {a['indices']}: token accuracy {a['token_accuracy']:.2f}, exact "
+              f"{a['exact_sentence_rate']:.2f}, {a['seconds']:.2f} s: {a['reconstruction'][0]!r}")
+    print(f"wrote {Path(args.out) / 'result.json'}")
     return 0
 
 

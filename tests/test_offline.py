@@ -82,3 +82,36 @@ def test_bad_input_one_line_nonzero_nothing_written(make, extra, needle, tmp_pat
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
     assert not (out / "result.json").exists()
+
+
+CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+
+
+def test_text_corpus_recovers_sentences(tmp_path: Path) -> None:
+    out = tmp_path / "text"
+    assert main(["attack", "--corpus", str(CORPUS), "--num-batches", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["attack"] == "dlg-text" and result["model"] == "transformer"
+    for a in result["attacks"]:
+        assert a["token_accuracy"] >= 0.9
+        assert a["truth"] and len(a["reconstruction"]) == len(a["truth"])
+
+
+def test_text_batches_group_equal_lengths(tmp_path: Path) -> None:
+    from gradleak.offline_text import batches_by_length
+    from gradleak.text import load_corpus
+
+    corpus = load_corpus(CORPUS)
+    groups = batches_by_length(corpus, 2)
+    assert groups and all(len({len(corpus.sentences[i]) for i in g}) == 1 for g in groups)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--corpus", "/nonexistent.txt"], "corpus file not found"),
+    (["--corpus", str(CORPUS), "--attack", "nope"], "unknown text attack 'nope'"),
+    (["--corpus", str(CORPUS), "--batch-size", "500"], "no 500 sentences of equal length"),
+])
+def test_text_bad_input(extra: list[str], needle: str, tmp_path: Path, capsys) -> None:
+    assert main(["attack", "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err

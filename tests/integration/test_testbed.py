@@ -81,7 +81,7 @@ def test_run_dir_has_the_resolved_config(testbed) -> None:
     assert "batch_sizes:" in text and "- 16" in text
 
 
-def test_attacker_runs_on_the_gpu_node_and_peers_elsewhere(testbed, ray_session) -> None:
+def test_attacker_runs_on_the_gpu_node_and_peers_elsewhere(testbed, ray_session, prometheus) -> None:
     import ray
 
     bed, result = testbed
@@ -95,3 +95,8 @@ def test_attacker_runs_on_the_gpu_node_and_peers_elsewhere(testbed, ray_session)
     # "auto" advertised the node's own IP (127.0.0.1 for this one-machine cluster).
     assert all(a["gossip"].startswith("127.0.0.1:") for a in bed.addresses)
     assert result.attacker["device"] in ("cpu", "cuda")
+    # Both nodes' exporters reached Prometheus: attack timings from the GPU node's attacker,
+    # leakage scores from the evaluator on the head node.
+    attacked = prometheus.wait_for('sum(gradleak_attack_duration_seconds_count{role="malicious"})')
+    scored = prometheus.wait_for('sum(gradleak_reconstructions_total{role="evaluator"})')
+    assert float(attacked[0]["value"][1]) >= 1 and float(scored[0]["value"][1]) >= 1
