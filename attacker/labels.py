@@ -1,4 +1,4 @@
-"""Analytic label recovery from the last linear layer's gradient (iDLG, Zhao et al. 2020).
+"""Analytic label recovery from the last linear layer's gradient (iDLG and batches).
 
 Why it works, for one sample (B = 1) with cross-entropy on logits z = W a + b and
 softmax p = softmax(z): dL/dW = (p - y) a^T, so row i of the weight gradient sums to
@@ -11,6 +11,21 @@ It does not hold for batches (rows mix several samples), for losses other than
 cross-entropy with a hard label, for two classes with activations summing negative,
 or once a defence (noise, pruning, quantisation) flips the signs; the function then
 still answers (the most negative row, iDLG's own rule) but the answer is a guess.
+
+Batches (B > 1, `recover_label_counts`): with the mean cross-entropy over B samples,
+the bias gradient is g_i = (P_i - c_i) / B, where P_i = sum_n p_ni is the batch's
+total predicted probability of class i and c_i its count. Hence, whatever the
+activations: an absent class (c_i = 0) has g_i > 0, so every negative entry is a
+present class (no false positives); a present class is negative whenever P_i < c_i
+(always for distinct labels while no class collects a whole sample's worth of
+probability over the batch, e.g. an untrained or DLG-initialised model with B < K).
+Counts follow from c_i = P_i - B g_i with P_i, unknown for present classes,
+estimated by the mean P_j = B g_j of the non-negative (presumed absent) classes,
+the bias analogue of LLG's "impact" (Wainakh et al. 2022). Distinct labels are exact
+when exactly B entries are negative; repeats are right when the classes' predicted
+masses differ by less than half a sample from that mean. Without a bias the
+weight-row sums stand in for g (they carry the same sign pattern for non-negative
+activations, scaled by the activations' sum, whose per-sample size is estimated too).
 """
 
 from __future__ import annotations
@@ -93,6 +108,88 @@ def _single(mask: torch.Tensor) -> int | None:
     """The index of the only True entry of a 1-D mask, else None."""
     hits = torch.nonzero(mask).flatten()
     return int(hits[0]) if hits.numel() == 1 else None
+
+
+def recover_label_counts(
+    last_weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None, *, batch_size: int
+) -> torch.Tensor:
+    """How many samples of each class a B-sample update holds (see the module docstring).
+
+    Args:
+        last_weight_grad: (num_classes, in_features) gradient of the final nn.Linear.
+        bias_grad: optional (num_classes,) gradient of its bias; preferred when given,
+            since its signs hold for any activations.
+        batch_size: B, from the update's public header.
+
+    Returns:
+        (num_classes,) int64 counts summing to `batch_size`.
+
+    Raises:
+        ValueError: on a bad batch size, a misshaped or non-finite gradient, or one
+            without signal (all zero).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    signal, unit = _count_signal(last_weight_grad, bias_grad, batch_size)
+    present = signal < 0  # (K,) certainly present (absent classes are positive)
+    if int(present.sum()) > batch_size:  # noise: keep the B most negative
+        keep = torch.argsort(signal)[:batch_size]
+        present = torch.zeros_like(present)
+        present[keep] = True
+    if not torch.any(present):  # no negative entry (noisy or odd): the smallest one
+        present[torch.argmin(signal)] = True
+    others = signal[~present]
+    mean_absent = others.mean() if others.numel() else signal.new_zeros(())
+    if unit is None:  # weight rows: the per-sample scale, assuming every present class shows
+        unit = (int(present.sum()) * mean_absent - signal[present].sum()) / batch_size
+        unit = unit if float(unit) > 0 else -signal[present].sum() / batch_size
+    estimate = (mean_absent - signal) / unit  # (K,) real-valued counts
+    counts = present.to(torch.int64)
+    for _ in range(batch_size - int(counts.sum())):  # the rest go where most is missing
+        counts[torch.argmax(estimate - counts)] += 1
+    return counts
+
+
+def _count_signal(
+    last_weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(signal (K,) float64, per-sample unit or None when it must be estimated)."""
+    if last_weight_grad.dim() != 2 or last_weight_grad.shape[0] < 2:
+        raise ValueError(
+            f"expected a (num_classes, in_features) gradient, got {tuple(last_weight_grad.shape)}"
+        )
+    num_classes = last_weight_grad.shape[0]
+    bias = _checked_bias(bias_grad, num_classes)
+    if bias is not None and torch.any(bias != 0):
+        return bias, bias.new_tensor(1.0 / batch_size)
+    rows = last_weight_grad.detach().to(torch.float64).sum(dim=1)  # (K,)
+    if not torch.isfinite(rows).all():
+        raise ValueError("last-layer weight gradient is not finite")
+    if not torch.any(rows != 0):
+        raise ValueError("last-layer gradient is all zero: no label signal")
+    return rows, None
+
+
+def recover_labels(
+    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+) -> torch.Tensor:
+    """The labels behind an update, as a sorted (B,) int64 tensor on the gradients' device.
+
+    B = 1 uses iDLG's rules (`recover_label_batch1`); B > 1 the counts of
+    `recover_label_counts`. A batch gradient does not say which sample had which
+    label, so the order is arbitrary (sorted); scoring matches samples first.
+
+    Raises:
+        ValueError: see `find_last_linear_grads` and the two recovery functions.
+    """
+    weight_grad, bias_grad = find_last_linear_grads(model, gradients)
+    device = weight_grad.device
+    if batch_size == 1:
+        label = recover_label_batch1(weight_grad, bias_grad)
+        return torch.tensor([label], dtype=torch.int64, device=device)
+    counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
+    classes = torch.arange(counts.shape[0], device=counts.device)
+    return torch.repeat_interleave(classes, counts).to(device)  # (B,)
 
 
 def find_last_linear_grads(

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from attacker.attacks import Attack, Observation, Reconstruction
+from gradleak.devices import resolve_device
 from p2p.peer import Peer
 from p2p.update import Update, UpdateHeader
 
@@ -48,15 +49,6 @@ class _Silent:
     def queue_depth(self, depth: int) -> None: ...
     def attacked(self, header: UpdateHeader, attack: str, seconds: float) -> None: ...
     def failed(self, reason: str) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when torch sees a GPU; 'cuda' without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("attack device 'cuda' requested but torch sees no CUDA device")
-    return torch.device(name)
 
 
 class MaliciousPeer:

@@ -19,6 +19,8 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
     "--model": ("peers", "model", str),
     "--optimizer": ("peers", "optimizer", str),
     "--lr": ("peers", "lr", float),
+    "--peer-device": ("peers", "device", str),
+    "--peer-gpus": ("peers", "num_gpus", float),
     "--rounds": ("gossip", "rounds", int),
     "--fanout": ("gossip", "fanout", int),
     "--topology": ("gossip", "topology", str),

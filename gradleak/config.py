@@ -49,6 +49,8 @@ class PeerConfig:
     eval_every: int = 10  # rounds between held-out accuracy measurements
     num_cpus: float = 0.25  # Ray CPU share per peer actor (fractional so many fit)
     threads: int = 1  # torch threads per peer process
+    device: str = "cpu"  # honest peers' device: cpu | cuda | auto (ask for GPUs with num_gpus)
+    num_gpus: float = 0.0  # Ray GPU request per honest peer
 
     def validate(self) -> None:
         from gradleak.models import MODELS
@@ -71,6 +73,9 @@ class PeerConfig:
         _positive("lr", self.lr)
         if self.keep_versions < 1 or self.eval_every < 1 or self.threads < 1:
             raise ConfigError("keep_versions, eval_every and threads must be >= 1")
+        _known("peer device", self.device, ("auto", "cpu", "cuda"))
+        if self.num_gpus < 0:
+            raise ConfigError(f"peer num_gpus must be >= 0, got {self.num_gpus}")
         if not 0.0 <= self.num_cpus <= 64:
             raise ConfigError(f"num_cpus must be in 0..64, got {self.num_cpus}")
 

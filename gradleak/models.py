@@ -130,6 +130,35 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: torchvision's, with a 3x3 stride-1 stem and no max-pool.
+
+    The ImageNet stem (7x7 stride 2, then a max-pool) would shrink 32x32 inputs to
+    8x8 before the first block; the CIFAR stem keeps the full resolution.
+
+    BatchNorm: the gradient depends on the mode it was taken in (train mode
+    normalises with the batch's own statistics, coupling the samples; eval mode uses
+    the running ones). Peers train in train mode, the default of every model here,
+    and the attacks run the model in whatever mode it arrives in, so a model fetched
+    by the attacker (train mode by default) reproduces the victim's computation.
+    Running statistics the victim's forward updated are not part of the attack: in
+    train mode the output does not read them.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        from torchvision.models import resnet18  # torchvision only when ResNet is used
+
+        del image_size  # global average pooling takes any size of at least 1x1 after 3 halvings
+        self.net = resnet18(weights=None, num_classes=num_classes)
+        self.net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, C, H, W) images to (B, num_classes) logits."""
+        return self.net(x)  # (B, num_classes) after (B, 512, H/8, W/8) pooled
+
+
 @register_model("lenet")
 def _lenet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
     return LeNet(in_channels, num_classes, image_size)
@@ -138,3 +167,8 @@ def _lenet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> n
 @register_model("mlp")
 def _mlp(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
     return MLP(in_channels, num_classes, image_size)
+
+
+@register_model("resnet18")
+def _resnet18(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    return ResNet18(in_channels, num_classes, image_size)

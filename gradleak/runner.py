@@ -108,7 +108,8 @@ class Testbed:
             # Honest peers stay off the nodes marked for the attacker.
             where = ({"scheduling_strategy": NodeAffinitySchedulingStrategy(peer_nodes[i % len(peer_nodes)], soft=False)}
                      if peer_nodes else {})
-            self.peers.append(PeerActor.options(num_cpus=cfg.peers.num_cpus, **where).remote(spec, self.evaluator))
+            self.peers.append(PeerActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=cfg.peers.num_gpus,
+                                                **where).remote(spec, self.evaluator))
         marker = {"resources": {a.resource: 1}} if a.resource else {}
         self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
             specs[-1], self.evaluator, attacks=a.attacks,
@@ -145,7 +146,7 @@ class Testbed:
                 lr=pc.lr, optimizer=pc.optimizer, seed=cfg.seed * 1000 + i + 1, model_seed=cfg.seed,
                 keep_versions=pc.keep_versions, fanout=gc.fanout, topology=gc.topology,
                 timeout_s=gc.timeout_s, chunk_bytes=gc.chunk_bytes, host=cfg.telemetry.host,
-                threads=pc.threads,
+                threads=pc.threads, device="cpu" if malicious else pc.device,
             ))
         return specs
 

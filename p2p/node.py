@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from gradleak.devices import resolve_device
 from gradleak.models import create_model, init_dlg_uniform
 from gradleak.telemetry import Metrics, resolve_host, start_exporter
 from p2p.defences import parse_defence
@@ -52,6 +53,7 @@ class PeerSpec:
     chunk_bytes: int = 1 << 20
     host: str = "127.0.0.1"
     threads: int = 1
+    device: str = "cpu"  # honest peers train on the CPU unless told
 
 
 class PeerNode:
@@ -68,6 +70,7 @@ class PeerNode:
             spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
             keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
+            device=str(resolve_device(spec.device)),
         )
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes)

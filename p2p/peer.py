@@ -52,18 +52,19 @@ class Peer:
     def __init__(
         self, peer_id: str, model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
         batch_size: int, defence: Defence, lr: float, keep_versions: int, seed: int,
-        optimizer: str = "adam",
+        optimizer: str = "adam", device: str = "cpu",
     ) -> None:
         if batch_size > len(labels):
             raise ValueError(f"batch size {batch_size} exceeds the shard's {len(labels)} samples")
         self.peer_id = peer_id
-        self.model = model
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.batch_size = batch_size
         self.defence = defence
         self.lr = lr
         self._opt = make_optimizer(optimizer, model, lr)
-        self._images = torch.from_numpy(np.ascontiguousarray(images))
-        self._labels = torch.from_numpy(np.ascontiguousarray(labels))
+        self._images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        self._labels = torch.from_numpy(np.ascontiguousarray(labels)).to(self.device)
         self._shapes = {n: p.shape for n, p in model.named_parameters()}
         self._rng = np.random.default_rng(seed)
         self._noise = torch.Generator().manual_seed(seed)
@@ -79,12 +80,13 @@ class Peer:
 
     def local_update(self, round_: int) -> tuple[Update, Batch]:
         """Take a gradient on a fresh private batch, defend it and file it as own update."""
-        idx = self._rng.choice(len(self._labels), size=self.batch_size, replace=False)
+        idx = torch.from_numpy(self._rng.choice(len(self._labels), size=self.batch_size, replace=False))
         x, y = self._images[idx], self._labels[idx]
         self.model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(x), y)
         grads = torch.autograd.grad(loss, list(self.model.parameters()))
-        named = {n: g.detach() for (n, _), g in zip(self.model.named_parameters(), grads)}
+        # Updates leave on the CPU: the codec serialises host memory.
+        named = {n: g.detach().cpu() for (n, _), g in zip(self.model.named_parameters(), grads)}
         header = UpdateHeader(
             update_id=f"{self.peer_id}/r{round_}", origin=self.peer_id, sender=self.peer_id,
             round=round_, model_version=self.version, num_samples=self.batch_size,
@@ -94,7 +96,7 @@ class Peer:
         with self._lock:
             self._remember(header.update_id)
             self._inbox.setdefault(round_, []).append(update)
-        return update, Batch(x.numpy().copy(), y.numpy().copy())
+        return update, Batch(x.cpu().numpy().copy(), y.cpu().numpy().copy())
 
     def accept_update(self, update: Update, wire_bytes: int = 0) -> None:
         """Validate a received update and file it for its round; bad ones change nothing."""
@@ -120,7 +122,7 @@ class Peer:
             for name, p in self.model.named_parameters():
                 agg = torch.zeros_like(p)
                 for u, w in zip(updates, weights):
-                    agg += u.tensors[name].to(torch.float32) * w
+                    agg += u.tensors[name].to(device=self.device, dtype=torch.float32) * w
                 p.grad = agg / total
             self._opt.step()
             self._opt.zero_grad(set_to_none=True)
@@ -143,11 +145,11 @@ class Peer:
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         """Share of `images` the current model classifies correctly."""
         with torch.no_grad():
-            pred = self.model(torch.from_numpy(images)).argmax(dim=1).numpy()
+            pred = self.model(torch.from_numpy(images).to(self.device)).argmax(dim=1).cpu().numpy()
         return float((pred == labels).mean())
 
     def _snapshot(self) -> None:
-        state = {n: t.detach().clone() for n, t in self.model.state_dict().items()}
+        state = {n: t.detach().cpu().clone() for n, t in self.model.state_dict().items()}
         self._history[self.version] = state
         while len(self._history) > self._keep:
             self._history.popitem(last=False)

@@ -20,7 +20,7 @@ def test_duplicate_registration_and_bad_sizes_raise():
         register_model("lenet")(lambda c, k, s: nn.Identity())
     with pytest.raises(ValueError):
         create_model("lenet", in_channels=0, num_classes=10, image_size=16)
-    assert {"lenet", "mlp"} <= set(MODELS)
+    assert {"lenet", "mlp", "resnet18"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("name", ["lenet", "mlp"])
@@ -54,3 +54,16 @@ def test_dlg_uniform_init_is_seeded_and_in_range():
         assert a.min() >= -0.5 and a.max() <= 0.5
     biases = torch.cat([p.flatten() for n, p in first.named_parameters() if n.endswith("bias")])
     assert biases.abs().max() > 0.3  # biases re-drawn too, not left at torch's small init
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [16, 32])
+def test_resnet18_output_shape_and_cifar_stem(channels, size):
+    model = create_model("resnet18", in_channels=channels, num_classes=7, image_size=size)
+    assert model(torch.rand(2, channels, size, size)).shape == (2, 7)
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert stem.in_channels == channels
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20
+    assert "resnet18" in MODELS

@@ -96,3 +96,21 @@ def test_training_learns_digits(digits_data, lenet) -> None:
         peer.apply_round(r)
     acc = peer.accuracy(digits_data.images[1400:], digits_data.labels[1400:])
     assert acc > 0.5, acc
+
+
+@pytest.mark.gpu
+def test_peer_on_cuda_sends_host_tensors_and_learns(digits_data, lenet) -> None:
+    peer = _peer(digits_data, lenet, device="cuda", batch_size=8, lr=0.01)
+    update, _batch = peer.local_update(1)
+    assert all(t.device.type == "cpu" for t in update.tensors.values())
+    peer.apply_round(1)
+    assert all(t.device.type == "cpu" for t in peer.model_at(None)[1].values())
+    assert next(peer.model.parameters()).device.type == "cuda"
+
+
+def test_unknown_device_is_refused() -> None:
+    from gradleak.devices import resolve_device
+
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu").type == "cpu"

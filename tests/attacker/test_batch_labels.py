@@ -1,0 +1,110 @@
+"""Batch label recovery: exact for distinct labels, counts for repeats, from the last layer.
+
+What is guaranteed (see attacker/labels.py): classes absent from the batch never get
+a negative bias gradient, so every class read as present is present; distinct labels
+come out exact while each present class's batch-total predicted probability stays
+under one sample (true of untrained, torch-default-initialised models with B < K,
+which these tests use); repeated labels' counts are estimates.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacker.attacks import AttackConfig, compute_gradients, create_attack
+from attacker.labels import (
+    find_last_linear_grads,
+    recover_label_batch1,
+    recover_label_counts,
+    recover_labels,
+)
+from gradleak.models import create_model
+
+
+def _batch(digits, classes: list[int], generator: torch.Generator):
+    """One random sample of each listed class (repeats allowed)."""
+    images, labels = digits
+    idx = []
+    for c in classes:
+        pool = torch.nonzero(labels == c).flatten()
+        idx.append(int(pool[torch.randint(len(pool), (1,), generator=generator)]))
+    return images[idx], labels[idx]
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp"])
+@pytest.mark.parametrize("batch_size", [2, 4, 8])
+def test_distinct_labels_are_recovered_exactly(digits, name, batch_size):
+    torch.manual_seed(3)
+    model = create_model(name, in_channels=1, num_classes=10, image_size=16)
+    gen = torch.Generator().manual_seed(batch_size)
+    for _ in range(10):
+        classes = torch.randperm(10, generator=gen)[:batch_size].tolist()
+        x, y = _batch(digits, classes, gen)
+        recovered = recover_labels(model, compute_gradients(model, x, y), batch_size)
+        assert recovered.tolist() == sorted(y.tolist())
+        assert recovered.dtype == torch.int64
+
+
+@pytest.mark.parametrize("classes", [[3, 3], [3, 3, 5, 1], [0, 0, 0, 7, 7, 2], [9, 9, 9, 9]])
+def test_repeated_labels_get_their_counts(digits, classes):
+    torch.manual_seed(3)
+    model = create_model("lenet", in_channels=1, num_classes=10, image_size=16)
+    x, y = _batch(digits, classes, torch.Generator().manual_seed(0))
+    recovered = recover_labels(model, compute_gradients(model, x, y), len(classes))
+    assert recovered.tolist() == sorted(classes)
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_weight_rows_alone_suffice_for_distinct_labels(digits, batch_size):
+    """Without the bias the row sums carry the signs (non-negative sigmoid features)."""
+    torch.manual_seed(3)
+    model = create_model("lenet", in_channels=1, num_classes=10, image_size=16)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        classes = torch.randperm(10, generator=gen)[:batch_size].tolist()
+        x, y = _batch(digits, classes, gen)
+        weight_grad, _ = find_last_linear_grads(model, compute_gradients(model, x, y))
+        counts = recover_label_counts(weight_grad, None, batch_size=batch_size)
+        assert counts.tolist() == torch.bincount(y, minlength=10).tolist()
+
+
+def test_counts_from_an_exact_bias_gradient():
+    """g = (P - c) / B with equal predicted mass per class gives the counts exactly."""
+    counts = torch.tensor([0, 3, 0, 1, 0, 2, 0, 0, 0, 0])
+    batch = int(counts.sum())
+    mass = torch.full((10,), batch / 10.0)  # P_i: every class predicted alike
+    bias = (mass - counts) / batch
+    weight = torch.zeros(10, 4)
+    assert recover_label_counts(weight, bias, batch_size=batch).tolist() == counts.tolist()
+
+
+def test_batch1_agrees_with_idlg_rule(digits, dlg_lenet):
+    images, labels = digits
+    grads = compute_gradients(dlg_lenet, images[5:6], labels[5:6])
+    weight_grad, bias_grad = find_last_linear_grads(dlg_lenet, grads)
+    assert recover_labels(dlg_lenet, grads, 1).tolist() == [
+        recover_label_batch1(weight_grad, bias_grad)
+    ]
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="batch_size"):
+        recover_label_counts(torch.ones(10, 3), batch_size=0)
+    with pytest.raises(ValueError, match="no label signal"):
+        recover_label_counts(torch.zeros(10, 3), torch.zeros(10), batch_size=2)
+    with pytest.raises(ValueError, match="not finite"):
+        recover_label_counts(torch.full((10, 3), float("nan")), batch_size=2)
+
+
+def test_idlg_uses_batch_labels_when_asked(digits, make_observation):
+    torch.manual_seed(3)
+    model = create_model("lenet", in_channels=1, num_classes=10, image_size=16)
+    x, y = _batch(digits, [2, 6], torch.Generator().manual_seed(1))
+    obs = make_observation(model, x, y)
+    config = AttackConfig(max_iters=2, label_recovery="analytic")
+    recon = create_attack("idlg", config).reconstruct(model, obs)
+    assert recon.stats["label_source"] == "analytic"
+    assert recon.labels.tolist() == [2, 6]
+    plain = create_attack("dlg", config).reconstruct(model, obs)
+    assert plain.stats["label_source"] == "optimised"  # DLG stays as published
