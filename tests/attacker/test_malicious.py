@@ -106,3 +106,28 @@ def _wait(cond, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_every_registered_attack_runs_in_the_malicious_peer(digits_data, lenet) -> None:
+    from attacker.attacks import ATTACKS, AttackConfig, compute_gradients, create_attack
+
+    peer = Peer("m", lenet, digits_data.images[:50], digits_data.labels[:50], batch_size=1,
+                defence=parse_defence("none"), lr=0.1, keep_versions=8, seed=0)
+    x = torch.from_numpy(digits_data.images[:1])
+    y = torch.from_numpy(digits_data.labels[:1])
+    grads = compute_gradients(lenet, x, y)
+    names = [n for n, _ in lenet.named_parameters()]
+    reports: list = []
+    attacks = {name: create_attack(name, AttackConfig(max_iters=5, seed=0)) for name in ATTACKS}
+    mal = MaliciousPeer(peer, attacks=attacks, build_model=lambda: type(lenet)(1, 10, (16, 16)),
+                        fetch_weights=lambda s, v: {k: t.clone() for k, t in lenet.state_dict().items()},
+                        report=lambda h, a, r: reports.append((a, r)), input_shape=(1, 16, 16),
+                        num_classes=10, queue_size=2, device="cpu")
+    mal.start()
+    try:
+        mal.accept_update(Update(UpdateHeader("v/r1", "v", "v", 1, 0, 1), dict(zip(names, grads))))
+        assert mal.wait_idle(120)
+    finally:
+        mal.stop()
+    assert sorted(a for a, _ in reports) == sorted(ATTACKS)
+    assert all(r.images.shape == (1, 1, 16, 16) for _, r in reports)
