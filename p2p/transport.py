@@ -3,6 +3,12 @@
 No tensor maths here: the server parses frames, hands the decoded update to an
 `UpdateHandler` and maps domain errors to status codes; the client encodes, sends
 and maps RPC errors to `TransportError`.
+
+Both ends run over plaintext by default, or over mutual TLS when given a
+`p2p.tls.TlsMaterial`: the server then requires a client certificate issued by its
+CA, and the client verifies the server's certificate against the same CA (and the
+dialled host against the certificate's subject alternative names). TLS hides updates
+from a network eavesdropper, not from the receiving peer, which decrypts them.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from types import TracebackType
-from typing import Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 import grpc
 import torch
@@ -28,6 +34,9 @@ from p2p.errors import (
 )
 from p2p.proto import gossip_pb2_grpc
 from p2p.update import Update
+
+if TYPE_CHECKING:  # only attributes are read, so plaintext needs no cryptography import
+    from p2p.tls import TlsMaterial
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +170,11 @@ class GossipServer:
         max_update_bytes: int = 256 << 20,
         workers: int = 4,
         chunk_bytes: int = 1 << 20,
+        tls: TlsMaterial | None = None,
     ) -> None:
         self._host = host
         self._port = port
+        self._tls = tls
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gossip"),
             options=_size_options(max_message_bytes),
@@ -179,8 +190,12 @@ class GossipServer:
         Raises:
             OSError: when the address cannot be bound.
         """
+        target = f"{_host_literal(self._host)}:{self._port}"
         try:
-            bound = self._server.add_insecure_port(f"{_host_literal(self._host)}:{self._port}")
+            if self._tls is None:
+                bound = self._server.add_insecure_port(target)
+            else:
+                bound = self._server.add_secure_port(target, _server_credentials(self._tls))
         except RuntimeError as exc:  # grpcio raises RuntimeError on a failed bind
             raise OSError(f"cannot bind {self._host}:{self._port}: {exc}") from exc
         if bound == 0:
@@ -189,6 +204,11 @@ class GossipServer:
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return bound
+
+    @property
+    def secure(self) -> bool:
+        """True when the server accepts only mutual-TLS connections."""
+        return self._tls is not None
 
     @property
     def address(self) -> str:
@@ -206,13 +226,25 @@ class GossipServer:
             self._health.set(service, status)
 
 
+def _server_credentials(tls: TlsMaterial) -> grpc.ServerCredentials:
+    """Server credentials that require and verify a client certificate from tls's CA."""
+    return grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.cert_pem)], root_certificates=tls.ca_pem, require_client_auth=True
+    )
+
+
 def _host_literal(host: str) -> str:
     """Bracket an IPv6 literal so that it can be followed by ":port"."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 class GossipClient:
-    """Talks to one peer's GossipServer; every call has a deadline."""
+    """Talks to one peer's GossipServer; every call has a deadline.
+
+    With tls, the channel presents tls's certificate and accepts only a server whose
+    certificate is issued by tls's CA for the dialled host, or for server_name when
+    given (for dialling an address the certificate does not name, e.g. via a proxy).
+    """
 
     def __init__(
         self,
@@ -222,11 +254,31 @@ class GossipClient:
         max_message_bytes: int = 8 << 20,
         chunk_bytes: int = 1 << 20,
         max_model_bytes: int = 256 << 20,
+        tls: TlsMaterial | None = None,
+        server_name: str | None = None,
     ) -> None:
+        if server_name is not None and tls is None:
+            raise ValueError("server_name needs tls: a plaintext channel verifies no name")
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._max_model_bytes = max_model_bytes
-        self._channel = grpc.insecure_channel(address, options=_size_options(max_message_bytes))
+        options: list[tuple[str, int | str]] = [*_size_options(max_message_bytes)]
+        if tls is None:
+            self._hint = f"plaintext channel to {address}; a peer that requires TLS closes it"
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            if server_name is not None:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca_pem,
+                private_key=tls.key_pem,
+                certificate_chain=tls.cert_pem,
+            )
+            self._hint = (
+                f"mutual TLS to {address}: a handshake fails unless both certificates come "
+                "from the same CA and the server's names the dialled host"
+            )
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = gossip_pb2_grpc.GossipStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -245,7 +297,7 @@ class GossipClient:
                 sent[0] += frame.ByteSize()
                 yield frame
 
-        ack = _call(lambda: self._stub.PushUpdate(frames(), timeout=self._timeout_s))
+        ack = _call(lambda: self._stub.PushUpdate(frames(), timeout=self._timeout_s), self._hint)
         if ack.update_id != update.header.update_id or ack.bytes_received != sent[0]:
             raise TransportError(
                 "DATA_LOSS",
@@ -266,13 +318,13 @@ class GossipClient:
             frames = self._stub.GetModel(codec.model_request(version), timeout=self._timeout_s)
             return codec.model_from_frames(frames, max_bytes=self._max_model_bytes)
 
-        _, got, state = _call(fetch)
+        _, got, state = _call(fetch, self._hint)
         return got, state
 
     def health(self) -> str:
         """Return the gossip service's health status name, e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=codec.SERVICE_NAME)
-        response = _call(lambda: self._health.Check(request, timeout=self._timeout_s))
+        response = _call(lambda: self._health.Check(request, timeout=self._timeout_s), self._hint)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def close(self) -> None:
@@ -293,11 +345,17 @@ class GossipClient:
         self.close()
 
 
-def _call(fn: Callable[[], _T]) -> _T:
-    """Run an RPC, raising its failure as TransportError(code name, details)."""
+def _call(fn: Callable[[], _T], unavailable_hint: str = "") -> _T:
+    """Run an RPC, raising its failure as TransportError(code name, details).
+
+    unavailable_hint is appended to the details of an UNAVAILABLE failure only: gRPC
+    reports a refused TLS handshake as a bare "Socket closed".
+    """
     try:
         return fn()
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+        if code is grpc.StatusCode.UNAVAILABLE and unavailable_hint:
+            details = f"{details} ({unavailable_hint})"
         raise TransportError(code.name, details) from exc
