@@ -25,6 +25,7 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
     "--fanout": ("gossip", "fanout", int),
     "--topology": ("gossip", "topology", str),
     "--round-interval": ("gossip", "round_interval_s", float),
+    "--tls": ("gossip", "tls", lambda s: {"on": True, "off": False}[s]),
     "--attack": ("attack", "attacks", lambda s: tuple(x.strip() for x in s.split(","))),
     "--max-iters": ("attack", "max_iters", int),
     "--queue-size": ("attack", "queue_size", int),
@@ -136,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             continue
         try:
             value = convert(raw)
-        except ValueError:
+        except (ValueError, KeyError):
             raise ConfigError(f"bad value for {flag}: {raw!r}") from None
         if section:
             overlay.setdefault(section, {})[name] = value

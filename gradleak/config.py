@@ -88,6 +88,7 @@ class GossipConfig:
     round_interval_s: float = 0.25  # minimum seconds per round: leaves the attacker CPU on small machines
     timeout_s: float = 10.0  # deadline of every RPC
     chunk_bytes: int = 1 << 20  # payload bytes per streamed chunk
+    tls: bool = False  # mutual TLS on every gossip link (a private CA is made per run)
 
     def validate(self) -> None:
         from p2p.topology import TOPOLOGIES
@@ -247,6 +248,8 @@ def _type_ok(annotation: str, value: Any) -> bool:
         return "None" in annotation
     if isinstance(value, bool):
         return "bool" in annotation
+    if annotation.startswith("bool"):
+        return False  # a bool value returned above; anything else is the wrong type
     if annotation.startswith("tuple[int"):
         return isinstance(value, tuple) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

@@ -25,6 +25,7 @@ from gradleak.data import Dataset, load_dataset, split
 from gradleak.evaluator_node import EvaluatorActor
 from gradleak.record import RunRecord
 from p2p.node import PeerActor, PeerSpec
+from p2p.tls import TlsMaterial, make_test_pki
 
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
@@ -58,6 +59,17 @@ def nodes_without(resource: str) -> list[str]:
     """IDs of alive nodes with CPUs that do not declare `resource` (where honest peers go)."""
     return sorted(n["NodeID"] for n in ray.nodes()
                   if n["Alive"] and n["Resources"].get("CPU", 0) > 0 and resource not in n["Resources"])
+
+
+def run_pki(peer_ids: list[str], host: str) -> dict[str, TlsMaterial]:
+    """A private CA and one certificate per peer, valid for every address a peer may bind."""
+    hosts = {"127.0.0.1", "localhost"}
+    if host == "auto":
+        hosts |= {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    else:
+        hosts.add(host)
+    _ca, material = make_test_pki(hosts=tuple(sorted(hosts)), peers=peer_ids)
+    return material
 
 
 def ensure_ray(cfg: RunConfig) -> bool:
@@ -133,11 +145,13 @@ class Testbed:
     def _specs(self, data: Dataset) -> list[PeerSpec]:
         cfg, pc, gc = self.cfg, self.cfg.peers, self.cfg.gossip
         shards, test = split(data, pc.honest + 1, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+        ids = [f"peer-{i}" for i in range(pc.honest)] + ["mallory"]
+        tls = run_pki(ids, cfg.telemetry.host) if gc.tls else {}
         specs = []
         for i, shard in enumerate(shards):
             malicious = i == pc.honest
             specs.append(PeerSpec(
-                peer_id="mallory" if malicious else f"peer-{i}", role="malicious" if malicious else "honest",
+                peer_id=ids[i], role="malicious" if malicious else "honest", tls=tls.get(ids[i]),
                 shard_images=shard.images, shard_labels=shard.labels,
                 test_images=test.images, test_labels=test.labels, input_shape=data.input_shape,
                 num_classes=data.num_classes, model=pc.model,

@@ -22,6 +22,7 @@ from gradleak.telemetry import Metrics, resolve_host, start_exporter
 from p2p.defences import parse_defence
 from p2p.errors import TransportError
 from p2p.peer import Batch, Peer
+from p2p.tls import TlsMaterial
 from p2p.topology import choose_targets
 from p2p.transport import GossipClient, GossipServer
 from p2p.update import Update
@@ -54,6 +55,7 @@ class PeerSpec:
     host: str = "127.0.0.1"
     threads: int = 1
     device: str = "cpu"  # honest peers train on the CPU unless told
+    tls: TlsMaterial | None = None  # mutual TLS on this peer's server and clients
 
 
 class PeerNode:
@@ -73,7 +75,8 @@ class PeerNode:
             device=str(resolve_device(spec.device)),
         )
         self.handler = self.make_handler()
-        self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes)
+        self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes,
+                                   tls=spec.tls)
         self.server.start()
         self._members: dict[str, str] = {}
         self._clients: dict[str, GossipClient] = {}
@@ -158,7 +161,8 @@ class PeerNode:
                 if peer_id not in self._members:
                     raise TransportError("NOT_FOUND", f"no address for peer {peer_id}")
                 self._clients[peer_id] = GossipClient(
-                    self._members[peer_id], timeout_s=self.spec.timeout_s, chunk_bytes=self.spec.chunk_bytes
+                    self._members[peer_id], timeout_s=self.spec.timeout_s,
+                    chunk_bytes=self.spec.chunk_bytes, tls=self.spec.tls,
                 )
             return self._clients[peer_id]
 
