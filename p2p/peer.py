@@ -3,6 +3,13 @@
 No gRPC and no Ray here: the transport calls `accept_update` / `model_at` (the
 UpdateHandler protocol) from its threads, the Ray actor calls the rest. A lock
 keeps the inbox and the weight history consistent between the two.
+
+A peer given a `SecureAggregation` (p2p.secagg) sends its defended update masked
+(int64 fixed point, header defence `...+secagg:G`) and sums its group's masked
+updates: only with every member's update of the round present does the sum unmask;
+otherwise the group's contribution to that round is dropped and counted in
+`secagg_stats` (no dropout recovery). Group members must therefore send their
+update to every other member. Updates from outside the group aggregate as before.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch import nn
 
 from p2p.defences import Defence
 from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
+from p2p.secagg import SecureAggregation, is_secagg
 from p2p.update import Update, UpdateHeader
 
 
@@ -52,15 +60,20 @@ class Peer:
     def __init__(
         self, peer_id: str, model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
         batch_size: int, defence: Defence, lr: float, keep_versions: int, seed: int,
-        optimizer: str = "adam", device: str = "cpu",
+        optimizer: str = "adam", device: str = "cpu", secagg: SecureAggregation | None = None,
     ) -> None:
         if batch_size > len(labels):
             raise ValueError(f"batch size {batch_size} exceeds the shard's {len(labels)} samples")
+        if secagg is not None and secagg.member != peer_id:
+            raise ValueError(f"secure-aggregation keys of {secagg.member!r} given to peer {peer_id!r}")
         self.peer_id = peer_id
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.batch_size = batch_size
         self.defence = defence
+        self.secagg = secagg
+        # rounds whose group sum was unmasked / dropped for a missing member
+        self.secagg_stats = {"unmasked_rounds": 0, "dropped_rounds": 0, "dropped_updates": 0}
         self.lr = lr
         self._opt = make_optimizer(optimizer, model, lr)
         self._images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
@@ -90,13 +103,23 @@ class Peer:
         header = UpdateHeader(
             update_id=f"{self.peer_id}/r{round_}", origin=self.peer_id, sender=self.peer_id,
             round=round_, model_version=self.version, num_samples=self.batch_size,
-            defence=self.defence.name,
+            defence=self.defence_name,
         )
-        update = Update(header, self.defence.apply(named, self._noise))
+        tensors = self.defence.apply(named, self._noise)
+        if self.secagg is not None:
+            tensors = self.secagg.mask(tensors, round_, weight=header.num_samples * header.mixing_weight)
+        update = Update(header, tensors)
         with self._lock:
             self._remember(header.update_id)
             self._inbox.setdefault(round_, []).append(update)
         return update, Batch(x.cpu().numpy().copy(), y.cpu().numpy().copy())
+
+    @property
+    def defence_name(self) -> str:
+        """The defence chain as sent in headers, with `+secagg:G` when masking."""
+        if self.secagg is None:
+            return self.defence.name
+        return self.secagg.name if self.defence.name == "none" else f"{self.defence.name}+{self.secagg.name}"
 
     def accept_update(self, update: Update, wire_bytes: int = 0) -> None:
         """Validate a received update and file it for its round; bad ones change nothing."""
@@ -108,6 +131,12 @@ class Peer:
                 raise UpdateRejected(
                     f"update for round {update.header.round} arrived after that round was applied"
                 )
+            if is_secagg(update.header.defence) and any(
+                u.header.origin == update.header.origin and is_secagg(u.header.defence)
+                for u in self._inbox.get(update.header.round, [])
+            ):
+                h = update.header
+                raise UpdateRejected(f"a masked update of {h.origin} for round {h.round} is already held")
             self._remember(update.header.update_id)
             self._inbox.setdefault(update.header.round, []).append(update)
 
@@ -116,20 +145,47 @@ class Peer:
         with self._lock:
             updates = self._inbox.pop(round_, [])
             self.applied_round = max(self.applied_round, round_)
-        if updates:
-            weights = [u.header.num_samples * u.header.mixing_weight for u in updates]
-            total = float(sum(weights))
+        contributions, total, dropped = self._contributions(updates)
+        if contributions:
             for name, p in self.model.named_parameters():
                 agg = torch.zeros_like(p)
-                for u, w in zip(updates, weights):
-                    agg += u.tensors[name].to(device=self.device, dtype=torch.float32) * w
+                for tensors, w in contributions:
+                    agg += tensors[name].to(device=self.device, dtype=torch.float32) * w
                 p.grad = agg / total
             self._opt.step()
             self._opt.zero_grad(set_to_none=True)
         with self._lock:
             self.version += 1
             self._snapshot()
-        return len(updates)
+        return len(updates) - dropped
+
+    def _contributions(
+        self, updates: list[Update]
+    ) -> tuple[list[tuple[dict[str, torch.Tensor], float]], float, int]:
+        """(tensors, weight) pairs to add up, the total weight to divide by, updates dropped.
+
+        Masked updates were pre-weighted by their senders, so the unmasked group sum
+        enters with weight 1 while its members' weights join the total.
+        """
+        out, total = [], 0.0
+        masked = []
+        for u in updates:
+            w = u.header.num_samples * u.header.mixing_weight
+            if is_secagg(u.header.defence):
+                masked.append(u)
+            else:
+                out.append((u.tensors, w))
+            total += w
+        if not masked:
+            return out, total, 0
+        if self.secagg is None or sorted(u.header.origin for u in masked) != list(self.secagg.group):
+            self.secagg_stats["dropped_rounds"] += 1
+            self.secagg_stats["dropped_updates"] += len(masked)
+            dropped_weight = sum(u.header.num_samples * u.header.mixing_weight for u in masked)
+            return out, total - dropped_weight, len(masked)
+        out.append((self.secagg.unmask([u.tensors for u in masked]), 1.0))
+        self.secagg_stats["unmasked_rounds"] += 1
+        return out, total, 0
 
     def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
         """Weights at `version` (None = latest) from the kept history."""
@@ -172,12 +228,31 @@ class Peer:
             missing = sorted(set(self._shapes) - set(update.tensors))
             extra = sorted(set(update.tensors) - set(self._shapes))
             raise UpdateRejected(f"parameter names do not match the model: missing {missing}, unknown {extra}")
+        masked = is_secagg(h.defence)
+        if masked:
+            self._validate_masked(h)
         for name, t in update.tensors.items():
             if t.shape != self._shapes[name]:
                 raise UpdateRejected(
                     f"tensor '{name}' has shape {list(t.shape)}, the model's is {list(self._shapes[name])}"
                 )
+            if masked:
+                # Every int64 is a valid ring element; nothing else is.
+                if t.dtype != torch.int64:
+                    raise UpdateRejected(f"masked tensor '{name}' must be int64, got {t.dtype}")
+                continue
             if not t.is_floating_point():
                 raise UpdateRejected(f"tensor '{name}' has non-float dtype {t.dtype}")
             if not bool(torch.isfinite(t).all()):
                 raise UpdateRejected(f"tensor '{name}' holds NaN or infinite values")
+
+    def _validate_masked(self, h: UpdateHeader) -> None:
+        sa = self.secagg
+        if sa is None:
+            raise UpdateRejected(
+                f"masked update ({h.defence}) but peer {self.peer_id} is in no secure-aggregation group"
+            )
+        if h.defence != sa.name and not h.defence.endswith("+" + sa.name):
+            raise UpdateRejected(f"masked update says '{h.defence}', this peer's group is {sa.name}")
+        if h.origin not in sa.group or h.origin == self.peer_id:
+            raise UpdateRejected(f"masked update from {h.origin}, not another member of {list(sa.group)}")
