@@ -20,6 +20,7 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
     "--optimizer": ("peers", "optimizer", str),
     "--lr": ("peers", "lr", float),
     "--peer-device": ("peers", "device", str),
+    "--secagg": ("peers", "secagg", lambda s: {"on": True, "off": False}[s]),
     "--peer-gpus": ("peers", "num_gpus", float),
     "--rounds": ("gossip", "rounds", int),
     "--fanout": ("gossip", "fanout", int),

@@ -49,6 +49,7 @@ class PeerConfig:
     eval_every: int = 10  # rounds between held-out accuracy measurements
     num_cpus: float = 0.25  # Ray CPU share per peer actor (fractional so many fit)
     threads: int = 1  # torch threads per peer process
+    secagg: bool = False  # all peers form one secure-aggregation group (each sends to every member)
     device: str = "cpu"  # honest peers' device: cpu | cuda | auto (ask for GPUs with num_gpus)
     num_gpus: float = 0.0  # Ray GPU request per honest peer
 

@@ -25,6 +25,7 @@ from gradleak.data import Dataset, load_dataset, split
 from gradleak.evaluator_node import EvaluatorActor
 from gradleak.record import RunRecord
 from p2p.node import PeerActor, PeerSpec
+from p2p.secagg import create_group
 from p2p.tls import TlsMaterial, make_test_pki
 
 Progress = Callable[[str], None]
@@ -147,11 +148,13 @@ class Testbed:
         shards, test = split(data, pc.honest + 1, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
         ids = [f"peer-{i}" for i in range(pc.honest)] + ["mallory"]
         tls = run_pki(ids, cfg.telemetry.host) if gc.tls else {}
+        groups = create_group(ids, seed=cfg.seed) if pc.secagg else {}
         specs = []
         for i, shard in enumerate(shards):
             malicious = i == pc.honest
             specs.append(PeerSpec(
                 peer_id=ids[i], role="malicious" if malicious else "honest", tls=tls.get(ids[i]),
+                secagg=groups.get(ids[i]),
                 shard_images=shard.images, shard_labels=shard.labels,
                 test_images=test.images, test_labels=test.labels, input_shape=data.input_shape,
                 num_classes=data.num_classes, model=pc.model,
@@ -206,8 +209,7 @@ class Testbed:
         """Write summary and grid, gather the figures; actors keep serving until shutdown()."""
         pc = self.cfg.peers
         attacker = ray.get(self.attacker.status.remote())
-        accuracy = [(pc.batch_sizes[i % len(pc.batch_sizes)], pc.defences[i % len(pc.defences)],
-                     self._accuracy[a["peer_id"]])
+        accuracy = [(pc.batch_sizes[i % len(pc.batch_sizes)], a["defence"], self._accuracy[a["peer_id"]])
                     for i, a in enumerate(self.addresses[:-1]) if a["peer_id"] in self._accuracy]
         extra = {"seconds": seconds, "messages": self._messages, "wire_bytes": self._bytes,
                  "attacker": attacker, "honest_accuracy": self._accuracy}

@@ -22,6 +22,7 @@ from gradleak.telemetry import Metrics, resolve_host, start_exporter
 from p2p.defences import parse_defence
 from p2p.errors import TransportError
 from p2p.peer import Batch, Peer
+from p2p.secagg import SecureAggregation
 from p2p.tls import TlsMaterial
 from p2p.topology import choose_targets
 from p2p.transport import GossipClient, GossipServer
@@ -56,6 +57,7 @@ class PeerSpec:
     threads: int = 1
     device: str = "cpu"  # honest peers train on the CPU unless told
     tls: TlsMaterial | None = None  # mutual TLS on this peer's server and clients
+    secagg: SecureAggregation | None = None  # this member's keys when the peers mask updates
 
 
 class PeerNode:
@@ -72,7 +74,7 @@ class PeerNode:
             spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
             keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
-            device=str(resolve_device(spec.device)),
+            device=str(resolve_device(spec.device)), secagg=spec.secagg,
         )
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes,
@@ -108,7 +110,7 @@ class PeerNode:
 
     # -- driven by the runner --------------------------------------------------------
     def addresses(self) -> dict[str, str]:
-        return {"peer_id": self.spec.peer_id, "role": self.spec.role,
+        return {"peer_id": self.spec.peer_id, "role": self.spec.role, "defence": self.peer.defence_name,
                 "gossip": self.server.address, "metrics": self.exporter.address,
                 "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""}
 
@@ -121,7 +123,10 @@ class PeerNode:
         update, batch = self.peer.local_update(round_)
         self.share_truth(update, batch)
         order = sorted(self._members)
-        targets = choose_targets(self.spec.topology, self.spec.peer_id, order, self.spec.fanout, self._rng)
+        if self.spec.secagg is not None:  # masks cancel only in the whole group's sum
+            targets = [p for p in self.spec.secagg.group if p != self.spec.peer_id]
+        else:
+            targets = choose_targets(self.spec.topology, self.spec.peer_id, order, self.spec.fanout, self._rng)
         sent = failed = nbytes = 0
         for target in targets:
             try:
@@ -130,8 +135,8 @@ class PeerNode:
             except TransportError as exc:
                 failed += 1
                 self.metrics.send_failures.labels(exc.code).inc()
-        self.metrics.sent.labels(self.spec.defence).inc(sent)
-        self.metrics.sent_bytes.labels(self.spec.defence).inc(nbytes)
+        self.metrics.sent.labels(update.header.defence).inc(sent)
+        self.metrics.sent_bytes.labels(update.header.defence).inc(nbytes)
         return {"sent": sent, "failed": failed, "bytes": nbytes}
 
     def share_truth(self, update: Update, batch: Batch) -> None:
@@ -152,7 +157,7 @@ class PeerNode:
 
     def evaluate(self) -> float:
         self.accuracy = self.peer.accuracy(self.spec.test_images, self.spec.test_labels)
-        self.metrics.accuracy.labels(str(self.spec.batch_size), self.spec.defence).set(self.accuracy)
+        self.metrics.accuracy.labels(str(self.spec.batch_size), self.peer.defence_name).set(self.accuracy)
         return self.accuracy
 
     def client(self, peer_id: str) -> GossipClient:

@@ -1,4 +1,4 @@
-"""Two peer nodes gossiping over mutual TLS, driven in-process (no Ray needed)."""
+"""Peer nodes (gRPC server + clients + Peer) driven in-process: TLS links, secure aggregation."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import pytest
 from gradleak.config import ConfigError, from_dict
 from p2p.errors import TransportError
 from p2p.node import PeerNode, PeerSpec
+from p2p.secagg import create_group
 from p2p.tls import make_test_pki
 from p2p.transport import GossipClient
 
 
-def _spec(pid: str, digits_data, tls) -> PeerSpec:
+def _spec(pid: str, digits_data, tls=None, secagg=None) -> PeerSpec:
     return PeerSpec(
         peer_id=pid, role="honest", shard_images=digits_data.images[:40], shard_labels=digits_data.labels[:40],
         test_images=digits_data.images[40:60], test_labels=digits_data.labels[40:60], input_shape=(1, 16, 16),
         num_classes=10, model="lenet", batch_size=2, defence="none", lr=0.01, optimizer="adam", seed=1,
-        model_seed=0, fanout=1, tls=tls,
+        model_seed=0, fanout=1, tls=tls, secagg=secagg,
     )
 
 
@@ -46,3 +47,23 @@ def test_tls_flag_parses() -> None:
     assert from_dict({"gossip": {"tls": True}}).validate().gossip.tls is True
     with pytest.raises(ConfigError, match="wrong type"):
         from_dict({"gossip": {"tls": "yes"}})
+
+
+def test_secure_aggregation_group_over_grpc(digits_data) -> None:
+    import torch
+
+    group = create_group(["a", "b", "c"], seed=3)
+    nodes = {pid: PeerNode(_spec(pid, digits_data, secagg=group[pid])) for pid in group}
+    try:
+        book = {pid: n.server.address for pid, n in nodes.items()}
+        for n in nodes.values():
+            n.set_members(book)
+        # Fanout is 1, but a group member must reach every other member.
+        assert all(n.step(1)["sent"] == 2 for n in nodes.values())
+        assert all(n.apply(1)["applied"] == 3 for n in nodes.values())
+        states = [n.peer.model_at(None)[1] for n in nodes.values()]
+        assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in states[0])
+        assert nodes["a"].addresses()["defence"] == "secagg:3"
+    finally:
+        for n in nodes.values():
+            n.stop()
