@@ -1,0 +1,227 @@
+"""`gradleak report DIR`: figures and a Markdown summary of a sweep store.
+
+Reads only the store's done cells (DIR/cells/<cell_id>/cell.json; a cell without one
+is still running or failed and is ignored) and their run dirs' reconstructions.jsonl
+and grid.png. Writes, under --out (default DIR/report): one leakage heatmap per attack,
+privacy_utility.png, composed reconstruction grids per attack, and summary.md, whose
+claims table is computed from the cells by `gradleak.report_claims`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradleak.report_claims import (
+    ACCURACY_COST_MIN,
+    PAPER_ATTACK,
+    PSNR_CLOSE_DB,
+    PSNR_THRESHOLD_DB,
+    SHARE_NEAR_ZERO,
+    ClaimResult,
+    Finding,
+    check_claims,
+    defence_order,
+    group_cells,
+)
+
+CELLS = "cells"
+CELL_FILE = "cell.json"
+RECONSTRUCTIONS = "reconstructions.jsonl"
+GRID = "grid.png"
+SUMMARY = "summary.md"
+REQUIRED = ("cell_id", "attack", "batch_size", "defence")
+SETTINGS = ("attack", "batch_size", "defence", "seed", "peers", "fanout", "topology")
+CELL_COLUMNS = (
+    "cell_id", "attack", "batch_size", "defence", "seed", "reconstructions", "mean_psnr",
+    "best_psnr", "share_psnr_30", "mean_ssim", "label_accuracy", "honest_accuracy",
+    "captured", "dropped", "seconds",
+)
+
+
+class ReportError(Exception):
+    """Raised, before anything is written, when DIR is not a store with done cells."""
+
+
+# ------------------------------------------------------------------ the store
+
+
+def load_done_cells(store: Path) -> tuple[list[dict[str, Any]], int]:
+    """The done cells' rows (sorted by cell id) and how many cells are not done.
+
+    Each row gets `best_psnr` (the best single image in its reconstructions.jsonl) and
+    `grid` (its grid.png path, or None).
+
+    Raises:
+        ReportError: DIR is missing, has no done cell, or a cell.json is unreadable.
+    """
+    if not store.is_dir():
+        raise ReportError(f"no store at {store}")
+    cells_dir = store / CELLS
+    folders = sorted(p for p in cells_dir.iterdir() if p.is_dir()) if cells_dir.is_dir() else []
+    rows = []
+    for folder in folders:
+        path = folder / CELL_FILE
+        if not path.is_file():
+            continue
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"unreadable {path}: {exc}") from None
+        missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ReportError(f"{path} lacks {', '.join(missing)}")
+        run_dir = store / str(row.get("run_dir") or "")
+        row["best_psnr"] = _best_psnr(run_dir / RECONSTRUCTIONS) if row.get("run_dir") else None
+        row["grid"] = run_dir / GRID if row.get("run_dir") and (run_dir / GRID).is_file() else None
+        rows.append(row)
+    if not rows:
+        raise ReportError(f"no done cells in {store} (no {CELLS}/*/{CELL_FILE})")
+    return sorted(rows, key=lambda r: str(r["cell_id"])), len(folders) - len(rows)
+
+
+def _best_psnr(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    psnrs: list[float] = []
+    try:
+        for line in filter(str.strip, path.read_text().splitlines()):
+            psnrs += [float(p) for p in json.loads(line).get("psnr") or [] if p is not None]
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ReportError(f"unreadable {path}: {exc}") from None
+    return max(psnrs, default=None)
+
+
+# ------------------------------------------------------------------ the report
+
+
+def write_report(store: Path, out: Path | None = None) -> list[Path]:
+    """Write the figures and summary.md; return the paths written (summary last).
+
+    Raises:
+        ReportError: as `load_done_cells`; nothing is written then.
+    """
+    from gradleak.report_figures import grid_pages, heatmap, privacy_utility
+
+    rows, incomplete = load_done_cells(store)
+    out = out if out is not None else store / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_cells(rows)
+    attacks = sorted({str(r["attack"]) for r in rows})
+    figures: list[tuple[str, Path]] = []
+    for attack in attacks:
+        mine = [g for g in groups.values() if g.attack == attack]
+        path = heatmap(out / f"heatmap_{_safe(attack)}.png", mine, attack)
+        figures.append((f"Leakage of {attack}", path))
+    path = privacy_utility(out / "privacy_utility.png", groups, attacks)
+    figures.append(("Privacy / utility", path))
+    for attack in attacks:
+        cells = [(str(r["cell_id"]), r["grid"]) for r in _display_order(rows)
+                 if r["attack"] == attack and r["grid"]]
+        for n, page in enumerate(grid_pages(out, f"grids_{_safe(attack)}", cells), start=1):
+            caption = f"Reconstructions of {attack} (truth above reconstruction), page {n}"
+            figures.append((caption, page))
+    results, findings = check_claims(rows)
+    summary = out / SUMMARY
+    text = render_summary(store.resolve().name, rows, incomplete, figures, results, findings, out)
+    summary.write_text(text)
+    return [p for _, p in figures] + [summary]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _display_order(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return sorted(rows, key=lambda r: (str(r["attack"]), defence_order(str(r["defence"])),
+                                       int(r["batch_size"]), str(r.get("seed")), str(r["cell_id"])))
+
+
+def render_summary(name: str, rows: Sequence[Mapping[str, Any]], incomplete: int,
+                   figures: Sequence[tuple[str, Path]], results: Sequence[ClaimResult],
+                   findings: Sequence[Finding], out: Path) -> str:
+    """The Markdown summary; a pure function of its inputs (no clock, no absolute paths)."""
+    lines = [f"# gradleak report: {name}", "", "## Settings", ""]
+    lines.append(f"- done cells: {len(rows)} (ignored {incomplete} not done)")
+    lines.append(f"- reconstructions: {sum(int(r.get('reconstructions') or 0) for r in rows)}")
+    for key in SETTINGS:
+        values = sorted({r[key] for r in rows if r.get(key) is not None}, key=_axis_key(key))
+        if values:
+            lines.append(f"- {key}: {', '.join(f'`{v}`' for v in values)}")
+    lines += ["", "## Claims of the DLG paper, checked", "", _rules(), ""]
+    lines += _table(("#", "claim", "attack", "measured", "verdict"),
+                    [(r.number, r.claim, r.attack, r.measured, f"**{r.verdict}**")
+                     for r in results])
+    lines += ["", "## Findings", ""]
+    lines += [f"- {f.text()}" for f in findings] or [
+        "- no stronger attack broke a defence the paper counts as sufficient."]
+    lines += ["", "## Figures", ""]
+    for caption, path in figures:
+        rel = path.relative_to(out).as_posix() if path.is_relative_to(out) else path.name
+        lines += [f"### {caption}", "", f"[{rel}]({rel})", "", f"![{caption}]({rel})", ""]
+    lines += ["## Leakage pooled over seeds", ""]
+    groups = sorted(group_cells(rows).values(),
+                    key=lambda g: (g.attack, defence_order(g.defence), g.batch_size))
+    lines += _table(("attack", "batch_size", "defence", "cells", "reconstructions", "mean_psnr",
+                     "share_psnr_30", "honest_accuracy"),
+                    [(g.attack, g.batch_size, g.defence, g.cells, g.reconstructions, g.mean_psnr,
+                      g.share_psnr_30, g.honest_accuracy) for g in groups])
+    lines += ["", "## Cells", ""]
+    lines += _table(CELL_COLUMNS,
+                    [tuple(r.get(c) for c in CELL_COLUMNS) for r in _display_order(rows)])
+    return "\n".join(lines) + "\n"
+
+
+def _rules() -> str:
+    return (f"Claims are about the paper's attack (`{PAPER_ATTACK}`); the other attacks in the "
+            f"store are checked against the same claims. A defence *defends* when the mean PSNR "
+            f"is below {PSNR_THRESHOLD_DB:g} dB and at most {SHARE_NEAR_ZERO:.0%} of "
+            f"reconstructions reach {PSNR_THRESHOLD_DB:g} dB; fp16 *does not defend* when its "
+            f"mean PSNR is within {PSNR_CLOSE_DB:g} dB of `none` (or above); a defence *costs "
+            f"accuracy* when the honest accuracy is more than {ACCURACY_COST_MIN:g} below `none` "
+            f"at the same batch size. Cells of one setting are pooled over seeds.")
+
+
+def _axis_key(key: str) -> Any:
+    if key == "defence":
+        return lambda v: defence_order(str(v))
+    return lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v))
+
+
+def _table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(_fmt(v, h) for v, h in zip(row, head)) + " |" for row in rows)]
+
+
+def _fmt(value: Any, column: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if column.endswith("psnr") else f"{value:.3f}"
+    return str(value).replace("|", "\\|")
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_report_parser(subparsers: Any) -> None:
+    """Add `report DIR [--out OUT]` to the `gradleak` subcommands."""
+    p = subparsers.add_parser("report", help="figures and a Markdown summary of a sweep store")
+    p.add_argument("dir", help="the sweep store (holds cells/<cell_id>/cell.json)")
+    p.add_argument("--out", default=None, help="folder for the report (default DIR/report)")
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    """Run `gradleak report`; bad input prints one line and returns 2."""
+    try:
+        paths = write_report(Path(args.dir), Path(args.out) if args.out else None)
+    except ReportError as exc:
+        print(f"gradleak: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths[-1]} and {len(paths) - 1} figures")
+    return 0
