@@ -384,5 +384,6 @@ def _analytic_label(model: nn.Module, targets: list[torch.Tensor]) -> int | None
         return None
 
 
-# Registers "ig"; at the end because attacker.ig builds on the helpers above.
+# Registers "analytic" and "ig"; at the end because both build on the helpers above.
+from attacker import analytic as _analytic  # noqa: F401
 from attacker import ig as _ig  # noqa: F401

@@ -1,0 +1,428 @@
+"""The layer chain the analytic attack inverts, and the per-layer algebra it needs.
+
+A victim qualifies when its forward pass is a plain chain of affine layers
+(nn.Conv2d, nn.Linear) each followed by at most one invertible elementwise
+activation (nn.Sigmoid, nn.Tanh, nn.LeakyReLU with a positive slope, or none),
+with flattening between them, and a final nn.Linear with a bias producing the
+logits. `parse_chain` reads that chain from the module tree (registration order)
+and checks it against the model's own forward pass on a probe input, so a model
+whose forward does something else (skip connections, pooling in forward(), ...)
+is refused rather than silently mis-inverted.
+
+Everything here is linear algebra on one sample: the conv operators come from
+torch.nn.grad (conv2d_input is the adjoint of the convolution in its input,
+conv2d_weight the weight gradient as a linear map of the input), so they work on
+any device, stride, padding, dilation and groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+# Clamp of activation outputs before inverting them: keeps logit/atanh finite in float64.
+ACTIVATION_EPS = 1e-10
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An invertible elementwise activation, expressed through its output h."""
+
+    name: str
+    apply: Callable[[torch.Tensor], torch.Tensor]  # z -> h
+    inverse: Callable[[torch.Tensor], torch.Tensor]  # h -> z with apply(z) = h
+    slope: Callable[[torch.Tensor], torch.Tensor]  # h -> act'(z), from the output alone
+    centre: float  # a neutral starting value for an unknown output of this activation
+
+
+def _sigmoid() -> Activation:
+    def inverse(h: torch.Tensor) -> torch.Tensor:
+        return torch.logit(h.clamp(ACTIVATION_EPS, 1.0 - ACTIVATION_EPS))
+
+    def slope(h: torch.Tensor) -> torch.Tensor:
+        h = h.clamp(ACTIVATION_EPS, 1.0 - ACTIVATION_EPS)
+        return h * (1.0 - h)
+
+    return Activation("sigmoid", torch.sigmoid, inverse, slope, 0.5)
+
+
+def _tanh() -> Activation:
+    def inverse(h: torch.Tensor) -> torch.Tensor:
+        return torch.atanh(h.clamp(-1.0 + ACTIVATION_EPS, 1.0 - ACTIVATION_EPS))
+
+    def slope(h: torch.Tensor) -> torch.Tensor:
+        return 1.0 - h.clamp(-1.0 + ACTIVATION_EPS, 1.0 - ACTIVATION_EPS) ** 2
+
+    return Activation("tanh", torch.tanh, inverse, slope, 0.0)
+
+
+def _leaky(negative_slope: float) -> Activation:
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(z, negative_slope)
+
+    def inverse(h: torch.Tensor) -> torch.Tensor:
+        return torch.where(h >= 0, h, h / negative_slope)
+
+    def slope(h: torch.Tensor) -> torch.Tensor:
+        return torch.where(h >= 0, torch.ones_like(h), torch.full_like(h, negative_slope))
+
+    return Activation(f"leaky_relu({negative_slope:g})", apply, inverse, slope, 0.0)
+
+
+def _same(h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+IDENTITY = Activation("identity", _same, _same, torch.ones_like, 0.0)
+
+
+@dataclass
+class Layer:
+    """One affine layer of the chain and the activation after it (None on the logits)."""
+
+    name: str  # qualified module name, e.g. "features.0"
+    module: nn.Conv2d | nn.Linear
+    weight_index: int  # index of its weight in model.parameters() (and in the gradients)
+    bias_index: int | None
+    activation: Activation | None
+    in_shape: tuple[int, ...] = ()  # (1, C, H, W) for convolutions, (1, n) for linears
+    out_shape: tuple[int, ...] = ()  # shape of its output, before the activation
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+
+def _activation_of(module: nn.Module) -> Activation | None:
+    """The Activation for an activation module, or None when `module` is not one."""
+    if isinstance(module, nn.Sigmoid):
+        return _sigmoid()
+    if isinstance(module, nn.Tanh):
+        return _tanh()
+    if isinstance(module, nn.LeakyReLU) and module.negative_slope > 0:
+        return _leaky(float(module.negative_slope))
+    return None
+
+
+def _is_shape_only(module: nn.Module) -> bool:
+    """Modules that leave one sample's values unchanged (flattening, identities)."""
+    if isinstance(module, nn.Flatten | nn.Identity):
+        return True
+    return isinstance(module, nn.Dropout) and (module.p == 0 or not module.training)
+
+
+def _refusal(module: nn.Module, name: str) -> ValueError:
+    kind = type(module).__name__
+    if isinstance(module, nn.ReLU | nn.LeakyReLU | nn.ReLU6 | nn.ELU | nn.GELU | nn.SiLU):
+        why = "is not invertible elementwise (it loses information below zero)"
+    elif isinstance(module, nn.Dropout):
+        why = "drops random units in train mode"
+    else:
+        why = "is not an affine layer or an invertible elementwise activation"
+    return ValueError(
+        f"analytic attack cannot invert {kind} at '{name}': it {why}; it supports chains of "
+        "Conv2d/Linear layers with Sigmoid, Tanh, LeakyReLU(slope > 0) or no activation "
+        "(use dlg, idlg or ig for other models)"
+    )
+
+
+def _check_conv(conv: nn.Conv2d, name: str) -> None:
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"analytic attack needs zero padding, '{name}' uses {conv.padding_mode}")
+    numeric_padding(conv, name)
+
+
+def numeric_padding(conv: nn.Conv2d, name: str = "") -> tuple[int, int]:
+    """The convolution's (top/bottom, left/right) zero padding, "valid"/"same" resolved.
+
+    Raises:
+        ValueError: for "same" padding that would be asymmetric (even kernel extent).
+    """
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        extents = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(e % 2 for e in extents):
+            raise ValueError(f"analytic attack needs symmetric padding; '{name}' pads 'same' "
+                             "with an even kernel extent")
+        return (extents[0] // 2, extents[1] // 2)
+    return (int(conv.padding[0]), int(conv.padding[1]))
+
+
+def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Layer]:
+    """The model as a chain of Layers with their shapes, checked against model.forward.
+
+    Args:
+        model: the victim (a private copy: a probe input runs through it).
+        input_shape: (C, H, W) of one sample.
+
+    Raises:
+        ValueError: when the model is not such a chain (the message says what is not).
+    """
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    layers: list[Layer] = []
+    for name, module in model.named_modules():
+        if list(module.children()):
+            if any(True for _ in module.parameters(recurse=False)):
+                raise ValueError(f"analytic attack cannot invert the parameters of '{name}'")
+            continue
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            if isinstance(module, nn.Conv2d):
+                _check_conv(module, name)
+            bias = module.bias
+            layers.append(Layer(name, module, index[id(module.weight)],
+                                None if bias is None else index[id(bias)], None))
+            continue
+        act = _activation_of(module)
+        if act is not None:
+            if not layers or layers[-1].activation is not None:
+                raise ValueError(
+                    f"analytic attack needs each activation right after a Conv2d/Linear; "
+                    f"'{name}' is not"
+                )
+            layers[-1].activation = act
+        elif not _is_shape_only(module):
+            raise _refusal(module, name)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Conv2d/Linear layer to invert")
+    for layer in layers[:-1]:
+        if layer.activation is None:
+            layer.activation = IDENTITY
+    last = layers[-1]
+    if not isinstance(last.module, nn.Linear) or last.activation is not None:
+        raise ValueError("analytic attack needs the logits to come from a final nn.Linear")
+    if last.bias_index is None:
+        raise ValueError("analytic attack needs a bias on the final nn.Linear")
+    covered = {i for layer in layers for i in (layer.weight_index, layer.bias_index) if i is not None}
+    if len(covered) != len(index):
+        raise ValueError("analytic attack found parameters outside its Conv2d/Linear chain")
+    _check_against_forward(model, layers, input_shape)
+    return layers
+
+
+def chain_forward(layers: list[Layer], x: torch.Tensor, record: bool = False) -> torch.Tensor:
+    """Run the chain on x (B, C, H, W); with record, store each layer's shapes (B = 1)."""
+    for layer in layers:
+        if isinstance(layer.module, nn.Linear) and x.dim() > 2:
+            x = x.flatten(1)
+        if isinstance(layer.module, nn.Conv2d) and x.dim() != 4:
+            raise ValueError(f"analytic attack: '{layer.name}' gets a {x.dim()}-D input")
+        out = layer.module(x)
+        if record:
+            layer.in_shape, layer.out_shape = tuple(x.shape), tuple(out.shape)
+        x = out if layer.activation is None else layer.activation.apply(out)
+    return x
+
+
+def _check_against_forward(
+    model: nn.Module, layers: list[Layer], input_shape: tuple[int, int, int]
+) -> None:
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand((1, *input_shape), generator=generator).to(param)
+    with torch.no_grad():
+        try:
+            ours = chain_forward(layers, probe, record=True)
+            theirs = model(probe)
+        except RuntimeError as exc:
+            raise ValueError(f"analytic attack could not run the layer chain: {exc}") from exc
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5):
+        raise ValueError(
+            f"{type(model).__name__}.forward is not the plain chain of its Conv2d/Linear "
+            "layers and activations, which the analytic attack needs"
+        )
+
+
+@dataclass(frozen=True)
+class ConvOps:
+    """The linear maps of one convolution in its input x, in float64.
+
+    forward(x) = conv(x) without bias; gradient(x) = d<conv(x), delta>/dW, the weight
+    gradient the sample x produces given the output's delta. Both are linear in x,
+    and `*_adjoint` are their transposes.
+    """
+
+    weight: torch.Tensor  # (O, C/groups, kh, kw)
+    in_shape: tuple[int, ...]  # (1, C, H, W)
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, in_shape: tuple[int, ...], dtype: torch.dtype) -> ConvOps:
+        stride, dilation = conv.stride, conv.dilation
+        return cls(conv.weight.detach().to(dtype), tuple(in_shape), (stride[0], stride[1]),
+                   numeric_padding(conv), (dilation[0], dilation[1]), conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward_adjoint(self, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight if weight is None else weight
+        return conv2d_input(self.in_shape, w, y, self.stride, self.padding, self.dilation,
+                            self.groups)
+
+    def gradient(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return conv2d_weight(x, self.weight.shape, delta, self.stride, self.padding,
+                             self.dilation, self.groups)
+
+    def gradient_adjoint(self, g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return conv2d_input(self.in_shape, g, delta, self.stride, self.padding, self.dilation,
+                            self.groups)
+
+    def normal_operator(
+        self, w_f: float, s2: torch.Tensor, w_g: float, delta: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> w_f A_f^T (s2 * A_f x) + w_g A_g^T A_g x, the normal equations' matrix.
+
+        With groups == 1 it works on x's patches (unfold): with U = unfold(x)
+        (C*kh*kw, L), A_f x = W U and A_g x = delta U^T, so the whole product is
+        fold(W^T (s2 * W U) + (delta U^T)^T delta) with W, delta flattened to
+        (O, C*kh*kw) and (O, L): one unfold, one fold and four small matmuls,
+        about half the time of the four convolution calls.
+        """
+        if self.groups != 1:
+            def by_convolutions(x: torch.Tensor) -> torch.Tensor:
+                out = self.gradient_adjoint(self.gradient(x, delta), delta)
+                return w_g * out + w_f * self.forward_adjoint(s2 * self.forward(x))
+            return by_convolutions
+        out_channels = self.weight.shape[0]
+        kernel = (self.weight.shape[2], self.weight.shape[3])
+        geometry = {"kernel_size": kernel, "dilation": self.dilation, "padding": self.padding,
+                    "stride": self.stride}
+        w_flat = self.weight.reshape(out_channels, -1)  # (O, C*kh*kw)
+        w_flat_t = w_flat.T.contiguous()
+        d_flat = delta.reshape(out_channels, -1)  # (O, L)
+        d_scaled = w_g * d_flat
+        s2_scaled = (w_f * s2).reshape(out_channels, -1)  # (O, L)
+        size = self.in_shape[2:]
+
+        def by_patches(x: torch.Tensor) -> torch.Tensor:
+            patches = F.unfold(x, **geometry)[0]  # (C*kh*kw, L)
+            grad = d_flat @ patches.T  # (O, C*kh*kw), the weight gradient of x
+            cols = torch.addmm(grad.T @ d_scaled, w_flat_t, s2_scaled * (w_flat @ patches))
+            return F.fold(cols.unsqueeze(0), size, **geometry)
+
+        return by_patches
+
+
+@dataclass
+class SolveInfo:
+    """How one layer's least-squares solve went."""
+
+    iterations: int
+    converged: bool
+    forward_residual: float  # ||s (conv(x) + b - z)|| / ||s z||, s the activation slope
+    gradient_residual: float  # ||dW(x) - dW|| / ||dW||
+
+
+def solve_conv_input(
+    ops: ConvOps,
+    bias: torch.Tensor | None,
+    z: torch.Tensor,
+    slope: torch.Tensor,
+    delta: torch.Tensor,
+    weight_grad: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    tol: float,
+    max_iters: int,
+) -> tuple[torch.Tensor, SolveInfo]:
+    """The convolution's input x from its pre-activation z and its weight gradient.
+
+    Least squares over both constraints, stacked:
+      forward  s * (conv(x) + b) = s * z   (rows weighted by the activation slope s,
+               so units whose output sits in saturation, where z is ill-determined,
+               count less: the residual is measured in output space);
+      gradient conv2d_weight(x, delta) = dW  (R-GAP's weight constraint).
+    Each block is scaled so its average equation has unit norm, then the normal
+    equations are solved by conjugate gradients with a Jacobi preconditioner, in
+    the dtype of the inputs (float64 by the caller).
+
+    Args:
+        z, slope, delta: (1, O, H', W') pre-activation, activation slope, and dL/dz.
+        weight_grad: (O, C/groups, kh, kw) observed weight gradient.
+        start: (1, C, H, W) first iterate.
+        tol: stop once ||normal-equation residual|| <= tol * ||right-hand side||.
+        max_iters: CG iteration cap.
+    """
+    target = z if bias is None else z - bias.view(1, -1, 1, 1)
+    s2 = slope * slope
+    diag_f = ops.forward_adjoint(s2, ops.weight * ops.weight)  # diag of A_f^T S^2 A_f
+    diag_g = ops.gradient_adjoint(torch.ones_like(weight_grad), delta * delta)  # of A_g^T A_g
+    mass_f, mass_g = float(diag_f.sum()), float(diag_g.sum())  # squared Frobenius norms
+    w_f = z.numel() / mass_f if mass_f > 0 and math.isfinite(mass_f) else 0.0
+    w_g = weight_grad.numel() / mass_g if mass_g > 0 and math.isfinite(mass_g) else 0.0
+    if w_f == 0.0 and w_g == 0.0:
+        raise ValueError("analytic attack: a convolution's constraints carry no signal")
+
+    normal = ops.normal_operator(w_f, s2, w_g, delta)
+    rhs = w_f * ops.forward_adjoint(s2 * target) + w_g * ops.gradient_adjoint(weight_grad, delta)
+    precond = (w_f * diag_f + w_g * diag_g).clamp_min(torch.finfo(rhs.dtype).tiny)
+    x, iterations, converged = conjugate_gradients(normal, rhs, start, precond, tol, max_iters)
+    forward_res = relative(slope * (ops.forward(x) - target), slope * z)
+    gradient_res = relative(ops.gradient(x, delta) - weight_grad, weight_grad)
+    return x, SolveInfo(iterations, converged, forward_res, gradient_res)
+
+
+def conjugate_gradients(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    start: torch.Tensor,
+    precond: torch.Tensor,
+    tol: float,
+    max_iters: int,
+) -> tuple[torch.Tensor, int, bool]:
+    """Jacobi-preconditioned CG for apply(x) = rhs (apply symmetric positive semi-definite).
+
+    Returns (x, iterations, converged).
+    """
+    x = start.clone()
+    r = rhs - apply(x)
+    bound = tol * float(torch.linalg.vector_norm(rhs))
+    if float(torch.linalg.vector_norm(r)) <= bound:
+        return x, 0, True
+    zr = r / precond
+    p = zr.clone()
+    rz = torch.sum(r * zr)
+    for k in range(1, max_iters + 1):
+        ap = apply(p)
+        curvature = torch.sum(p * ap)
+        if not float(curvature) > 0:  # exact solution in a null direction, or breakdown
+            return x, k, False
+        step = rz / curvature
+        x = x + step * p
+        r = r - step * ap
+        if float(torch.linalg.vector_norm(r)) <= bound:
+            return x, k, True
+        zr = r / precond
+        rz_next = torch.sum(r * zr)
+        p = zr + (rz_next / rz) * p
+        rz = rz_next
+    return x, max_iters, False
+
+
+def relative(residual: torch.Tensor, reference: torch.Tensor) -> float:
+    """||residual|| / ||reference||, inf when the reference is zero."""
+    ref = float(torch.linalg.vector_norm(reference))
+    return float(torch.linalg.vector_norm(residual)) / ref if ref > 0 else float("inf")
+
+
+def linear_input(weight_grad: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A Linear layer's batch-1 input from dW = delta a^T: a = dW^T delta / |delta|^2.
+
+    Least squares over every output row (the row with the largest |delta| alone,
+    dW[c] / delta[c], is the classic form; all rows weighted by delta^2 is the
+    same answer with less rounding noise).
+    """
+    norm2 = float(torch.sum(delta * delta))
+    if not norm2 > 0:
+        raise ValueError("analytic attack: a linear layer's output gradient is all zero")
+    return weight_grad.T @ delta / norm2
