@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from gradleak.config import ConfigError, RunConfig, from_dict, load_yaml
 from gradleak.report import add_report_parser, run_report_command
+from gradleak.sweep import add_sweep_parser, run_sweep_command
 
 # flag -> (section or "" for top level, field, parser). Every flag maps to one config field.
 FLAGS: dict[str, tuple[str, str, Any]] = {
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_attack_parser(sub)
     add_report_parser(sub)
+    add_sweep_parser(sub)
     run = sub.add_parser("run", help="run the gossip testbed with a live attacker")
     run.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (section, name, _type) in FLAGS.items():
@@ -155,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _attack(args)
     if args.command == "report":
         return run_report_command(args)
+    if args.command == "sweep":
+        return run_sweep_command(args)
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
