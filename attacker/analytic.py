@@ -27,6 +27,12 @@ known output:
    distance above `polish_above`) is it polished by iDLG's L-BFGS gradient
    matching started from it (attacker.inversion.match_gradients).
 
+Many updates at once (`Analytic.reconstruct_many`, used by
+attacker.batched.reconstruct_many): `invert_many` runs the same recursion for k
+updates, each at its own model version, with every convolution solved as one
+stacked CG (analytic_layers.solve_conv_inputs) in which each problem keeps its
+own scalars and stops where it would alone.
+
 Scope: batch size 1; chains of Conv2d / Linear layers with Sigmoid, Tanh,
 LeakyReLU(slope > 0) or no activation and a final Linear with bias
 (analytic_layers.parse_chain says precisely, and refuses others with a
@@ -37,6 +43,8 @@ seed is not used. Ground truth is never seen.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +57,7 @@ from attacker.analytic_layers import (
     parse_chain,
     relative,
     solve_conv_input,
+    solve_conv_inputs,
 )
 from attacker.attacks import (
     IDLG_LINE_SEARCH,
@@ -115,55 +124,119 @@ class Analytic(Attack):
                 "optimised".
         """
         start = time.perf_counter()
-        if obs.batch_size != 1:
-            raise ValueError(
-                f"analytic attack needs batch size 1, got {obs.batch_size} "
-                "(use idlg or ig for batches)"
-            )
-        if self.config.label_recovery == "optimised":
-            raise ValueError("analytic attack recovers labels analytically; "
-                             "label_recovery 'optimised' is not supported")
+        self._check_config()
+        _check_batch1(obs)
         victim = _private_copy(model)
-        targets = _targets(victim, obs)
-        if not all(bool(torch.isfinite(t).all()) for t in targets):
-            raise ValueError("analytic attack needs a finite gradient")
         layers = parse_chain(victim, obs.input_shape)
-        top = layers[-1]
-        assert top.bias_index is not None  # parse_chain requires the final bias
-        label = recover_label_batch1(targets[top.weight_index], targets[top.bias_index])
-        labels = torch.tensor([label], dtype=torch.int64, device=targets[0].device)
-        dtype = torch.float32 if targets[0].device.type == "mps" else torch.float64
+        problem = _Problem.of(victim, layers, obs)
         raw64, layer_stats = invert_batch1(
-            layers, [t.to(dtype) for t in targets], obs.input_shape,
-            tol=self.cg_tol, max_iters=self.cg_max_iters,
+            layers, problem.work, obs.input_shape, tol=self.cg_tol, max_iters=self.cg_max_iters,
         )
-        raw = raw64.to(targets[0].dtype)
-        norm2 = float(sum(torch.sum(t * t) for t in targets))
-        analytic_distance = _distance(victim, raw, labels, targets)
-        analytic_seconds = time.perf_counter() - start
-        stats: dict[str, Any] = {
-            "attack": self.name,
-            "iterations": 0,
-            "evaluations": 1,
-            "grad_distance": analytic_distance,
-            "analytic_grad_distance": analytic_distance,
-            "relative_grad_distance": analytic_distance / norm2 if norm2 > 0 else float("inf"),
-            "analytic_seconds": analytic_seconds,
-            "label_source": "analytic",
-            "diverged": False,
-            "stop_reason": "analytic",
-            "device": str(raw.device),
-            "polished_steps": 0,
-            "cg_iterations": sum(int(s["iterations"]) for s in layer_stats),
-            "layers": layer_stats,
-        }
+        stats = problem.analytic_stats(self.name, raw64, layer_stats, 0.0)
+        stats["analytic_seconds"] = time.perf_counter() - start
+        raw = raw64.to(problem.targets[0].dtype)
         if callback is not None and callback(0, raw.clamp(0.0, 1.0)):
             stats["stop_reason"] = "callback"
         elif not stats["relative_grad_distance"] <= self.polish_above:
-            raw = self._polish(victim, targets, raw, labels, stats, norm2, callback)
+            raw = self._polish(victim, problem.targets, raw, problem.labels, stats,
+                               problem.norm2, callback)
         stats["seconds"] = time.perf_counter() - start
-        images = torch.nan_to_num(raw.detach(), nan=0.0).clamp(0.0, 1.0)
-        return Reconstruction(images=images, labels=labels, stats=stats, raw_images=raw.detach())
+        return _reconstruction(raw, problem.labels, stats)
+
+    def reconstruct_many(
+        self,
+        models: list[nn.Module],
+        observations: list[Observation],
+        *,
+        callback: Callable[[int, list[torch.Tensor]], bool | None] | None = None,
+    ) -> list[Reconstruction]:
+        """Reconstruct k batch-1 updates together; each equals its `reconstruct` result.
+
+        Updates whose models have one layer chain (architecture and input shape)
+        are inverted as one stack (`invert_many`): one CG solve per convolution
+        for all of them, each problem with its own weights, scalars and stopping.
+        The label and the closed-form layers are per update; the few updates
+        whose analytic image misses the gradient by more than `polish_above` are
+        polished one by one, as `reconstruct` would.
+
+        Args:
+            models: the model of each update (the same object for updates taken at
+                one version shares its copy and chain); left untouched.
+            observations: the updates, all of batch size 1.
+            callback: once per stack, with iteration 0 and each of its updates'
+                analytic images; True returns them unpolished (stop_reason
+                "callback"). The polish runs without a callback.
+
+        Returns:
+            One Reconstruction per update, in order, with `reconstruct`'s stats;
+            "seconds" and "analytic_seconds" share the stack's time equally (plus
+            the update's own polish), and "stacked" / "stack_seconds" say how many
+            updates were solved together and in how long.
+
+        Raises:
+            ValueError: before any work, naming the first offending update's index,
+                for a batch size other than 1, a model outside the supported
+                chains or a non-finite gradient; or for label_recovery "optimised".
+        """
+        if len(models) != len(observations):
+            raise ValueError(f"got {len(models)} models for {len(observations)} observations")
+        self._check_config()
+        for j, obs in enumerate(observations):
+            _check_batch1(obs, f"update {j}: ")
+        victims: dict[int, tuple[nn.Module, dict[tuple[int, int, int], list[Layer]]]] = {}
+        problems, chains = [], []
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for j, (model, obs) in enumerate(zip(models, observations, strict=True)):
+            victim, by_shape = victims.setdefault(id(model), (_private_copy(model), {}))
+            try:
+                if obs.input_shape not in by_shape:
+                    by_shape[obs.input_shape] = parse_chain(victim, obs.input_shape)
+                layers = by_shape[obs.input_shape]
+                problems.append(_Problem.of(victim, layers, obs))
+            except ValueError as exc:
+                raise ValueError(f"update {j}: {exc}") from exc
+            chains.append(layers)
+            key = (obs.input_shape, str(problems[-1].work[0].device),
+                   tuple((l.name, repr(l.module), l.in_shape, l.out_shape) for l in layers))
+            groups.setdefault(key, []).append(j)
+        out: dict[int, Reconstruction] = {}
+        for members in groups.values():
+            solved = self._solve_stack([problems[j] for j in members],
+                                       [chains[j] for j in members], callback)
+            out.update(zip(members, solved, strict=True))
+        return [out[j] for j in range(len(observations))]
+
+    def _solve_stack(
+        self, problems: list[_Problem], chains: list[list[Layer]],
+        callback: Callable[[int, list[torch.Tensor]], bool | None] | None,
+    ) -> list[Reconstruction]:
+        start = time.perf_counter()
+        k = len(problems)
+        raw64, layer_stats = invert_many(
+            chains, [p.work for p in problems], problems[0].input_shape,
+            tol=self.cg_tol, max_iters=self.cg_max_iters,
+        )
+        stats = [p.analytic_stats(self.name, raw64[j:j + 1], layer_stats[j], 0.0)
+                 for j, p in enumerate(problems)]
+        raws = [raw64[j:j + 1].to(p.targets[0].dtype) for j, p in enumerate(problems)]
+        stack_seconds = time.perf_counter() - start
+        stopped = callback is not None and bool(callback(0, [r.clamp(0.0, 1.0) for r in raws]))
+        recons = []
+        for p, raw, st in zip(problems, raws, stats, strict=True):
+            st.update(analytic_seconds=stack_seconds / k, stacked=k, stack_seconds=stack_seconds)
+            polish_start = time.perf_counter()
+            if stopped:
+                st["stop_reason"] = "callback"
+            elif not st["relative_grad_distance"] <= self.polish_above:
+                raw = self._polish(p.victim, p.targets, raw, p.labels, st, p.norm2, None)
+            st["seconds"] = stack_seconds / k + time.perf_counter() - polish_start
+            recons.append(_reconstruction(raw, p.labels, st))
+        return recons
+
+    def _check_config(self) -> None:
+        if self.config.label_recovery == "optimised":
+            raise ValueError("analytic attack recovers labels analytically; "
+                             "label_recovery 'optimised' is not supported")
 
     def _polish(
         self, victim: nn.Module, targets: list[torch.Tensor], raw: torch.Tensor,
@@ -188,6 +261,69 @@ class Analytic(Attack):
             stats["relative_grad_distance"] = result.distance / norm2 if norm2 > 0 else float("inf")
             return result.images.detach()
         return raw
+
+
+def _check_batch1(obs: Observation, where: str = "") -> None:
+    if obs.batch_size != 1:
+        raise ValueError(
+            f"{where}analytic attack needs batch size 1, got {obs.batch_size} "
+            "(use idlg or ig for batches)"
+        )
+
+
+def _reconstruction(raw: torch.Tensor, labels: torch.Tensor, stats: dict[str, Any]) -> Reconstruction:
+    images = torch.nan_to_num(raw.detach(), nan=0.0).clamp(0.0, 1.0)
+    return Reconstruction(images=images, labels=labels, stats=stats, raw_images=raw.detach())
+
+
+@dataclass
+class _Problem:
+    """One batch-1 update ready for inversion: its victim copy, gradients and label."""
+
+    victim: nn.Module
+    input_shape: tuple[int, int, int]
+    targets: list[torch.Tensor]  # observed gradients, the model's dtype and device
+    work: list[torch.Tensor]  # the same in the working dtype (float64; float32 on mps)
+    labels: torch.Tensor  # (1,) int64
+    norm2: float  # ||observed gradient||^2
+
+    @classmethod
+    def of(cls, victim: nn.Module, layers: list[Layer], obs: Observation) -> _Problem:
+        targets = _targets(victim, obs)
+        if not all(bool(torch.isfinite(t).all()) for t in targets):
+            raise ValueError("analytic attack needs a finite gradient")
+        top = layers[-1]
+        assert top.bias_index is not None  # parse_chain requires the final bias
+        label = recover_label_batch1(targets[top.weight_index], targets[top.bias_index])
+        labels = torch.tensor([label], dtype=torch.int64, device=targets[0].device)
+        dtype = torch.float32 if targets[0].device.type == "mps" else torch.float64
+        norm2 = float(sum(torch.sum(t * t) for t in targets))
+        return cls(victim, obs.input_shape, targets, [t.to(dtype) for t in targets], labels,
+                   norm2)
+
+    def analytic_stats(
+        self, name: str, raw64: torch.Tensor, layer_stats: list[dict[str, Any]], seconds: float,
+    ) -> dict[str, Any]:
+        """The stats of the unpolished analytic image raw64 (1, C, H, W)."""
+        raw = raw64.to(self.targets[0].dtype)
+        distance = _distance(self.victim, raw, self.labels, self.targets)
+        norm2 = self.norm2
+        return {
+            "attack": name,
+            "iterations": 0,
+            "evaluations": 1,
+            "grad_distance": distance,
+            "analytic_grad_distance": distance,
+            "relative_grad_distance": distance / norm2 if norm2 > 0 else float("inf"),
+            "analytic_seconds": seconds,
+            "label_source": "analytic",
+            "diverged": False,
+            "stop_reason": "analytic",
+            "device": str(raw.device),
+            "polished_steps": 0,
+            "cg_iterations": sum(int(s["iterations"]) for s in layer_stats),
+            "layers": layer_stats,
+        }
 
 
 def _distance(
@@ -289,3 +425,106 @@ def invert_batch1(
         a = x
         delta_in = ops.forward_adjoint(delta_z)
     return a.reshape(1, *input_shape), stats
+
+
+def invert_many(
+    chains: list[list[Layer]],
+    grads: list[list[torch.Tensor]],
+    input_shape: tuple[int, int, int],
+    *,
+    tol: float = CG_TOL,
+    max_iters: int = CG_MAX_ITERS,
+) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
+    """`invert_batch1` for k batch-1 gradients at once, each with its own weights.
+
+    Problem j is (chains[j], grads[j]); the chains come from models of one
+    architecture (their layers have equal shapes), possibly the same chain object
+    for updates taken at one model version. Closed-form layers run per problem;
+    each convolution is one stacked CG solve over all k problems
+    (analytic_layers.solve_conv_inputs), in which every problem keeps its own
+    scalars and stops where it would alone.
+
+    Returns:
+        ((k, C, H, W) inputs, per-problem layer stats as `invert_batch1` gives them).
+    """
+    k = len(chains)
+    dtype = grads[0][0].dtype
+    tops = [chain[-1] for chain in chains]
+    stats: list[list[dict[str, Any]]] = [[] for _ in range(k)]
+    a_list, delta_in = [], []
+    for j, (top, g) in enumerate(zip(tops, grads, strict=True)):
+        assert top.bias_index is not None
+        delta = g[top.bias_index]
+        a = linear_input(g[top.weight_index], delta)
+        a_list.append(a)
+        delta_in.append(top.module.weight.detach().to(dtype).T @ delta)
+        stats[j].append({
+            "name": top.name, "type": "Linear", "unknowns": a.numel(),
+            "equations": g[top.weight_index].numel(), "determined": True, "iterations": 0,
+            "converged": True, "forward_residual": 0.0,
+            "gradient_residual": relative(torch.outer(delta, a) - g[top.weight_index],
+                                      g[top.weight_index]),
+            "delta_residual": 0.0,
+        })
+    a_all = torch.stack(a_list)  # (k, n)
+    d_all = torch.stack(delta_in)
+    for i in range(len(chains[0]) - 2, -1, -1):
+        layer = chains[0][i]
+        act = layer.activation
+        assert act is not None
+        out_shape = (k, *layer.out_shape[1:])
+        h = a_all.reshape(out_shape)
+        z, slope = act.inverse(h), act.slope(h)
+        delta_z = d_all.reshape(out_shape) * slope
+        mods = [chain[i].module for chain in chains]
+        weights = [m.weight.detach().to(dtype) for m in mods]
+        biases = [None if m.bias is None else m.bias.detach().to(dtype) for m in mods]
+        weight_grads = [g[layer.weight_index] for g in grads]
+        observed = [None if layer.bias_index is None else g[layer.bias_index] for g in grads]
+        spatial = tuple(range(2, delta_z.dim()))
+        recursed = delta_z.sum(dim=spatial) if spatial else delta_z
+        delta_res = [float("nan") if o is None else relative(recursed[j].flatten() - o, o)
+                     for j, o in enumerate(observed)]
+        if not layer.is_conv:
+            a_list, delta_in = [], []
+            for j in range(k):
+                dz = delta_z[j:j + 1]
+                if observed[j] is not None:  # the observed bias gradient is delta_z at B = 1
+                    dz = observed[j].reshape(layer.out_shape)  # type: ignore[union-attr]
+                dz_flat = dz.flatten()
+                a = linear_input(weight_grads[j], dz_flat)
+                bias_j = biases[j]
+                fwd = a @ weights[j].T + (0.0 if bias_j is None else bias_j)
+                s_j = slope[j].flatten()
+                stats[j].append({
+                    "name": layer.name, "type": "Linear", "unknowns": a.numel(),
+                    "equations": weight_grads[j].numel(), "determined": True, "iterations": 0,
+                    "converged": True,
+                    "forward_residual": relative(s_j * (fwd - z[j].flatten()), s_j * z[j].flatten()),
+                    "gradient_residual": relative(torch.outer(dz_flat, a) - weight_grads[j],
+                                              weight_grads[j]),
+                    "delta_residual": delta_res[j],
+                })
+                a_list.append(a)
+                delta_in.append(weights[j].T @ dz_flat)
+            a_all, d_all = torch.stack(a_list), torch.stack(delta_in)
+            continue
+        distinct: dict[int, ConvOps] = {}
+        ops = [distinct.setdefault(id(m), ConvOps.of(m, layer.in_shape, dtype))  # type: ignore[arg-type]
+               for m in mods]
+        centre = chains[0][i - 1].activation.centre if i > 0 else 0.5  # type: ignore[union-attr]
+        begin = torch.full((k, *layer.in_shape[1:]), centre, dtype=dtype, device=z.device)
+        x, infos = solve_conv_inputs(ops, biases, z, slope, delta_z, weight_grads, begin,
+                                     tol=tol, max_iters=max_iters)
+        for j, info in enumerate(infos):
+            stats[j].append({
+                "name": layer.name, "type": "Conv2d", "unknowns": x[j].numel(),
+                "equations": z[j].numel() + weight_grads[j].numel(),
+                "determined": z[j].numel() + weight_grads[j].numel() >= x[j].numel(),
+                "iterations": info.iterations,
+                "converged": info.converged, "forward_residual": info.forward_residual,
+                "gradient_residual": info.gradient_residual, "delta_residual": delta_res[j],
+            })
+        a_all = x
+        d_all = torch.cat([o.forward_adjoint(delta_z[j:j + 1]) for j, o in enumerate(ops)])
+    return a_all.reshape(k, *input_shape), stats

@@ -8,9 +8,19 @@ attack gives from the same seed (up to floating-point summation order), at a
 fraction of the time per update on small models, where per-operation overhead,
 not arithmetic, bounds the speed.
 
-Only attacks with a stacked solver (STACKED: "ig") are batched; the others (dlg,
-idlg: L-BFGS, whose line steps a joint objective would couple across problems)
-run one by one through the same call, so callers need not tell them apart.
+Only attacks with a stacked solver (STACKED: "ig") are batched that way;
+"analytic" has its own stacked path (Analytic.reconstruct_many: one conjugate-
+gradient solve per convolution for all updates, each with its own CG scalars and
+stopping, so each result is its one-by-one result up to summation order; it
+refuses the whole list up front, naming the index, if any update is unsupported,
+e.g. batch size 2). The others (dlg, idlg: L-BFGS, whose line steps a joint
+objective would couple across problems) run one by one through the same call, so
+callers need not tell them apart.
+
+Speed of the stacked analytic path: each CG iteration is a few small float64
+matmuls plus unfold/fold, already arithmetic- and memory-bound at one CPU thread,
+so stacking saves little there (about 1x); it pays off where per-operation
+overhead dominates (GPU kernel launches, many threads).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from attacker.analytic import Analytic
 from attacker.attacks import AttackConfig, Observation, Reconstruction, create_attack
 from attacker.ig import Prepared, pick_restart, prepare, schedule_of
 from attacker.stacked import attack_copy, invert_stacked, stack_weights
@@ -49,7 +60,8 @@ def reconstruct_many(
         config: attack settings, as for `create_attack`.
         callback: stacked attacks only: after each outer iteration of each group
             (updates sharing batch size, input shape and label source) with its
-            updates' best-so-far images; returning True stops that group.
+            updates' best-so-far images; returning True stops that group. For
+            "analytic": once per stack with iteration 0 and its analytic images.
 
     Returns:
         One Reconstruction per observation, in order. Stacked ones have stats
@@ -58,10 +70,16 @@ def reconstruct_many(
 
     Raises:
         ValueError: on an unknown attack, a models/observations count mismatch, or
-            models that differ in architecture or mode.
+            models that differ in architecture or mode; for "analytic", also
+            "update j: ..." when update j is unsupported (batch size other than 1,
+            a model outside its chains, a non-finite gradient), before any work.
     """
     config = config if config is not None else AttackConfig()
     per_obs = _models_for(models, len(observations))
+    if attack_name == "analytic":
+        analytic = create_attack(attack_name, config)
+        assert isinstance(analytic, Analytic)
+        return analytic.reconstruct_many(per_obs, list(observations), callback=callback)
     if attack_name not in STACKED:
         attack = create_attack(attack_name, config)
         return [attack.reconstruct(m, o) for m, o in zip(per_obs, observations, strict=True)]

@@ -12,6 +12,7 @@ Prints, on 32x32 colour crops with the DLG paper's LeNet:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -111,9 +112,12 @@ def part_batches(crops: np.ndarray, attacks: list[str], budget: float, sizes: tu
         cells = [statistics.mean(run_baseline(crops[i * b:(i + 1) * b], i, 1e9, budget)[1] for i in range(n))]
         for name in attacks:
             cfg = AttackConfig(seed=0, max_iters=10_000)
-            cells.append(statistics.mean(
-                run_ours(name, crops[i * b:(i + 1) * b], i, 1e9, budget, cfg)[1] for i in range(n)))
-        print(f"| {b} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+            try:
+                cells.append(statistics.mean(
+                    run_ours(name, crops[i * b:(i + 1) * b], i, 1e9, budget, cfg)[1] for i in range(n)))
+            except ValueError:  # e.g. the analytic attack is batch-1 only
+                cells.append(float("nan"))
+        print(f"| {b} | " + " | ".join("-" if math.isnan(c) else f"{c:.1f}" for c in cells) + " |")
 
 
 def part_many(crops: np.ndarray, attack: str, k: int) -> None:
@@ -144,7 +148,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--attacks", default="idlg,ig", help="first one is used in part 3")
+    p.add_argument("--attacks", default="analytic,idlg,ig")
+    p.add_argument("--batch-attacks", default="idlg,ig", help="attacks for part 2")
+    p.add_argument("--many-attack", default="ig", help="attack for part 3")
     p.add_argument("--target", type=float, default=30.0)
     p.add_argument("--budget", type=float, default=20.0, help="seconds per batch in part 2")
     p.add_argument("--k", type=int, default=16)
@@ -158,9 +164,9 @@ def main() -> None:
     if "1" in parts:
         part_batch1(crops[:args.images], attacks, args.target)
     if "2" in parts:
-        part_batches(crops[:8], attacks, args.budget, (4, 8))
+        part_batches(crops[:8], [a for a in args.batch_attacks.split(",") if a], args.budget, (4, 8))
     if "3" in parts:
-        part_many(crops, attacks[0], args.k)
+        part_many(crops, args.many_attack, args.k)
 
 
 if __name__ == "__main__":

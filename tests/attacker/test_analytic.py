@@ -230,7 +230,10 @@ def test_reconstruct_many_matches_one_by_one(digits, make_observation):
     many = reconstruct_many("analytic", models, obs, CONFIG)
     for i, (model, recon) in enumerate(zip(models, many, strict=True)):
         single = create_attack("analytic", CONFIG).reconstruct(model, obs[i])
-        assert torch.equal(recon.images, single.images)
+        # Same algorithm and stopping per problem; only matmul summation order may differ.
+        assert torch.allclose(recon.images, single.images, rtol=0.0, atol=1e-5)
+        assert recon.stats["cg_iterations"] == single.stats["cg_iterations"]
+        assert recon.stats["stacked"] == 3
         _assert_recovered(recon, images[i:i + 1], labels[i:i + 1])
 
 
