@@ -56,6 +56,13 @@ def test_a_two_cell_sweep_fills_the_store(ray_session, tmp_path: Path) -> None:
     assert Counter(r["cell_id"] for r in rows) == {c["cell_id"]: c["reconstructions"] for c in cells}
     assert any("[2/2]" in line and "mean PSNR" in line and "ETA" in line for line in lines), lines
     assert json.loads((root / store.TARGETS_FILE).read_text()) == []  # nothing runs any more
+    # The report reads the real store: both batch sizes appear in its per-cell table.
+    from gradleak.report import write_report
+
+    written = {p.name for p in write_report(root)}
+    assert {"summary.md", "privacy_utility.png"} <= written
+    summary = (root / "report" / "summary.md").read_text()
+    assert all(c["cell_id"] in summary for c in cells)
 
 
 def _session_pids(sid: int) -> list[int]:
