@@ -87,9 +87,10 @@ class Cell:
     def config(self, base: RunConfig, root: Path) -> RunConfig:
         """The cell's RunConfig: the base with this cell's axes, its own out dir, any port."""
         r = dataclasses.replace
+        defence, secagg = split_secagg(self.defence)
         return r(base, seed=self.seed, out_dir=str(cell_dir(root, self.cell_id)),
                  peers=r(base.peers, honest=self.peers, batch_sizes=(self.batch_size,),
-                         defences=(self.defence,)),
+                         defences=(defence,), secagg=secagg),
                  gossip=r(base.gossip, fanout=self.fanout, topology=self.topology),
                  attack=r(base.attack, attacks=(self.attack,)),
                  telemetry=r(base.telemetry, metrics_port=0))
@@ -189,19 +190,35 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+SECAGG = "secagg"  # a sweep defence step: all peers of the cell form one masking group
+
+
+def split_secagg(spec: str) -> tuple[str, bool]:
+    """('prune:0.3', True) for 'prune:0.3+secagg': secure aggregation is a run-level
+    switch (--secagg on), the rest an ordinary defence chain ('none' when empty)."""
+    steps = [s.strip() for s in spec.split("+")]
+    rest = [s for s in steps if s != SECAGG]
+    return ("+".join(rest) or "none"), len(rest) < len(steps)
+
+
 def _defence(spec: str) -> str:
     from p2p.defences import parse_defence
 
+    rest, secagg = split_secagg(spec)
     try:
-        return parse_defence(spec).name
+        name = parse_defence(rest).name
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not secagg:
+        return name
+    return SECAGG if name == "none" else f"{name}+{SECAGG}"
 
 
 def defence_params(spec: str) -> dict[str, Any]:
     from p2p.defences import parse_defence
 
-    return dict(getattr(parse_defence(spec), "params", {}))
+    rest, _secagg = split_secagg(spec)
+    return dict(getattr(parse_defence(rest), "params", {}))
 
 
 def load_spec(root: str | Path) -> SweepSpec:

@@ -160,3 +160,15 @@ def test_yaml_axes_must_be_integers_and_non_empty(tmp_path: Path) -> None:
     f.write_text("batch_size: [1]\n")
     with pytest.raises(ConfigError, match="unknown sweep key 'batch_size'"):
         spec_from_args(_args("--out", "x", "--config", str(f)))
+
+
+def test_secagg_is_a_defence_axis_that_switches_the_run() -> None:
+    from gradleak.config import RunConfig
+    from gradleak.store import _defence, split_secagg
+
+    assert _defence("secagg") == "secagg" and _defence("prune:0.30+secagg") == "prune:0.3+secagg"
+    assert split_secagg("secagg") == ("none", True) and split_secagg("fp16") == ("fp16", False)
+    cell = Cell(batch_size=1, defence="prune:0.3+secagg", attack="idlg", seed=0, peers=4,
+                fanout=2, topology="complete")
+    cfg = cell.config(RunConfig(), Path("/tmp/x")).validate()
+    assert cfg.peers.secagg is True and cfg.peers.defences == ("prune:0.3",)
