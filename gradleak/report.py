@@ -171,10 +171,34 @@ def render_summary(name: str, rows: Sequence[Mapping[str, Any]], incomplete: int
                      "share_psnr_30", "honest_accuracy"),
                     [(g.attack, g.batch_size, g.defence, g.cells, g.reconstructions, g.mean_psnr,
                       g.share_psnr_30, g.honest_accuracy) for g in groups])
+    lines += ["", "## The attacker's view", "",
+              ("Share of all updates sent that reached the malicious peer, and its leakage, by "
+               "network shape (pooled over batch sizes, defences and seeds)."), ""]
+    lines += _table(("attack", "peers", "fanout", "topology", "cells", "attacker_share",
+                     "reconstructions", "mean_psnr"), attacker_view(rows))
     lines += ["", "## Cells", ""]
     lines += _table(CELL_COLUMNS,
                     [tuple(r.get(c) for c in CELL_COLUMNS) for r in _display_order(rows)])
     return "\n".join(lines) + "\n"
+
+
+def attacker_view(rows: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """Per (attack, peers, fanout, topology): cells, mean attacker_share, reconstructions,
+    mean PSNR weighted by each cell's reconstructions."""
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        key = (r["attack"], r.get("peers"), r.get("fanout"), r.get("topology"))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
+        cells = groups[key]
+        shares = [float(c["attacker_share"]) for c in cells if c.get("attacker_share") is not None]
+        n = sum(int(c.get("reconstructions") or 0) for c in cells)
+        weighted = [(float(c["mean_psnr"]), int(c.get("reconstructions") or 0)) for c in cells
+                    if c.get("mean_psnr") is not None and c.get("reconstructions")]
+        psnr = sum(p * w for p, w in weighted) / sum(w for _, w in weighted) if weighted else None
+        out.append((*key, len(cells), sum(shares) / len(shares) if shares else None, n, psnr))
+    return out
 
 
 def _rules() -> str:

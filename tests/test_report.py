@@ -262,3 +262,20 @@ def test_bad_store_is_one_line_and_writes_nothing(tmp_path: Path,
     err = capsys.readouterr().err
     assert "no done cells" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (store / "report").exists()
+
+
+def test_attacker_view_groups_by_network_shape() -> None:
+    from gradleak.report import attacker_view
+
+    rows = [
+        {"attack": "idlg", "peers": 4, "fanout": 2, "topology": "complete", "attacker_share": 0.4,
+         "reconstructions": 10, "mean_psnr": 60.0},
+        {"attack": "idlg", "peers": 4, "fanout": 2, "topology": "complete", "attacker_share": 0.2,
+         "reconstructions": 30, "mean_psnr": 20.0},
+        {"attack": "idlg", "peers": 16, "fanout": 2, "topology": "complete", "attacker_share": 0.1,
+         "reconstructions": 0, "mean_psnr": None},
+    ]
+    view = attacker_view(rows)
+    assert view[0] == ("idlg", 16, 2, "complete", 1, 0.1, 0, None)
+    _a, peers, _f, _t, cells, share, n, psnr = view[1]
+    assert (peers, cells, n) == (4, 2, 40) and abs(share - 0.3) < 1e-12 and psnr == 30.0
