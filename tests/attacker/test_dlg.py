@@ -131,7 +131,8 @@ def test_patience_ends_a_plateau_without_losing_the_result(digits, dlg_lenet, ma
     assert psnr(recon.images[0], images[0]) >= 30.0
 
 
-def test_callback_stops_early_and_sees_only_images(digits, dlg_lenet, make_observation):
+@pytest.mark.parametrize("name, config", [("idlg", BUDGET), ("ig", AttackConfig(max_iters=100, seed=0))])
+def test_callback_stops_early_and_sees_only_images(name, config, digits, dlg_lenet, make_observation):
     images, labels = digits
     obs = make_observation(dlg_lenet, images[:1], labels[:1])
     seen: list[tuple[int, tuple[int, ...]]] = []
@@ -141,7 +142,7 @@ def test_callback_stops_early_and_sees_only_images(digits, dlg_lenet, make_obser
         assert 0.0 <= current.min() and current.max() <= 1.0
         return iteration >= 2
 
-    recon = create_attack("idlg", BUDGET).reconstruct(dlg_lenet, obs, callback=stop_at_two)
+    recon = create_attack(name, config).reconstruct(dlg_lenet, obs, callback=stop_at_two)
     assert seen == [(1, (1, 1, 16, 16)), (2, (1, 1, 16, 16))]
     assert recon.stats["stop_reason"] == "callback"
     assert recon.stats["iterations"] == 2

@@ -35,21 +35,6 @@ def test_ig_reconstructs_batch1_digit(digits, dlg_lenet, make_observation, index
     assert stats["seconds"] > 0 and stats["device"] == "cpu"
 
 
-def test_callback_stops_ig_and_sees_only_images(digits, dlg_lenet, make_observation):
-    images, labels = digits
-    obs = make_observation(dlg_lenet, images[:1], labels[:1])
-    seen: list[tuple[int, tuple[int, ...]]] = []
-
-    def stop_at_two(iteration: int, current: torch.Tensor) -> bool:
-        seen.append((iteration, tuple(current.shape)))
-        assert 0.0 <= current.min() and current.max() <= 1.0
-        return iteration >= 2
-
-    recon = create_attack("ig", BUDGET).reconstruct(dlg_lenet, obs, callback=stop_at_two)
-    assert seen == [(1, (1, 1, 16, 16)), (2, (1, 1, 16, 16))]
-    assert recon.stats["stop_reason"] == "callback" and recon.stats["iterations"] == 2
-
-
 def test_ig_nan_gradient_is_divergence(digits, dlg_lenet, make_observation):
     images, labels = digits
     obs = make_observation(dlg_lenet, images[:1], labels[:1])
