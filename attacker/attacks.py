@@ -13,7 +13,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from attacker.inversion import Callback, MatchResult, match_gradients
 from attacker.labels import find_last_linear_grads, recover_label_batch1, recover_labels
+from gradleak.registry import Registry
 
 INITS = ("randn", "rand")  # dummy-image starts: N(0, 1) as DLG, or uniform [0, 1)
 # "auto": each attack's own default (dlg: None, DLG's fixed step; idlg: "strong_wolfe").
@@ -151,37 +151,23 @@ class Attack(ABC):
         """
 
 
-_REGISTRY: dict[str, type[Attack]] = {}
-# Read-only live view: `name in ATTACKS`, `sorted(ATTACKS)` give the known names.
-ATTACKS: Mapping[str, type[Attack]] = MappingProxyType(_REGISTRY)
+_REGISTRY: Registry[type[Attack]] = Registry("attack")
+ATTACKS: Mapping[str, type[Attack]] = _REGISTRY.view
 
 
 def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
-    """Register an Attack subclass under `name`.
-
-    Raises:
-        ValueError: if `name` is already registered.
-    """
+    """Register an Attack subclass under `name` (ValueError if the name is taken)."""
 
     def wrap(cls: type[Attack]) -> type[Attack]:
-        if name in _REGISTRY:
-            raise ValueError(f"attack '{name}' is already registered")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return _REGISTRY.register(name)(cls)
 
     return wrap
 
 
 def create_attack(name: str, config: AttackConfig | None = None) -> Attack:
-    """Instantiate a registered attack.
-
-    Raises:
-        ValueError: on an unknown name; the message lists the known ones.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack '{name}' (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](config)
+    """Instantiate a registered attack (ValueError listing the known names on an unknown one)."""
+    return _REGISTRY.get(name)(config)
 
 
 def compute_gradients(

@@ -29,13 +29,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradleak.registry import Registry
 from gradleak.text import BOS_ID, language_model_loss
 
 OPTIMIZERS = ("lbfgs", "adam")
@@ -126,37 +126,23 @@ class TextAttack(ABC):
         """
 
 
-_REGISTRY: dict[str, type[TextAttack]] = {}
-# Read-only live view: `sorted(TEXT_ATTACKS)` gives the known names.
-TEXT_ATTACKS: Mapping[str, type[TextAttack]] = MappingProxyType(_REGISTRY)
+_REGISTRY: Registry[type[TextAttack]] = Registry("text attack")
+TEXT_ATTACKS: Mapping[str, type[TextAttack]] = _REGISTRY.view
 
 
 def register_text_attack(name: str) -> Callable[[type[TextAttack]], type[TextAttack]]:
-    """Register a TextAttack subclass under `name`.
-
-    Raises:
-        ValueError: if `name` is already registered.
-    """
+    """Register a TextAttack subclass under `name` (ValueError if the name is taken)."""
 
     def wrap(cls: type[TextAttack]) -> type[TextAttack]:
-        if name in _REGISTRY:
-            raise ValueError(f"text attack '{name}' is already registered")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return _REGISTRY.register(name)(cls)
 
     return wrap
 
 
 def create_text_attack(name: str, config: TextAttackConfig | None = None) -> TextAttack:
-    """Instantiate a registered text attack.
-
-    Raises:
-        ValueError: on an unknown name; the message lists the known ones.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown text attack '{name}' (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](config)
+    """Instantiate a registered text attack (ValueError listing the known names)."""
+    return _REGISTRY.get(name)(config)
 
 
 # --------------------------------------------------------------------------- pure steps

@@ -8,33 +8,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 
 import torch
 from torch import nn
 
+from gradleak.registry import Registry
+
 # (in_channels, num_classes, (H, W)) -> module
 ModelFactory = Callable[[int, int, tuple[int, int]], nn.Module]
 
-_REGISTRY: dict[str, ModelFactory] = {}
-# Read-only live view: `name in MODELS`, `sorted(MODELS)` give the known names.
-MODELS: Mapping[str, ModelFactory] = MappingProxyType(_REGISTRY)
-
-
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Register a model factory under `name`.
-
-    Raises:
-        ValueError: if `name` is already registered.
-    """
-
-    def wrap(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"model '{name}' is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+_REGISTRY: Registry[ModelFactory] = Registry("model")
+MODELS: Mapping[str, ModelFactory] = _REGISTRY.view
+register_model = _REGISTRY.register  # decorator; ValueError if the name is taken
 
 
 def create_model(
@@ -52,15 +37,14 @@ def create_model(
         ValueError: on an unknown name (the message lists the known ones) or a
             non-positive size.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    factory = _REGISTRY.get(name)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or min(size) < 1 or in_channels < 1 or num_classes < 1:
         raise ValueError(
             f"need positive in_channels, num_classes and (H, W); got {in_channels}, "
             f"{num_classes}, {image_size}"
         )
-    return _REGISTRY[name](in_channels, num_classes, (int(size[0]), int(size[1])))
+    return factory(in_channels, num_classes, (int(size[0]), int(size[1])))
 
 
 def init_dlg_uniform(model: nn.Module, generator: torch.Generator) -> nn.Module:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradleak.registry import Registry
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIALS = (PAD, UNK, BOS, EOS)  # always ids 0..3, in this order, in every vocabulary
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
@@ -274,25 +276,9 @@ def text_gradients(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, .
 # --------------------------------------------------------------------------- registry
 
 TextModelFactory = Callable[[TextModelConfig], nn.Module]
-_REGISTRY: dict[str, TextModelFactory] = {}
-# Read-only live view: `sorted(TEXT_MODELS)` gives the known names.
-TEXT_MODELS: Mapping[str, TextModelFactory] = MappingProxyType(_REGISTRY)
-
-
-def register_text_model(name: str) -> Callable[[TextModelFactory], TextModelFactory]:
-    """Register a text model factory under `name`.
-
-    Raises:
-        ValueError: if `name` is already registered.
-    """
-
-    def wrap(factory: TextModelFactory) -> TextModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"text model '{name}' is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+_REGISTRY: Registry[TextModelFactory] = Registry("text model")
+TEXT_MODELS: Mapping[str, TextModelFactory] = _REGISTRY.view
+register_text_model = _REGISTRY.register  # decorator; ValueError if the name is taken
 
 
 register_text_model("transformer")(TextTransformer)
@@ -313,9 +299,8 @@ def create_text_model(
     Raises:
         ValueError: on an unknown name (the message lists the known ones) or bad sizes.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown text model '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    factory = _REGISTRY.get(name)
     if vocab_size <= len(SPECIALS) or max_len < 1:
         raise ValueError(f"need vocab_size > {len(SPECIALS)} and max_len >= 1, got {vocab_size}, {max_len}")
     cfg = TextModelConfig(vocab_size=vocab_size, max_len=max_len, **shape)
-    return init_text_model(_REGISTRY[name](cfg), torch.Generator().manual_seed(seed))
+    return init_text_model(factory(cfg), torch.Generator().manual_seed(seed))
