@@ -1,8 +1,7 @@
 """`gradleak report DIR`: figures and a Markdown summary of a sweep store.
 
-Reads only the store's done cells (DIR/cells/<cell_id>/cell.json; a cell without one
-is still running or failed and is ignored) and their run dirs' reconstructions.jsonl
-and grid.png. Writes, under --out (default DIR/report): one leakage heatmap per attack,
+Reads the store through `gradleak.store` (only done cells: a cell folder without a
+cell.json is still running or failed and is ignored), plus each run dir's grid.png. Writes, under --out (default DIR/report): one leakage heatmap per attack,
 privacy_utility.png, composed reconstruction grids per attack, and summary.md, whose
 claims table is computed from the cells by `gradleak.report_claims`.
 """
@@ -10,7 +9,6 @@ claims table is computed from the cells by `gradleak.report_claims`.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,13 +27,18 @@ from gradleak.report_claims import (
     defence_order,
     group_cells,
 )
+from gradleak.store import (
+    CELL_FILE,
+    CELLS_DIR,
+    StoreError,
+    cell_reconstructions,
+    leakage,
+    run_dir,
+    scan_cells,
+)
 
-CELLS = "cells"
-CELL_FILE = "cell.json"
-RECONSTRUCTIONS = "reconstructions.jsonl"
 GRID = "grid.png"
 SUMMARY = "summary.md"
-REQUIRED = ("cell_id", "attack", "batch_size", "defence")
 SETTINGS = ("attack", "batch_size", "defence", "seed", "peers", "fanout", "topology")
 CELL_COLUMNS = (
     "cell_id", "attack", "batch_size", "defence", "seed", "reconstructions", "mean_psnr",
@@ -44,57 +47,26 @@ CELL_COLUMNS = (
 )
 
 
-class ReportError(Exception):
-    """Raised, before anything is written, when DIR is not a store with done cells."""
-
-
 # ------------------------------------------------------------------ the store
 
 
 def load_done_cells(store: Path) -> tuple[list[dict[str, Any]], int]:
     """The done cells' rows (sorted by cell id) and how many cells are not done.
 
-    Each row gets `best_psnr` (the best single image in its reconstructions.jsonl) and
+    Each row gets `best_psnr` (the best single image among its reconstructions) and
     `grid` (its grid.png path, or None).
 
     Raises:
-        ReportError: DIR is missing, has no done cell, or a cell.json is unreadable.
+        StoreError: DIR is missing, has no done cell, or one of its files is unreadable.
     """
-    if not store.is_dir():
-        raise ReportError(f"no store at {store}")
-    cells_dir = store / CELLS
-    folders = sorted(p for p in cells_dir.iterdir() if p.is_dir()) if cells_dir.is_dir() else []
-    rows = []
-    for folder in folders:
-        path = folder / CELL_FILE
-        if not path.is_file():
-            continue
-        try:
-            row = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ReportError(f"unreadable {path}: {exc}") from None
-        missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ReportError(f"{path} lacks {', '.join(missing)}")
-        run_dir = store / str(row.get("run_dir") or "")
-        row["best_psnr"] = _best_psnr(run_dir / RECONSTRUCTIONS) if row.get("run_dir") else None
-        row["grid"] = run_dir / GRID if row.get("run_dir") and (run_dir / GRID).is_file() else None
-        rows.append(row)
+    rows, incomplete = scan_cells(store)
     if not rows:
-        raise ReportError(f"no done cells in {store} (no {CELLS}/*/{CELL_FILE})")
-    return sorted(rows, key=lambda r: str(r["cell_id"])), len(folders) - len(rows)
-
-
-def _best_psnr(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    psnrs: list[float] = []
-    try:
-        for line in filter(str.strip, path.read_text().splitlines()):
-            psnrs += [float(p) for p in json.loads(line).get("psnr") or [] if p is not None]
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ReportError(f"unreadable {path}: {exc}") from None
-    return max(psnrs, default=None)
+        raise StoreError(f"no done cells in {store} (no {CELLS_DIR}/*/{CELL_FILE})")
+    for row in rows:
+        row["best_psnr"] = leakage(cell_reconstructions(store, row))["best_psnr"]
+        folder = run_dir(store, row)
+        row["grid"] = folder / GRID if folder and (folder / GRID).is_file() else None
+    return rows, incomplete
 
 
 # ------------------------------------------------------------------ the report
@@ -104,7 +76,7 @@ def write_report(store: Path, out: Path | None = None) -> list[Path]:
     """Write the figures and summary.md; return the paths written (summary last).
 
     Raises:
-        ReportError: as `load_done_cells`; nothing is written then.
+        StoreError: as `load_done_cells`; nothing is written then.
     """
     from gradleak.report_figures import grid_pages, heatmap, privacy_utility
 
@@ -244,7 +216,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     """Run `gradleak report`; bad input prints one line and returns 2."""
     try:
         paths = write_report(Path(args.dir), Path(args.out) if args.out else None)
-    except ReportError as exc:
+    except StoreError as exc:
         print(f"gradleak: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {paths[-1]} and {len(paths) - 1} figures")

@@ -288,26 +288,76 @@ def running_targets(root: Path, cell_ids: Iterable[str]) -> list[dict[str, Any]]
     return groups
 
 
+class StoreError(ValueError):
+    """A store that cannot be read; the message is one line and names the file."""
+
+
+# Keys every cell.json has; the report groups and labels cells by them.
+REQUIRED = ("cell_id", "attack", "batch_size", "defence")
+
+
+def scan_cells(root: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Every done cell's cell.json (sorted by cell_id) and how many cell folders are not done.
+
+    Raises:
+        StoreError: `root` is not a directory, or a cell.json is unreadable, not a JSON
+            object, or lacks a REQUIRED key.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"no store at {root}")
+    base = root / CELLS_DIR
+    folders = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    cells = [_read_cell(f / CELL_FILE) for f in folders if (f / CELL_FILE).is_file()]
+    return sorted(cells, key=lambda c: str(c["cell_id"])), len(folders) - len(cells)
+
+
+def _read_cell(path: Path) -> dict[str, Any]:
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"unreadable {path}: {exc}") from None
+    if not isinstance(cell, dict):
+        raise StoreError(f"{path} is not a JSON object")
+    missing = [k for k in REQUIRED if k not in cell]
+    if missing:
+        raise StoreError(f"{path} lacks {', '.join(missing)}")
+    return cell
+
+
 def load_cells(root: str | Path) -> list[dict[str, Any]]:
-    """Every done cell's cell.json, sorted by cell_id."""
-    base = Path(root) / CELLS_DIR
-    if not base.is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(base.glob(f"*/{CELL_FILE}"))]
+    """Every done cell's cell.json, sorted by cell_id (StoreError as `scan_cells`)."""
+    return scan_cells(root)[0]
+
+
+def run_dir(root: str | Path, cell: dict[str, Any]) -> Path | None:
+    """The cell's Testbed run dir, or None for a cell that records none."""
+    return Path(root) / str(cell["run_dir"]) if cell.get("run_dir") else None
+
+
+def cell_reconstructions(root: str | Path, cell: dict[str, Any]) -> list[dict[str, Any]]:
+    """A done cell's reconstruction rows ([] without a reconstructions.jsonl).
+
+    Raises:
+        StoreError: the file is unreadable or a line is not a JSON object.
+    """
+    folder = run_dir(root, cell)
+    path = folder / RECONSTRUCTIONS_FILE if folder else None
+    if path is None or not path.is_file():
+        return []  # a cell without any reconstruction
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"unreadable {path}: {exc}") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise StoreError(f"{path} has a line that is not a JSON object")
+    return rows
 
 
 def load_reconstructions(root: str | Path) -> list[dict[str, Any]]:
     """Reconstruction rows of every done cell, each extended with its cell's axes."""
-    out: list[dict[str, Any]] = []
-    for cell in load_cells(root):
-        path = Path(root) / cell["run_dir"] / RECONSTRUCTIONS_FILE
-        if not path.is_file():
-            continue  # a cell without any reconstruction
-        axes = {k: cell[k] for k in ROW_AXES}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                out.append({**axes, **json.loads(line)})
-    return out
+    return [{**{k: cell.get(k) for k in ROW_AXES}, **row}
+            for cell in load_cells(root) for row in cell_reconstructions(root, cell)]
 
 
 def write_tables(root: str | Path) -> tuple[Path, Path]:
@@ -353,8 +403,8 @@ def _csv_value(value: Any) -> Any:
 
 def leakage(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """A cell's leakage figures from its reconstruction rows (per-image PSNR / SSIM)."""
-    psnrs = [p for r in rows for p in r["psnr"] if p is not None]
-    ssims = [q for r in rows for q in r["ssim"] if q is not None]
+    psnrs = [float(p) for r in rows for p in r.get("psnr") or [] if p is not None]
+    ssims = [float(q) for r in rows for q in r.get("ssim") or [] if q is not None]
     labels = [r["label_accuracy"] for r in rows if r.get("label_accuracy") is not None]
     return {
         "reconstructions": len(rows),

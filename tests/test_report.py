@@ -264,6 +264,27 @@ def test_bad_store_is_one_line_and_writes_nothing(tmp_path: Path,
     assert not (tmp_path / "out").exists() and not (store / "report").exists()
 
 
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("cell.json", "{not json", "unreadable"),
+    ("cell.json", "[1, 2]", "is not a JSON object"),
+    ("cell.json", '{"cell_id": "x", "attack": "dlg"}', "lacks batch_size, defence"),
+    ("reconstructions.jsonl", '{"psnr": [1]}\n[', "unreadable"),
+])
+def test_invalid_store_file_is_named_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str, needle: str,
+) -> None:
+    store = make_store(tmp_path, {k: v for k, v in LEAKAGE.items() if k[0] == "dlg"})
+    bad = (store / "runs" / "dlg-b1-none-s0" if name.endswith("jsonl")
+           else store / "cells" / "broken") / name
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_text(content)
+    assert report(store) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradleak: error: ") and err.count("\n") == 1
+    assert str(bad) in err and needle in err
+    assert not (store / "report").exists()
+
+
 def test_attacker_view_groups_by_network_shape() -> None:
     from gradleak.report import attacker_view
 

@@ -112,8 +112,8 @@ def test_resume_skips_done_cells_and_redoes_partial_ones_from_scratch(tmp_path: 
 def test_store_joins_axes_counts_only_done_cells_and_writes_csv(tmp_path: Path) -> None:
     root = tmp_path / "sw"
     cells = _fake_store(root)
-    loaded = store.load_cells(root)
-    assert [c["cell_id"] for c in loaded] == [cells[0].cell_id]
+    loaded, not_done = store.scan_cells(root)
+    assert [c["cell_id"] for c in loaded] == [cells[0].cell_id] and not_done == 1
     assert loaded[0]["mean_psnr"] == 30.0 and loaded[0]["share_psnr_30"] == 0.5
     rows = store.load_reconstructions(root)
     assert len(rows) == 2  # the half-run cell's 99 dB row does not count
