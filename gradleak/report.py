@@ -1,9 +1,11 @@
 """`gradleak report DIR`: figures and a Markdown summary of a sweep store.
 
 Reads the store through `gradleak.store` (only done cells: a cell folder without a
-cell.json is still running or failed and is ignored), plus each run dir's grid.png. Writes, under --out (default DIR/report): one leakage heatmap per attack,
-privacy_utility.png, composed reconstruction grids per attack, and summary.md, whose
-claims table is computed from the cells by `gradleak.report_claims`.
+cell.json is still running or failed and is ignored), plus each run dir's grid.png.
+Writes, under --out (default DIR/report): one leakage heatmap per attack,
+privacy_utility.png, attacker_view.png (when the store holds more than one network
+shape), composed reconstruction grids per attack, and summary.md, whose claims table
+is computed from the cells by `gradleak.report_claims`.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def write_report(store: Path, out: Path | None = None) -> list[Path]:
     Raises:
         StoreError: as `load_done_cells`; nothing is written then.
     """
-    from gradleak.report_figures import grid_pages, heatmap, privacy_utility
+    from gradleak.report_figures import attacker_view_plot, grid_pages, heatmap, privacy_utility
 
     rows, incomplete = load_done_cells(store)
     out = out if out is not None else store / "report"
@@ -92,6 +94,10 @@ def write_report(store: Path, out: Path | None = None) -> list[Path]:
         figures.append((f"Leakage of {attack}", path))
     path = privacy_utility(out / "privacy_utility.png", groups, attacks)
     figures.append(("Privacy / utility", path))
+    view = attacker_view(rows)
+    if len({row[1:4] for row in view}) > 1:  # one network shape: the table says it all
+        path = attacker_view_plot(out / "attacker_view.png", view)
+        figures.append(("The attacker's view by number of peers, fanout and topology", path))
     for attack in attacks:
         cells = [(str(r["cell_id"]), r["grid"]) for r in _display_order(rows)
                  if r["attack"] == attack and r["grid"]]

@@ -1,4 +1,5 @@
-"""The report's PNG figures: leakage heatmaps, privacy/utility, reconstruction grids.
+"""The report's PNG figures: leakage heatmaps, privacy/utility, the attacker's view by
+network shape, reconstruction grids.
 
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no GUI
 backend, no global state), so reports render the same on a headless machine.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -162,3 +164,45 @@ def _compose(path: Path, cells: Sequence[tuple[str, Path]]) -> None:
         draw.text((x, y), caption, fill="black", font=font)
         canvas.paste(im, (x, y + CAPTION_PX))
     canvas.save(path)
+
+
+def attacker_view_plot(path: Path, view: Sequence[Sequence[Any]]) -> Path:
+    """The attacker's share of all updates (left) and its mean PSNR (right) against the
+    number of honest peers, one line per (attack, fanout, topology).
+
+    Args:
+        view: rows of `gradleak.report.attacker_view`: (attack, peers, fanout, topology,
+            cells, attacker_share, reconstructions, mean_psnr).
+    """
+    series: dict[tuple[str, ...], list[Sequence[Any]]] = {}
+    for row in view:
+        if row[1] is not None:
+            series.setdefault((str(row[0]), str(row[2]), str(row[3])), []).append(row)
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    share_ax, psnr_ax = fig.subplots(1, 2, sharex=True)
+    markers = "osD^vP*Xh<>"
+    for k, ((attack, fanout, topology), rows) in enumerate(sorted(series.items())):
+        rows = sorted(rows, key=lambda r: int(r[1]))
+        # Attacks share one network, so their share lines coincide: shrinking markers
+        # keep every series visible where they overlap.
+        style = {"color": f"C{k % 10}", "marker": markers[k % len(markers)],
+                 "markersize": 9 - 2 * (k % 3), "label": f"{attack}, fanout {fanout}, {topology}"}
+        for ax, column in ((share_ax, 5), (psnr_ax, 7)):
+            points = [(int(r[1]), float(r[column])) for r in rows if r[column] is not None]
+            if points:
+                ax.plot(*zip(*points), linestyle="-", linewidth=1, **style)
+    peers = sorted({int(r[1]) for rows in series.values() for r in rows})
+    for ax in (share_ax, psnr_ax):
+        ax.set_xscale("log", base=2)  # peers grow by doubling; keep the points evenly apart
+        ax.set_xticks(peers, [str(p) for p in peers])
+        ax.minorticks_off()
+        ax.set_xlabel("honest peers")
+        ax.grid(alpha=0.3)
+    share_ax.set_ylim(bottom=0)
+    share_ax.set_ylabel("share of all updates the attacker received")
+    share_ax.set_title("attacker's view")
+    psnr_ax.axhline(PSNR_THRESHOLD_DB, color="red", linestyle="--", linewidth=1)
+    psnr_ax.set_ylabel("mean PSNR of reconstructions (dB)")
+    psnr_ax.set_title("attacker's leakage")
+    psnr_ax.legend(fontsize=8)
+    return _save(fig, path)

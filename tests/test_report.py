@@ -300,3 +300,25 @@ def test_attacker_view_groups_by_network_shape() -> None:
     assert view[0] == ("idlg", 16, 2, "complete", 1, 0.1, 0, None)
     _a, peers, _f, _t, cells, share, n, psnr = view[1]
     assert (peers, cells, n) == (4, 2, 40) and abs(share - 0.3) < 1e-12 and psnr == 30.0
+
+
+def test_attacker_view_figure_only_with_several_network_shapes(default_store: Path,
+                                                               tmp_path: Path) -> None:
+    assert not (default_store / "report" / "attacker_view.png").exists()  # one shape there
+    assert "attacker_view.png" not in (default_store / "report" / "summary.md").read_text()
+    store = tmp_path / "sweep"
+    for peers in (4, 8, 16):
+        for attack in ("dlg", "idlg"):
+            row = cell_row(attack, 1, "none", 50.0 - peers, 1.0, 0.8)
+            cell_id = f"{row['cell_id']}-p{peers}"
+            write_cell(store, row | {"cell_id": cell_id, "run_dir": f"runs/{cell_id}",
+                                     "peers": peers, "attacker_share": 2 / peers})
+    written = write_report(store)
+    figure = store / "report" / "attacker_view.png"
+    assert figure in written
+    with Image.open(figure) as im:
+        im.load()
+        assert im.width > 600 and im.height > 300
+    summary = (store / "report" / "summary.md").read_text()
+    assert "](attacker_view.png)" in summary
+    assert "| dlg | 16 | 2 | complete | 1 | 0.125 | 3 | 34.0 |" in summary
