@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from gradleak.store import (
 
 GRID = "grid.png"
 SUMMARY = "summary.md"
+SHAPE = ("peers", "fanout", "topology")  # a cell's network shape
 SETTINGS = ("attack", "batch_size", "defence", "seed", "peers", "fanout", "topology")
 CELL_COLUMNS = (
     "cell_id", "attack", "batch_size", "defence", "seed", "reconstructions", "mean_psnr",
@@ -85,8 +87,9 @@ def write_report(store: Path, out: Path | None = None) -> list[Path]:
     rows, incomplete = load_done_cells(store)
     out = out if out is not None else store / "report"
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_cells(rows)
-    attacks = sorted({str(r["attack"]) for r in rows})
+    compared = compared_rows(rows)[0]
+    groups = group_cells(compared)
+    attacks = sorted({str(r["attack"]) for r in compared})
     figures: list[tuple[str, Path]] = []
     for attack in attacks:
         mine = [g for g in groups.values() if g.attack == attack]
@@ -98,17 +101,37 @@ def write_report(store: Path, out: Path | None = None) -> list[Path]:
     if len({row[1:4] for row in view}) > 1:  # one network shape: the table says it all
         path = attacker_view_plot(out / "attacker_view.png", view)
         figures.append(("The attacker's view by number of peers, fanout and topology", path))
-    for attack in attacks:
+    for attack in sorted({str(r["attack"]) for r in rows}):
         cells = [(str(r["cell_id"]), r["grid"]) for r in _display_order(rows)
                  if r["attack"] == attack and r["grid"]]
         for n, page in enumerate(grid_pages(out, f"grids_{_safe(attack)}", cells), start=1):
             caption = f"Reconstructions of {attack} (truth above reconstruction), page {n}"
             figures.append((caption, page))
-    results, findings = check_claims(rows)
+    results, findings = check_claims(compared)
     summary = out / SUMMARY
     text = render_summary(store.resolve().name, rows, incomplete, figures, results, findings, out)
     summary.write_text(text)
     return [p for _, p in figures] + [summary]
+
+
+def compared_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]],
+                                                               tuple[Any, ...] | None]:
+    """The cells the claims, heatmaps and pooled leakage compare, and their network shape.
+
+    With several (peers, fanout, topology) in the store, only the shape with the most cells
+    (ties: the first in sorted order) is compared: pooling a defence measured at 4 peers
+    with 'none' measured at 4 and 8 would mix the network's effect into the defence's.
+    The shape is None when the store holds one.
+    """
+    counts = Counter(_shape(r) for r in rows)
+    if len(counts) < 2:
+        return list(rows), None
+    main = max(sorted(counts, key=str), key=counts.__getitem__)
+    return [r for r in rows if _shape(r) == main], main
+
+
+def _shape(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(row.get(k) for k in SHAPE)
 
 
 def _safe(name: str) -> str:
@@ -131,6 +154,11 @@ def render_summary(name: str, rows: Sequence[Mapping[str, Any]], incomplete: int
         values = sorted({r[key] for r in rows if r.get(key) is not None}, key=_axis_key(key))
         if values:
             lines.append(f"- {key}: {', '.join(f'`{v}`' for v in values)}")
+    compared, shape = compared_rows(rows)
+    if shape is not None:
+        lines.append(f"- compared (claims, heatmaps, privacy/utility, pooled leakage): the "
+                     f"{len(compared)} cells of peers `{shape[0]}`, fanout `{shape[1]}`, "
+                     f"topology `{shape[2]}`; the attacker's view and the cells table use all")
     lines += ["", "## Claims of the DLG paper, checked", "", _rules(), ""]
     lines += _table(("#", "claim", "attack", "measured", "verdict"),
                     [(r.number, r.claim, r.attack, r.measured, f"**{r.verdict}**")
@@ -143,7 +171,7 @@ def render_summary(name: str, rows: Sequence[Mapping[str, Any]], incomplete: int
         rel = path.relative_to(out).as_posix() if path.is_relative_to(out) else path.name
         lines += [f"### {caption}", "", f"[{rel}]({rel})", "", f"![{caption}]({rel})", ""]
     lines += ["## Leakage pooled over seeds", ""]
-    groups = sorted(group_cells(rows).values(),
+    groups = sorted(group_cells(compared).values(),
                     key=lambda g: (g.attack, defence_order(g.defence), g.batch_size))
     lines += _table(("attack", "batch_size", "defence", "cells", "reconstructions", "mean_psnr",
                      "share_psnr_30", "honest_accuracy"),

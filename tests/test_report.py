@@ -302,14 +302,15 @@ def test_attacker_view_groups_by_network_shape() -> None:
     assert (peers, cells, n) == (4, 2, 40) and abs(share - 0.3) < 1e-12 and psnr == 30.0
 
 
-def test_attacker_view_figure_only_with_several_network_shapes(default_store: Path,
-                                                               tmp_path: Path) -> None:
+def test_several_network_shapes_get_a_figure_and_claims_compare_one_shape(
+    default_store: Path, tmp_path: Path,
+) -> None:
     assert not (default_store / "report" / "attacker_view.png").exists()  # one shape there
     assert "attacker_view.png" not in (default_store / "report" / "summary.md").read_text()
-    store = tmp_path / "sweep"
-    for peers in (4, 8, 16):
-        for attack in ("dlg", "idlg"):
-            row = cell_row(attack, 1, "none", 50.0 - peers, 1.0, 0.8)
+    store = make_store(tmp_path, LEAKAGE)  # 20 cells at 4 peers
+    for peers in (8, 16):  # batch 8 leaks at more peers: pooled, claim 4 would fail
+        for attack, batch_size in [(a, b) for a in ("dlg", "idlg") for b in (1, 8)]:
+            row = cell_row(attack, batch_size, "none", 45.0, 1.0, 0.8)
             cell_id = f"{row['cell_id']}-p{peers}"
             write_cell(store, row | {"cell_id": cell_id, "run_dir": f"runs/{cell_id}",
                                      "peers": peers, "attacker_share": 2 / peers})
@@ -321,4 +322,7 @@ def test_attacker_view_figure_only_with_several_network_shapes(default_store: Pa
         assert im.width > 600 and im.height > 300
     summary = (store / "report" / "summary.md").read_text()
     assert "](attacker_view.png)" in summary
-    assert "| dlg | 16 | 2 | complete | 1 | 0.125 | 3 | 34.0 |" in summary
+    assert "| dlg | 16 | 2 | complete | 2 | 0.125 | 6 | 45.0 |" in summary
+    assert verdicts_in(summary)[(4, "dlg")] == HOLDS
+    assert "| dlg | 8 | none | 1 | 3 | 12.0 | 0.000 | 0.850 |" in summary  # pooled: 4 peers only
+    assert "the 20 cells of peers `4`, fanout `2`, topology `complete`" in summary
