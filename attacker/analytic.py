@@ -33,7 +33,12 @@ updates, each at its own model version, with every convolution solved as one
 stacked CG (analytic_layers.solve_conv_inputs) in which each problem keeps its
 own scalars and stops where it would alone.
 
-Scope: batch size 1; chains of Conv2d / Linear layers with Sigmoid, Tanh,
+Batches (B > 1, up to the number of classes): attacker.analytic_batch separates
+every sample's features from the last layer's gradient (labels recovered and
+corrected on the way), then inverts each sample's features into an image, adding
+the whole gradient distance when the separation is exact.
+
+Scope: chains of Conv2d / Linear layers with Sigmoid, Tanh,
 LeakyReLU(slope > 0) or no activation and a final Linear with bias
 (analytic_layers.parse_chain says precisely, and refuses others with a
 ValueError): the DLG LeNet and the MLP of gradleak.models. Deterministic: the
@@ -50,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attacker.analytic_batch import reconstruct_batch
 from attacker.analytic_layers import (
     ConvOps,
     Layer,
@@ -71,7 +77,7 @@ from attacker.attacks import (
     register_attack,
 )
 from attacker.inversion import Callback, gradient_distance, match_gradients
-from attacker.labels import recover_label_batch1
+from attacker.labels import recover_label_batch1, recover_labels
 
 CG_TOL = 1e-7  # relative residual of each convolution's normal equations
 CG_MAX_ITERS = 3000  # CG iteration cap per convolution
@@ -84,12 +90,14 @@ POLISH_ABOVE = 1e-5
 
 @register_attack("analytic")
 class Analytic(Attack):
-    """R-GAP-style layer-by-layer inversion for batch 1, optionally polished by L-BFGS.
+    """R-GAP-style layer-by-layer inversion for batch 1, optionally polished by L-BFGS;
+    feature separation then per-sample inversion for batches (analytic_batch).
 
     AttackConfig: max_iters, lbfgs_inner, lr, lbfgs_history, line_search,
-    grad_tol and patience govern the polish only ("auto" line search means
-    iDLG's strong Wolfe); seed is unused (the attack is deterministic);
-    label_recovery must be "auto" or "analytic".
+    grad_tol and patience govern the batch-1 polish ("auto" line search means
+    iDLG's strong Wolfe); for batches max_iters caps the outer L-BFGS steps of the
+    inversion, with lbfgs_inner and lbfgs_history; seed is unused (the attack is
+    deterministic); label_recovery must be "auto" or "analytic".
     """
 
     def __init__(
@@ -117,17 +125,21 @@ class Analytic(Attack):
         type, unknowns, equations, determined, iterations, converged,
         forward_residual, gradient_residual, delta_residual; see `invert_batch1`).
         stop_reason: "analytic" (no polish needed), "callback", or the polish's.
+        For B > 1 the stats are analytic_batch.reconstruct_batch's (separation
+        residual, ratio, per-sample reliability, label changes, inversion steps)
+        and the callback sees each outer step of the inversion.
 
         Raises:
-            ValueError: for a batch size other than 1, a model outside the
-                supported chains, a non-finite gradient, or label_recovery
-                "optimised".
+            ValueError: for a batch larger than the number of classes, a model
+                outside the supported chains, a non-finite gradient, or
+                label_recovery "optimised".
         """
         start = time.perf_counter()
         self._check_config()
-        _check_batch1(obs)
         victim = _private_copy(model)
         layers = parse_chain(victim, obs.input_shape)
+        if obs.batch_size > 1:
+            return self._reconstruct_batch(victim, layers, obs, start, callback)
         problem = _Problem.of(victim, layers, obs)
         raw64, layer_stats = invert_batch1(
             layers, problem.work, obs.input_shape, tol=self.cg_tol, max_iters=self.cg_max_iters,
@@ -143,6 +155,37 @@ class Analytic(Attack):
         stats["seconds"] = time.perf_counter() - start
         return _reconstruction(raw, problem.labels, stats)
 
+    def _reconstruct_batch(
+        self, victim: nn.Module, layers: list[Layer], obs: Observation, start: float,
+        callback: Callback | None,
+    ) -> Reconstruction:
+        """B > 1: features separated from the last layer, then inverted (analytic_batch)."""
+        if obs.batch_size > obs.num_classes:
+            raise ValueError(
+                f"analytic attack separates at most num_classes = {obs.num_classes} samples "
+                f"per update, got batch size {obs.batch_size} (use ig for larger batches)"
+            )
+        targets = _targets(victim, obs)
+        if not all(bool(torch.isfinite(t).all()) for t in targets):
+            raise ValueError("analytic attack needs a finite gradient")
+        labels = recover_labels(victim, targets, obs.batch_size)
+        dtype = torch.float32 if targets[0].device.type == "mps" else torch.float64
+        config = self.config
+        raw, labels, stats = reconstruct_batch(
+            victim, layers, targets, labels, obs.input_shape, max_iters=config.max_iters,
+            inner=config.lbfgs_inner, history=config.lbfgs_history, working=dtype,
+            callback=callback,
+        )
+        distance = _distance(victim, raw, labels, targets)
+        norm2 = float(sum(torch.sum(t * t) for t in targets))
+        stats.update(
+            attack=self.name, grad_distance=distance,
+            relative_grad_distance=distance / norm2 if norm2 > 0 else float("inf"),
+            label_source="analytic", diverged=not bool(torch.isfinite(raw).all()),
+            device=str(raw.device), seconds=time.perf_counter() - start,
+        )
+        return _reconstruction(raw, labels, stats)
+
     def reconstruct_many(
         self,
         models: list[nn.Module],
@@ -150,7 +193,7 @@ class Analytic(Attack):
         *,
         callback: Callable[[int, list[torch.Tensor]], bool | None] | None = None,
     ) -> list[Reconstruction]:
-        """Reconstruct k batch-1 updates together; each equals its `reconstruct` result.
+        """Reconstruct k updates together; each equals its `reconstruct` result.
 
         Updates whose models have one layer chain (architecture and input shape)
         are inverted as one stack (`invert_many`): one CG solve per convolution
@@ -162,7 +205,8 @@ class Analytic(Attack):
         Args:
             models: the model of each update (the same object for updates taken at
                 one version shares its copy and chain); left untouched.
-            observations: the updates, all of batch size 1.
+            observations: the updates; those of batch size 1 are stacked, larger
+                batches are separated one by one (`reconstruct`).
             callback: once per stack, with iteration 0 and each of its updates'
                 analytic images; True returns them unpolished (stop_reason
                 "callback"). The polish runs without a callback.
@@ -174,32 +218,40 @@ class Analytic(Attack):
             updates were solved together and in how long.
 
         Raises:
-            ValueError: before any work, naming the first offending update's index,
-                for a batch size other than 1, a model outside the supported
-                chains or a non-finite gradient; or for label_recovery "optimised".
+            ValueError: naming the first offending update's index, for a model
+                outside the supported chains or a non-finite gradient (batch-1
+                updates are checked before any work), or a batch the attack cannot
+                separate; or for label_recovery "optimised".
         """
         if len(models) != len(observations):
             raise ValueError(f"got {len(models)} models for {len(observations)} observations")
         self._check_config()
-        for j, obs in enumerate(observations):
-            _check_batch1(obs, f"update {j}: ")
+        batches = [j for j, obs in enumerate(observations) if obs.batch_size > 1]
         victims: dict[int, tuple[nn.Module, dict[tuple[int, int, int], list[Layer]]]] = {}
-        problems, chains = [], []
+        problems: dict[int, _Problem] = {}
+        chains: dict[int, list[Layer]] = {}
         groups: dict[tuple[Any, ...], list[int]] = {}
         for j, (model, obs) in enumerate(zip(models, observations, strict=True)):
+            if j in batches:
+                continue
             victim, by_shape = victims.setdefault(id(model), (_private_copy(model), {}))
             try:
                 if obs.input_shape not in by_shape:
                     by_shape[obs.input_shape] = parse_chain(victim, obs.input_shape)
                 layers = by_shape[obs.input_shape]
-                problems.append(_Problem.of(victim, layers, obs))
+                problems[j] = _Problem.of(victim, layers, obs)
             except ValueError as exc:
                 raise ValueError(f"update {j}: {exc}") from exc
-            chains.append(layers)
-            key = (obs.input_shape, str(problems[-1].work[0].device),
+            chains[j] = layers
+            key = (obs.input_shape, str(problems[j].work[0].device),
                    tuple((l.name, repr(l.module), l.in_shape, l.out_shape) for l in layers))
             groups.setdefault(key, []).append(j)
         out: dict[int, Reconstruction] = {}
+        for j in batches:  # separated one by one: nothing to stack
+            try:
+                out[j] = self.reconstruct(models[j], observations[j])
+            except ValueError as exc:
+                raise ValueError(f"update {j}: {exc}") from exc
         for members in groups.values():
             solved = self._solve_stack([problems[j] for j in members],
                                        [chains[j] for j in members], callback)
@@ -261,14 +313,6 @@ class Analytic(Attack):
             stats["relative_grad_distance"] = result.distance / norm2 if norm2 > 0 else float("inf")
             return result.images.detach()
         return raw
-
-
-def _check_batch1(obs: Observation, where: str = "") -> None:
-    if obs.batch_size != 1:
-        raise ValueError(
-            f"{where}analytic attack needs batch size 1, got {obs.batch_size} "
-            "(use idlg or ig for batches)"
-        )
 
 
 def _reconstruction(raw: torch.Tensor, labels: torch.Tensor, stats: dict[str, Any]) -> Reconstruction:

@@ -115,7 +115,7 @@ def part_batches(crops: np.ndarray, attacks: list[str], budget: float, sizes: tu
             try:
                 cells.append(statistics.mean(
                     run_ours(name, crops[i * b:(i + 1) * b], i, 1e9, budget, cfg)[1] for i in range(n)))
-            except ValueError:  # e.g. the analytic attack is batch-1 only
+            except ValueError:  # an attack that refuses this batch size
                 cells.append(float("nan"))
         print(f"| {b} | " + " | ".join("-" if math.isnan(c) else f"{c:.1f}" for c in cells) + " |")
 
@@ -149,7 +149,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--attacks", default="analytic,idlg,ig")
-    p.add_argument("--batch-attacks", default="idlg,ig", help="attacks for part 2")
+    p.add_argument("--batch-attacks", default="analytic,idlg,ig", help="attacks for part 2")
+    p.add_argument("--batch-images", type=int, default=8,
+                   help="crops for part 2, cut into batches of 4 and of 8 (one seed per batch)")
     p.add_argument("--many-attack", default="ig", help="attack for part 3")
     p.add_argument("--target", type=float, default=30.0)
     p.add_argument("--budget", type=float, default=20.0, help="seconds per batch in part 2")
@@ -157,14 +159,15 @@ def main() -> None:
     p.add_argument("--parts", default="1,2,3")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    crops = colour_crops(max(args.images, 8))
+    crops = colour_crops(max(args.images, args.batch_images, 8))
     attacks = [a for a in args.attacks.split(",") if a]
     print(f"torch {torch.__version__}, {args.threads} thread(s), LeNet on 32x32 colour crops")
     parts = set(args.parts.split(","))
     if "1" in parts:
         part_batch1(crops[:args.images], attacks, args.target)
     if "2" in parts:
-        part_batches(crops[:8], [a for a in args.batch_attacks.split(",") if a], args.budget, (4, 8))
+        part_batches(crops[:args.batch_images], [a for a in args.batch_attacks.split(",") if a],
+                     args.budget, (4, 8))
     if "3" in parts:
         part_many(crops, args.many_attack, args.k)
 

@@ -166,13 +166,6 @@ def test_leaves_the_model_untouched(digits, dlg_lenet, make_observation):
     assert all(p.grad is None for p in dlg_lenet.parameters()) and not dlg_lenet.training
 
 
-def test_refuses_batches(digits, dlg_lenet, make_observation):
-    images, labels = digits
-    obs = make_observation(dlg_lenet, images[:2], labels[:2])
-    with pytest.raises(ValueError, match="analytic attack needs batch size 1"):
-        create_attack("analytic").reconstruct(dlg_lenet, obs)
-
-
 @pytest.mark.parametrize(
     ("model", "message"),
     [

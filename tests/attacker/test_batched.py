@@ -132,8 +132,8 @@ def test_analytic_six_updates_at_two_versions_match_one_by_one(make_observation)
 def test_analytic_unsupported_update_is_named_before_any_work(digits, dlg_lenet, make_observation):
     images, labels = digits
     obs = [make_observation(dlg_lenet, images[i:i + 1], labels[i:i + 1]) for i in range(2)]
-    obs.append(make_observation(dlg_lenet, images[2:4], labels[2:4]))  # batch size 2
-    with pytest.raises(ValueError, match="update 2: analytic attack needs batch size 1, got 2"):
+    obs.append(make_observation(dlg_lenet, images[2:13], labels[2:13]))  # 11 > 10 classes
+    with pytest.raises(ValueError, match="update 2: analytic attack separates at most num_class"):
         reconstruct_many("analytic", dlg_lenet, obs)
     poisoned = [g.clone() for g in obs[1].gradients]
     poisoned[0][0, 0, 0, 0] = float("nan")
