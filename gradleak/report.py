@@ -134,6 +134,10 @@ def _shape(row: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(row.get(k) for k in SHAPE)
 
 
+def _setting(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(row.get(k) for k in ("attack", "batch_size", "defence", "seed"))
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
@@ -179,7 +183,8 @@ def render_summary(name: str, rows: Sequence[Mapping[str, Any]], incomplete: int
                       g.share_psnr_30, g.honest_accuracy) for g in groups])
     lines += ["", "## The attacker's view", "",
               ("Share of all updates sent that reached the malicious peer, and its leakage, by "
-               "network shape (pooled over batch sizes, defences and seeds)."), ""]
+               "network shape, pooled over the settings (attack, batch size, defence, seed) measured "
+               "at every shape, so that shapes are compared on like cells."), ""]
     lines += _table(("attack", "peers", "fanout", "topology", "cells", "attacker_share",
                      "reconstructions", "mean_psnr"), attacker_view(rows))
     lines += ["", "## Cells", ""]
@@ -190,9 +195,19 @@ def render_summary(name: str, rows: Sequence[Mapping[str, Any]], incomplete: int
 
 def attacker_view(rows: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
     """Per (attack, peers, fanout, topology): cells, mean attacker_share, reconstructions,
-    mean PSNR weighted by each cell's reconstructions."""
-    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    mean PSNR weighted by each cell's reconstructions.
+
+    Only the (attack, batch size, defence, seed) settings measured at every network shape
+    count: a shape swept with every defence would otherwise be compared, through its
+    defended cells, with a shape swept with 'none' alone.
+    """
+    rows = list(rows)
+    by_shape: dict[tuple[Any, ...], set[tuple[Any, ...]]] = {}
     for r in rows:
+        by_shape.setdefault(_shape(r), set()).add(_setting(r))
+    common = set.intersection(*by_shape.values()) if by_shape else set()
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for r in (r for r in rows if _setting(r) in common):
         key = (r["attack"], r.get("peers"), r.get("fanout"), r.get("topology"))
         groups.setdefault(key, []).append(r)
     out = []

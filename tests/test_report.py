@@ -323,6 +323,8 @@ def test_several_network_shapes_get_a_figure_and_claims_compare_one_shape(
     summary = (store / "report" / "summary.md").read_text()
     assert "](attacker_view.png)" in summary
     assert "| dlg | 16 | 2 | complete | 2 | 0.125 | 6 | 45.0 |" in summary
+    # 4 peers: only its 'none' cells (45 and 12 dB) face the other shapes, not its defences
+    assert "| dlg | 4 | 2 | complete | 2 | 0.200 | 6 | 28.5 |" in summary
     assert verdicts_in(summary)[(4, "dlg")] == HOLDS
     assert "| dlg | 8 | none | 1 | 3 | 12.0 | 0.000 | 0.850 |" in summary  # pooled: 4 peers only
     assert "the 20 cells of peers `4`, fanout `2`, topology `complete`" in summary
