@@ -47,12 +47,15 @@ from attacker.inversion import Callback
 SEPARATE_ITERS = 300  # fixed-point steps (each a B x B solve); converges in 20-60 here
 LM_ITERS = 100  # Levenberg-Marquardt steps refining the separation
 SEARCH_LM_ITERS = 20  # the same per candidate labelling, enough to rank candidates
+SEARCH_START_ITERS = 50  # fixed-point steps per candidate
 SEARCH_ROUNDS = 2  # labels the search may change
 SEARCH_KEEP = 3  # best-scanned candidates refined fully each round
+SEARCH_CANDIDATES = 40  # single changes scanned per round at most (most likely first)
 SEARCH_GAIN = 0.5  # a change is kept when it at least halves the residual
 # A separation is exact when its relative residual is below this: the right labels
 # reach ~1e-8 from float32 gradients, wrong ones stayed above 5e-6 in our tests.
 EXACT_RESIDUAL = 1e-6
+SEARCH_NEAR_EXACT = 1e-4  # the right labels' residual after SEARCH_LM_ITERS steps is below this
 FEATURE_EPS = 1e-6  # projection margin inside a bounded activation's range
 RELIABLE_RATIO = 0.2  # G's smallest/largest singular value above which all samples are trusted
 TV_WEIGHT = 1e-3  # total-variation weight of the image phases (tuned on the benchmark)
@@ -80,6 +83,7 @@ class Separated:
 def separate_features(
     weight: torch.Tensor, bias: torch.Tensor, weight_grad: torch.Tensor, bias_grad: torch.Tensor,
     labels: torch.Tensor, bounds: tuple[float, float] | None, *, refine_iters: int = LM_ITERS,
+    start_iters: int = SEPARATE_ITERS,
 ) -> Separated:
     """Solve dW = G(A)^T A, db = G(A)^T 1 for the features A given the labels.
 
@@ -96,7 +100,7 @@ def separate_features(
     onehot = F.one_hot(labels, weight.shape[0]).to(weight.dtype)
     probs = torch.full_like(onehot, 1.0 / weight.shape[0])
     features = torch.zeros(batch, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    for _ in range(SEPARATE_ITERS):
+    for _ in range(start_iters):
         g = (probs - onehot) / batch  # (B, K)
         gram = g @ g.T
         gram = gram + torch.eye(batch, dtype=g.dtype, device=g.device) * 1e-14 * gram.trace()
@@ -197,7 +201,8 @@ def search_labels(
         if best.exact:
             break
         short = separate_features(weight, bias, weight_grad, bias_grad, current, bounds,
-                                  refine_iters=SEARCH_LM_ITERS).residual  # same budget as theirs
+                                  refine_iters=SEARCH_LM_ITERS,
+                                  start_iters=SEARCH_START_ITERS).residual  # same budget as theirs
         values = current.tolist()
         present = sorted(set(values))
         repeated = [a for a in present if values.count(a) > 1]
@@ -206,15 +211,20 @@ def search_labels(
                  + [(a, c) for a in present if a not in repeated for c in absent]
                  + [(a, c) for a in present for c in present if c != a])
         scanned: list[tuple[float, torch.Tensor]] = []
+        order = order[:SEARCH_CANDIDATES]
         for group_end in (len(repeated) * len(absent), len(order)):
             for a, c in order[len(scanned):group_end]:
                 candidate = current.clone()
                 candidate[values.index(a)] = c
                 candidate = candidate.sort().values
                 fit = separate_features(weight, bias, weight_grad, bias_grad, candidate,
-                                        bounds, refine_iters=SEARCH_LM_ITERS)
+                                        bounds, refine_iters=SEARCH_LM_ITERS,
+                                        start_iters=SEARCH_START_ITERS)
                 scanned.append((fit.residual, candidate))
-            if scanned and min(scanned, key=lambda t: t[0])[0] < SEARCH_GAIN * short:
+                if fit.residual <= SEARCH_NEAR_EXACT:  # on its way to exact: look no further
+                    break
+            best_scan = min(scanned, key=lambda t: t[0])[0] if scanned else float("inf")
+            if best_scan < SEARCH_GAIN * short or best_scan <= SEARCH_NEAR_EXACT:
                 break
         if not scanned:
             break

@@ -27,7 +27,7 @@ INITS = ("randn", "rand")  # dummy-image starts: N(0, 1) as DLG, or uniform [0, 
 # "auto": each attack's own default (dlg: None, DLG's fixed step; idlg: "strong_wolfe").
 LINE_SEARCHES = ("auto", None, "strong_wolfe")
 # Where labels come from. "auto": each attack's default (dlg: optimised, always, as
-# published; idlg: analytic at B = 1, optimised at B > 1; ig: analytic at any B).
+# published; idlg and ig: analytic at any B, optimised where the gradient gives none).
 # "analytic": recovered from the last layer's gradient (labels.recover_labels) at any B.
 # "optimised": DLG's soft labels, learned jointly with the images.
 LABEL_RECOVERIES = ("auto", "analytic", "optimised")
@@ -303,10 +303,11 @@ class DLG(Attack):
 class IDLG(Attack):
     """iDLG (Zhao et al. 2020): analytic labels, then the images alone by L-BFGS.
 
-    iDLG is defined for one sample. With label_recovery "auto" a B > 1 update, or
-    one whose last-layer gradient gives no label (non-finite, all zero), runs DLG's
-    joint optimisation and reports label_source "optimised"; with "analytic" a
-    B > 1 update takes the batch recovery's labels (labels.recover_labels).
+    iDLG is defined for one sample; a B > 1 update takes the batch recovery's
+    labels (labels.recover_labels: counts, corrected by exact separation). An
+    update whose last-layer gradient gives no label (non-finite, all zero), or
+    label_recovery "optimised", runs DLG's joint optimisation and reports
+    label_source "optimised".
     line_search "auto" means "strong_wolfe" here (see AttackConfig.line_search).
     """
 
@@ -317,7 +318,7 @@ class IDLG(Attack):
         start = time.perf_counter()
         victim = _private_copy(model)
         targets = _targets(victim, obs)
-        labels = analytic_labels(self.config, victim, targets, obs, batch_recovery=False)
+        labels = analytic_labels(self.config, victim, targets, obs)
         if labels is None:
             # No analytic labels (B > 1 under "auto", "optimised", or no usable signs).
             recon = DLG(self.config).reconstruct(model, obs, callback=callback)
@@ -338,17 +339,9 @@ def analytic_labels(
     model: nn.Module,
     targets: list[torch.Tensor],
     obs: Observation,
-    *,
-    batch_recovery: bool,
 ) -> torch.Tensor | None:
-    """(B,) labels recovered from the gradient, or None where config or signal says no.
-
-    Args:
-        batch_recovery: whether label_recovery "auto" recovers B > 1 labels (ig)
-            or leaves them to optimisation (idlg).
-    """
-    mode = config.label_recovery
-    if mode == "optimised" or (mode == "auto" and obs.batch_size > 1 and not batch_recovery):
+    """(B,) labels recovered from the gradient, or None where config or signal says no."""
+    if config.label_recovery == "optimised":
         return None
     if obs.batch_size == 1:
         label = _analytic_label(model, targets)

@@ -63,7 +63,7 @@ def prepare(config: AttackConfig, model: nn.Module, obs: Observation) -> Prepare
     """
     targets = _targets(model, obs)
     like = targets[0]
-    hard = analytic_labels(config, model, targets, obs, batch_recovery=True)
+    hard = analytic_labels(config, model, targets, obs)
     shape = (obs.batch_size, *obs.input_shape)
     images, logits = [], []
     for r in range(config.restarts):

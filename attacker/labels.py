@@ -171,13 +171,18 @@ def _count_signal(
 
 
 def recover_labels(
-    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int, *, correct: bool = True
 ) -> torch.Tensor:
     """The labels behind an update, as a sorted (B,) int64 tensor on the gradients' device.
 
     B = 1 uses iDLG's rules (`recover_label_batch1`); B > 1 the counts of
-    `recover_label_counts`. A batch gradient does not say which sample had which
-    label, so the order is arbitrary (sorted); scoring matches samples first.
+    `recover_label_counts`, then (with `correct`, when B <= K and the last layer has
+    a bias) the labelling that separates the last layer's gradient exactly into B
+    samples' features, if a change of up to two labels finds one
+    (attacker.analytic_batch.search_labels): this repairs the counts where the model
+    favours one class, e.g. the DLG-initialised LeNet. A batch gradient does not say
+    which sample had which label, so the order is arbitrary (sorted); scoring
+    matches samples first.
 
     Raises:
         ValueError: see `find_last_linear_grads` and the two recovery functions.
@@ -189,7 +194,27 @@ def recover_labels(
         return torch.tensor([label], dtype=torch.int64, device=device)
     counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
     classes = torch.arange(counts.shape[0], device=counts.device)
-    return torch.repeat_interleave(classes, counts).to(device)  # (B,)
+    labels = torch.repeat_interleave(classes, counts).to(device)  # (B,)
+    if correct and bias_grad is not None and batch_size <= counts.shape[0]:
+        labels = _separable_labels(model, weight_grad, bias_grad, labels)
+    return labels
+
+
+def _separable_labels(
+    model: nn.Module, weight_grad: torch.Tensor, bias_grad: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """`labels`, or a nearby labelling under which the gradient separates exactly."""
+    from attacker.analytic_batch import search_labels  # it builds on this module's counts
+
+    last = _last_linear(model)
+    if last.bias is None or last.in_features < labels.numel():
+        return labels
+    weight, bias, w_grad, b_grad = (t.detach().to(torch.float64)
+                                    for t in (last.weight, last.bias, weight_grad, bias_grad))
+    if not all(bool(torch.isfinite(t).all()) for t in (weight, bias, w_grad, b_grad)):
+        return labels
+    sep, _ = search_labels(weight, bias, w_grad, b_grad, labels, None)
+    return sep.labels.to(labels.device) if sep.exact else labels
 
 
 def find_last_linear_grads(
@@ -216,10 +241,7 @@ def find_last_linear_grads(
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
     index = {id(p): i for i, p in enumerate(params)}
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
-    last = max(linears, key=lambda m: index[id(m.weight)])
+    last = _last_linear(model)
     weight_grad = grads[index[id(last.weight)]]
     if tuple(weight_grad.shape) != tuple(last.weight.shape):
         raise ValueError(
@@ -228,3 +250,12 @@ def find_last_linear_grads(
         )
     bias_grad = grads[index[id(last.bias)]] if last.bias is not None else None
     return weight_grad, bias_grad
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    """The nn.Linear whose weight comes last in model.parameters() order."""
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    return max(linears, key=lambda m: index[id(m.weight)])

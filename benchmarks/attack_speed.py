@@ -32,13 +32,15 @@ from attacker.metrics import match_batch, psnr
 from gradleak.models import create_model, init_dlg_uniform
 
 CLASSES = 10
+DEVICE = torch.device("cpu")  # --device
 
 
 def victim(images: np.ndarray, seed: int) -> tuple[torch.nn.Module, list[torch.Tensor], Observation]:
     model = init_dlg_uniform(create_model("lenet", in_channels=3, num_classes=CLASSES, image_size=32),
-                             torch.Generator().manual_seed(seed))
-    labels = torch.arange(len(images)) % CLASSES
-    grads = [g.detach() for g in compute_gradients(model, torch.from_numpy(images), labels)]
+                             torch.Generator().manual_seed(seed)).to(DEVICE)
+    labels = (torch.arange(len(images)) % CLASSES).to(DEVICE)
+    x = torch.from_numpy(images).to(DEVICE)
+    grads = [g.detach() for g in compute_gradients(model, x, labels)]
     obs = Observation(gradients=tuple(grads), batch_size=len(images), input_shape=(3, 32, 32),
                       num_classes=CLASSES)
     return model, grads, obs
@@ -70,7 +72,7 @@ def run_baseline(images: np.ndarray, seed: int, target: float, budget: float) ->
     model, grads, _ = victim(images, seed)
     watch = Watch(images, target, budget)
     final = published_dlg(model, grads, images.shape, CLASSES, seed=seed, on_step=watch)
-    return watch.reached, mean_psnr(final.numpy(), images)
+    return watch.reached, mean_psnr(final.cpu().numpy(), images)
 
 
 def run_ours(name: str, images: np.ndarray, seed: int, target: float, budget: float,
@@ -78,7 +80,7 @@ def run_ours(name: str, images: np.ndarray, seed: int, target: float, budget: fl
     model, _, obs = victim(images, seed)
     watch = Watch(images, target, budget)
     rec = create_attack(name, cfg).reconstruct(model, obs, callback=watch)
-    return watch.reached, mean_psnr(rec.images.numpy(), images)
+    return watch.reached, mean_psnr(rec.images.cpu().numpy(), images)
 
 
 def part_batch1(crops: np.ndarray, attacks: list[str], target: float) -> None:
@@ -129,14 +131,20 @@ def part_many(crops: np.ndarray, attack: str, k: int) -> None:
     print(f"\n## {k} captured batch-1 updates: together vs one by one ({attack})")
     problems = [victim(crops[i % len(crops)][None], i) for i in range(k)]
     cfg = AttackConfig(seed=0)
+    create_attack(attack, cfg).reconstruct(*problems[0][::2])  # warm-up: kernels, caches
+    _sync()
     t0 = time.perf_counter()
     single = [create_attack(attack, cfg).reconstruct(m, o) for m, _, o in problems]
+    _sync()
     one_by_one = time.perf_counter() - t0
     t0 = time.perf_counter()
     together = reconstruct_many(attack, [m for m, _, _ in problems], [o for _, _, o in problems], cfg)
+    _sync()
     joint = time.perf_counter() - t0
-    p1 = statistics.mean(psnr(r.images[0].numpy(), crops[i % len(crops)]) for i, r in enumerate(single))
-    p2 = statistics.mean(psnr(r.images[0].numpy(), crops[i % len(crops)]) for i, r in enumerate(together))
+    p1 = statistics.mean(psnr(r.images[0].cpu().numpy(), crops[i % len(crops)])
+                         for i, r in enumerate(single))
+    p2 = statistics.mean(psnr(r.images[0].cpu().numpy(), crops[i % len(crops)])
+                         for i, r in enumerate(together))
     print("| mode | seconds | reconstructions/s | mean PSNR |")
     print("|---|---|---|---|")
     print(f"| one by one | {one_by_one:.1f} | {k / one_by_one:.2f} | {p1:.1f} |")
@@ -144,7 +152,13 @@ def part_many(crops: np.ndarray, attack: str, k: int) -> None:
     print(f"throughput ratio: {one_by_one / joint:.1f}x")
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
+    global DEVICE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -157,11 +171,15 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=20.0, help="seconds per batch in part 2")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--parts", default="1,2,3")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    DEVICE = torch.device(args.device)
     crops = colour_crops(max(args.images, args.batch_images, 8))
     attacks = [a for a in args.attacks.split(",") if a]
-    print(f"torch {torch.__version__}, {args.threads} thread(s), LeNet on 32x32 colour crops")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {where}, "
+          "LeNet on 32x32 colour crops")
     parts = set(args.parts.split(","))
     if "1" in parts:
         part_batch1(crops[:args.images], attacks, args.target)

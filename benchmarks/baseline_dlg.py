@@ -22,8 +22,9 @@ def published_dlg(
 ) -> torch.Tensor:
     """Run DLG as published; return the final dummy images (clamped to [0, 1])."""
     g = torch.Generator().manual_seed(seed)
-    dummy = torch.randn(shape, generator=g).requires_grad_(True)
-    label = torch.randn((shape[0], num_classes), generator=g).requires_grad_(True)
+    device = target_grads[0].device  # drawn on the CPU, so every device starts alike
+    dummy = torch.randn(shape, generator=g).to(device).requires_grad_(True)
+    label = torch.randn((shape[0], num_classes), generator=g).to(device).requires_grad_(True)
     opt = torch.optim.LBFGS([dummy, label], lr=1, max_iter=20)
     params = list(model.parameters())
 

@@ -124,3 +124,22 @@ def test_recovers_a_batch_through_the_mlp(digits, make_observation):
         model, make_observation(model, x, y))
     perm = match_batch(recon.images.numpy(), x.numpy())
     assert min(psnr(recon.images[int(perm[j])], x[j]) for j in range(6)) >= 40.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_runs_on_cuda(digits, make_observation):
+    from gradleak.models import create_model, init_dlg_uniform
+
+    images, labels = digits
+    model = init_dlg_uniform(create_model("lenet", in_channels=1, num_classes=10, image_size=16),
+                             torch.Generator().manual_seed(1234)).cuda()
+    idx = _distinct(labels, 4)
+    x, y = images[idx].cuda(), labels[idx].cuda()
+    recon = create_attack("analytic", AttackConfig(max_iters=60)).reconstruct(
+        model, make_observation(model, x, y))
+    assert recon.images.is_cuda and recon.stats["device"].startswith("cuda")
+    assert sorted(recon.labels.tolist()) == sorted(y.tolist())
+    perm = match_batch(recon.images.cpu().numpy(), x.cpu().numpy())
+    assert float(np.mean([psnr(recon.images[int(perm[j])].cpu(), x[j].cpu())
+                          for j in range(4)])) >= 28.0
