@@ -5,20 +5,27 @@ the final nn.Linear's gradients are dW = G^T A and db = G^T 1, where row j of G 
 (p_j - y_j) / B and p_j = softmax(W a_j + b). Given the labels, G is a function of A
 alone, so the (B, n) feature matrix A (every sample's input to the last layer)
 solves dW = G(A)^T A: K x n equations in B x n unknowns, determined while G has rank
-B (B <= K). `separate_features` solves it by a fixed point: A <- the least-squares
+B (B <= K). `separate_features` starts with a fixed point: A <- the least-squares
 answer of G^T A = dW for the current G, projected onto the activation's range (a
-sigmoid's features lie in (0, 1)), then G <- G(A).
+sigmoid's features lie in (0, 1)), then G <- G(A); Levenberg-Marquardt then finishes
+it in the features' row space (A = N R with R the top-B right singular vectors of dW:
+B x B unknowns, an exact Jacobian), down to float32's rounding when the labels are
+right.
 
 Where it is weak: when the model predicts nearly the same distribution q for every
 sample and the batch's labels cover most of q's mass, sum_j q[y_j] (q - e_{y_j}) is
 nearly 0, G is nearly rank-deficient, and the sample whose label the model favours
-is poorly determined. G's smallest singular vector says which samples those are
-(`Separated.reliability`, 1 for a trusted sample, 0 for the worst).
+is poorly determined (the fixed point alone gets it wrong; the refinement usually
+recovers it). A sample the model already predicts with p ~ 1 adds almost nothing to
+the gradient and cannot be separated at all. When the separation is not exact, G's
+smallest singular vector says which samples are doubtful (`Separated.reliability`,
+1 for a trusted sample, 0 for the worst).
 
-Labels come from `labels.recover_labels` (counts from the bias gradient), then a
-greedy search over single-label changes keeps a change when it cuts the relative
-residual of both equations by a tenth: the counts go wrong exactly when the
-favoured class collects more than a sample's worth of probability over the batch.
+Labels come from `labels.recover_labels` (counts from the bias gradient), then
+`search_labels` changes up to two labels while a change at least halves the
+separation's residual, stopping at an exact one: the counts go wrong when the
+favoured class collects more than a sample's worth of probability over the batch,
+and only the right labelling separates exactly.
 
 Images (`invert_features`): the features split the batch into B feature
 inversions. Phase 1: L-BFGS on the images against ||f(x_j) - a_j||^2 (each sample
