@@ -35,6 +35,15 @@ def test_npz_batch1_writes_the_documented_result(npz: Path, tmp_path: Path) -> N
     assert (out / "grid.png").stat().st_size > 0
 
 
+def test_analytic_attacks_a_batch_of_four(npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["attack", "--images", str(npz), "--attack", "analytic", "--batch-size", "4",
+                 "--max-iters", "60", "--out", str(out)]) == 0
+    (batch,) = json.loads((out / "result.json").read_text())["attacks"]
+    assert batch["indices"] == [0, 1, 2, 3] and batch["label_accuracy"] == 1.0
+    assert np.mean(batch["psnr"]) >= 28 and min(batch["psnr"]) >= 25  # DLG: ~5-10 dB here
+
+
 def test_defence_is_applied_and_named(npz: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["attack", "--images", str(npz), "--defence", "gauss:1e-1", "--max-iters", "20",
