@@ -190,19 +190,19 @@ def _levenberg_marquardt(
 def search_labels(
     weight: torch.Tensor, bias: torch.Tensor, weight_grad: torch.Tensor, bias_grad: torch.Tensor,
     labels: torch.Tensor, bounds: tuple[float, float] | None,
-) -> tuple[Separated, int]:
+) -> tuple[Separated, int, float]:
     """The recovered labelling, corrected one label at a time while that separates better.
 
     Each round scans single changes (one sample of label a relabelled b) with a short
     refinement, repeated labels and absent classes first (the count estimate errs by
     splitting the model's favourite class's samples over other classes), keeps the
     change that cuts the residual most if it cuts it by SEARCH_GAIN, and stops at an
-    exact separation or after SEARCH_ROUNDS changes. Returns the best separation and
-    how many labels were changed.
+    exact separation or after SEARCH_ROUNDS changes. Returns the best separation, how
+    many labels were changed, and the residual of the labelling it started from.
     """
     current = labels.sort().values
     best = separate_features(weight, bias, weight_grad, bias_grad, current, bounds)
-    changes = 0
+    start_residual, changes = best.residual, 0
     num_classes = weight.shape[0]
     for _ in range(SEARCH_ROUNDS):
         if best.exact:
@@ -245,7 +245,7 @@ def search_labels(
         if not fit.residual < best.residual:
             break
         best, current, changes = fit, candidate, changes + 1
-    return best, changes
+    return best, changes, start_residual
 
 
 def feature_bounds(layers: list[Layer]) -> tuple[float, float] | None:
@@ -350,7 +350,7 @@ def reconstruct_batch(
     last = chain[-1].module
     assert last.bias is not None
     bounds = feature_bounds(layers)
-    sep, changes = search_labels(last.weight.detach(), last.bias.detach(), work[top.weight_index],
+    sep, changes, _ = search_labels(last.weight.detach(), last.bias.detach(), work[top.weight_index],
                                  work[top.bias_index], labels.to(work[0].device), bounds)
     separate_seconds = time.perf_counter() - start
     inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,

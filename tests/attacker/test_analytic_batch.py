@@ -57,8 +57,9 @@ def test_wrong_labels_leave_a_residual_and_the_search_corrects_them(digits, dlg_
     wrong[1] = wrong[0]  # one label lost to a repeat: what count estimates get wrong
     args = _last_layer(dlg_lenet, obs)
     assert separate_features(*args, wrong, (0.0, 1.0)).residual > 100 * EXACT_RESIDUAL
-    sep, changes = search_labels(*args, wrong, (0.0, 1.0))
+    sep, changes, start = search_labels(*args, wrong, (0.0, 1.0))
     assert sep.labels.tolist() == truth.tolist() and changes == 1 and sep.exact
+    assert start > 100 * EXACT_RESIDUAL
 
 
 @pytest.mark.parametrize(("batch", "start"), [(2, 0), (4, 100), (8, 300)])
