@@ -20,14 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacker.inversion import Callback, MatchResult, match_gradients
-from attacker.labels import find_last_linear_grads, recover_label_batch1, recover_labels
+from attacker.labels import (
+    certified_labels,
+    find_last_linear_grads,
+    recover_label_batch1,
+    recover_labels,
+)
 from gradleak.registry import Registry
 
 INITS = ("randn", "rand")  # dummy-image starts: N(0, 1) as DLG, or uniform [0, 1)
 # "auto": each attack's own default (dlg: None, DLG's fixed step; idlg: "strong_wolfe").
 LINE_SEARCHES = ("auto", None, "strong_wolfe")
 # Where labels come from. "auto": each attack's default (dlg: optimised, always, as
-# published; idlg and ig: analytic at any B, optimised where the gradient gives none).
+# published; ig: analytic at any B; idlg: analytic at B = 1 and where the gradient
+# certifies a batch's labels, optimised otherwise).
 # "analytic": recovered from the last layer's gradient (labels.recover_labels) at any B.
 # "optimised": DLG's soft labels, learned jointly with the images.
 LABEL_RECOVERIES = ("auto", "analytic", "optimised")
@@ -303,11 +309,12 @@ class DLG(Attack):
 class IDLG(Attack):
     """iDLG (Zhao et al. 2020): analytic labels, then the images alone by L-BFGS.
 
-    iDLG is defined for one sample; a B > 1 update takes the batch recovery's
-    labels (labels.recover_labels: counts, corrected by exact separation). An
-    update whose last-layer gradient gives no label (non-finite, all zero), or
-    label_recovery "optimised", runs DLG's joint optimisation and reports
-    label_source "optimised".
+    iDLG is defined for one sample. Under label_recovery "auto" a B > 1 update takes
+    analytic labels only where the gradient certifies them (it separates exactly
+    under them: labels.certified_labels) and otherwise runs DLG's joint optimisation,
+    as does an update whose last-layer gradient gives no label or label_recovery
+    "optimised" (label_source "optimised"); "analytic" always takes the batch
+    recovery's labels (labels.recover_labels).
     line_search "auto" means "strong_wolfe" here (see AttackConfig.line_search).
     """
 
@@ -318,7 +325,7 @@ class IDLG(Attack):
         start = time.perf_counter()
         victim = _private_copy(model)
         targets = _targets(victim, obs)
-        labels = analytic_labels(self.config, victim, targets, obs)
+        labels = analytic_labels(self.config, victim, targets, obs, certified_only=True)
         if labels is None:
             # No analytic labels (B > 1 under "auto", "optimised", or no usable signs).
             recon = DLG(self.config).reconstruct(model, obs, callback=callback)
@@ -339,8 +346,15 @@ def analytic_labels(
     model: nn.Module,
     targets: list[torch.Tensor],
     obs: Observation,
+    *,
+    certified_only: bool = False,
 ) -> torch.Tensor | None:
-    """(B,) labels recovered from the gradient, or None where config or signal says no."""
+    """(B,) labels recovered from the gradient, or None where config or signal says no.
+
+    Args:
+        certified_only: under label_recovery "auto", B > 1 labels only where the
+            gradient certifies them (labels.certified_labels), as idlg wants.
+    """
     if config.label_recovery == "optimised":
         return None
     if obs.batch_size == 1:
@@ -349,6 +363,8 @@ def analytic_labels(
             return None
         return torch.tensor([label], dtype=torch.int64, device=targets[0].device)
     try:
+        if certified_only and config.label_recovery == "auto":
+            return certified_labels(model, targets, obs.batch_size)
         return recover_labels(model, targets, obs.batch_size)
     except ValueError:
         return None

@@ -178,13 +178,18 @@ def test_mismatched_observation_is_rejected(digits, dlg_lenet, make_observation)
         Observation(obs.gradients, batch_size=0, input_shape=(1, 16, 16), num_classes=10)
 
 
-def test_idlg_batch2_reads_labels_and_falls_back_only_when_told(digits, dlg_lenet, make_observation):
+def test_idlg_batch2_reads_certified_labels_else_optimises(digits, dlg_lenet, make_observation):
     images, labels = digits
     obs = make_observation(dlg_lenet, images[:2], labels[:2])
     recon = create_attack("idlg", AttackConfig(max_iters=2)).reconstruct(dlg_lenet, obs)
     assert recon.stats["label_source"] == "analytic" and recon.stats["attack"] == "idlg"
     assert recon.labels.tolist() == sorted(labels[:2].tolist())
     assert recon.images.shape == (2, 1, 16, 16)
+    noisy = dataclasses.replace(obs, gradients=tuple(  # noise: no exact separation, no certificate
+        g + 1e-2 * torch.randn(g.shape, generator=torch.Generator().manual_seed(0))
+        for g in obs.gradients))
+    recon = create_attack("idlg", AttackConfig(max_iters=2)).reconstruct(dlg_lenet, noisy)
+    assert recon.stats["label_source"] == "optimised"
     told = AttackConfig(max_iters=2, label_recovery="optimised")
     recon = create_attack("idlg", told).reconstruct(dlg_lenet, obs)
     assert recon.stats["label_source"] == "optimised" and recon.labels.shape == (2,)
