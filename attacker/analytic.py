@@ -165,6 +165,10 @@ class Analytic(Attack):
                 f"analytic attack separates at most num_classes = {obs.num_classes} samples "
                 f"per update, got batch size {obs.batch_size} (use ig for larger batches)"
             )
+        width = layers[-1].module.weight.shape[1]
+        if obs.batch_size > width:
+            raise ValueError(f"analytic attack separates at most the last layer's {width} input "
+                             f"features' worth of samples, got batch size {obs.batch_size}")
         targets = _targets(victim, obs)
         if not all(bool(torch.isfinite(t).all()) for t in targets):
             raise ValueError("analytic attack needs a finite gradient")

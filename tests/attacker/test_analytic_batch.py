@@ -101,6 +101,16 @@ def test_refuses_more_samples_than_classes(digits, dlg_lenet, make_observation):
         create_attack("analytic").reconstruct(dlg_lenet, obs)
 
 
+def test_refuses_a_last_layer_narrower_than_the_batch(digits, make_observation):
+    from torch import nn
+
+    images, labels = digits
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 3), nn.Sigmoid(), nn.Linear(3, 10))
+    idx = _distinct(labels, 4)
+    with pytest.raises(ValueError, match="3 input features"):
+        create_attack("analytic").reconstruct(model, make_observation(model, images[idx], labels[idx]))
+
+
 def test_reconstruct_many_takes_batches_beside_stacked_batch1(digits, dlg_lenet, make_observation):
     images, labels = digits
     idx = _distinct(labels, 3, start=200)
