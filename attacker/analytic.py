@@ -412,20 +412,8 @@ def invert_batch1(
         gradient, relative; nan without a bias).
     """
     dtype = grads[0].dtype
-    top = layers[-1]
-    assert top.bias_index is not None
-    delta = grads[top.bias_index]  # (K,) = p - y exactly at B = 1
-    top_weight = top.module.weight.detach().to(dtype)
-    a = linear_input(grads[top.weight_index], delta)  # (n,) the final layer's input
-    delta_in = top_weight.T @ delta  # dL/d(its input)
-    stats = [{
-        "name": top.name, "type": "Linear", "unknowns": a.numel(),
-        "equations": grads[top.weight_index].numel(), "determined": True, "iterations": 0,
-        "converged": True, "forward_residual": 0.0,
-        "gradient_residual": relative(torch.outer(delta, a) - grads[top.weight_index],
-                                  grads[top.weight_index]),
-        "delta_residual": 0.0,
-    }]
+    a, delta_in, top_stats = _invert_top(layers[-1], grads)
+    stats = [top_stats]
     for i in range(len(layers) - 2, -1, -1):
         layer = layers[i]
         act = layer.activation
@@ -475,6 +463,25 @@ def invert_batch1(
     return a.reshape(1, *input_shape), stats
 
 
+def _invert_top(
+    top: Layer, grads: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The final Linear at B = 1: (its input a, dL/da, its layer stats)."""
+    assert top.bias_index is not None
+    delta = grads[top.bias_index]  # (K,) = p - y exactly at B = 1
+    weight_grad = grads[top.weight_index]
+    a = linear_input(weight_grad, delta)  # (n,) the final layer's input
+    delta_in = top.module.weight.detach().to(delta.dtype).T @ delta  # dL/d(its input)
+    stats = {
+        "name": top.name, "type": "Linear", "unknowns": a.numel(),
+        "equations": weight_grad.numel(), "determined": True, "iterations": 0,
+        "converged": True, "forward_residual": 0.0,
+        "gradient_residual": relative(torch.outer(delta, a) - weight_grad, weight_grad),
+        "delta_residual": 0.0,
+    }
+    return a, delta_in, stats
+
+
 def invert_many(
     chains: list[list[Layer]],
     grads: list[list[torch.Tensor]],
@@ -501,19 +508,10 @@ def invert_many(
     stats: list[list[dict[str, Any]]] = [[] for _ in range(k)]
     a_list, delta_in = [], []
     for j, (top, g) in enumerate(zip(tops, grads, strict=True)):
-        assert top.bias_index is not None
-        delta = g[top.bias_index]
-        a = linear_input(g[top.weight_index], delta)
+        a, d_in, top_stats = _invert_top(top, g)
         a_list.append(a)
-        delta_in.append(top.module.weight.detach().to(dtype).T @ delta)
-        stats[j].append({
-            "name": top.name, "type": "Linear", "unknowns": a.numel(),
-            "equations": g[top.weight_index].numel(), "determined": True, "iterations": 0,
-            "converged": True, "forward_residual": 0.0,
-            "gradient_residual": relative(torch.outer(delta, a) - g[top.weight_index],
-                                      g[top.weight_index]),
-            "delta_residual": 0.0,
-        })
+        delta_in.append(d_in)
+        stats[j].append(top_stats)
     a_all = torch.stack(a_list)  # (k, n)
     d_all = torch.stack(delta_in)
     for i in range(len(chains[0]) - 2, -1, -1):

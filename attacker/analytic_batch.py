@@ -41,7 +41,6 @@ the others once the gradient couples them (B = 8: 18.5 -> 15.6 dB).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacker.analytic_layers import Layer, chain_forward
+from attacker.attacks import _private_copy
 from attacker.inversion import Callback
 
 SEPARATE_ITERS = 300  # fixed-point steps (each a B x B solve); converges in 20-60 here
@@ -347,7 +347,7 @@ def reconstruct_batch(
     start = time.perf_counter()
     top = layers[-1]
     assert top.bias_index is not None  # parse_chain requires the final bias
-    model = _working_copy(victim, working)
+    model = _private_copy(victim).to(working)  # the float64 twin; the victim stays as it is
     work = [t.to(working) for t in targets]
     chain = [_rebind(layer, model) for layer in layers]
     last = chain[-1].module
@@ -366,13 +366,6 @@ def reconstruct_batch(
         "stop_reason": inv.stop_reason,
     }
     return inv.images.to(targets[0].dtype), sep.labels.to(targets[0].device), stats
-
-
-def _working_copy(victim: nn.Module, dtype: torch.dtype) -> nn.Module:
-    model = copy.deepcopy(victim).to(dtype)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
 
 
 def _rebind(layer: Layer, model: nn.Module) -> Layer:

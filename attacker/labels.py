@@ -194,10 +194,8 @@ def recover_labels(
     if batch_size == 1:
         label = recover_label_batch1(weight_grad, bias_grad)
         return torch.tensor([label], dtype=torch.int64, device=device)
-    counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
-    classes = torch.arange(counts.shape[0], device=counts.device)
-    labels = torch.repeat_interleave(classes, counts).to(device)  # (B,)
-    if correct and bias_grad is not None and batch_size <= counts.shape[0]:
+    labels = _counted_labels(weight_grad, bias_grad, batch_size)
+    if correct and bias_grad is not None and batch_size <= weight_grad.shape[0]:
         labels = _separable_labels(model, weight_grad, bias_grad, labels)[0]
     return labels
 
@@ -218,11 +216,18 @@ def certified_labels(
     weight_grad, bias_grad = find_last_linear_grads(model, gradients)
     if bias_grad is None or batch_size > weight_grad.shape[0]:
         return None
-    counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
-    classes = torch.arange(counts.shape[0], device=counts.device)
-    labels = torch.repeat_interleave(classes, counts).to(weight_grad.device)
+    labels = _counted_labels(weight_grad, bias_grad, batch_size)
     corrected, exact = _separable_labels(model, weight_grad, bias_grad, labels)
     return corrected if exact else None
+
+
+def _counted_labels(
+    weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, batch_size: int
+) -> torch.Tensor:
+    """`recover_label_counts` as sorted (B,) labels on the gradient's device."""
+    counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
+    classes = torch.arange(counts.shape[0], device=counts.device)
+    return torch.repeat_interleave(classes, counts).to(weight_grad.device)
 
 
 def _separable_labels(
