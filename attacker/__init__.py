@@ -1,1 +1,7 @@
-"""Gradient-inversion attacks (pure code) and the malicious peer that runs them live."""
+"""Gradient-inversion attacks as pure code: the API (attacker.api) and its implementations.
+
+Importing any part of the package registers every attack: the implementations
+register themselves when imported here.
+"""
+
+from attacker import analytic, dlg, ig  # noqa: F401  (registration)

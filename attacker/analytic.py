@@ -41,7 +41,7 @@ the whole gradient distance when the separation is exact.
 Scope: chains of Conv2d / Linear layers with Sigmoid, Tanh,
 LeakyReLU(slope > 0) or no activation and a final Linear with bias
 (analytic_layers.parse_chain says precisely, and refuses others with a
-ValueError): the DLG LeNet and the MLP of gradleak.models. Deterministic: the
+ValueError): the DLG LeNet and the MLP of gradleak.core.models. Deterministic: the
 seed is not used. Ground truth is never seen.
 """
 
@@ -65,15 +65,15 @@ from attacker.analytic_layers import (
     solve_conv_input,
     solve_conv_inputs,
 )
-from attacker.attacks import (
+from attacker.api import (
     IDLG_LINE_SEARCH,
     Attack,
     AttackConfig,
     Observation,
     Reconstruction,
-    _private_copy,
-    _targets,
+    checked_targets,
     compute_gradients,
+    private_copy,
     register_attack,
 )
 from attacker.inversion import Callback, gradient_distance, match_gradients
@@ -136,7 +136,7 @@ class Analytic(Attack):
         """
         start = time.perf_counter()
         self._check_config()
-        victim = _private_copy(model)
+        victim = private_copy(model)
         layers = parse_chain(victim, obs.input_shape)
         if obs.batch_size > 1:
             return self._reconstruct_batch(victim, layers, obs, start, callback)
@@ -169,7 +169,7 @@ class Analytic(Attack):
         if obs.batch_size > width:
             raise ValueError(f"analytic attack separates at most the last layer's {width} input "
                              f"features' worth of samples, got batch size {obs.batch_size}")
-        targets = _targets(victim, obs)
+        targets = checked_targets(victim, obs)
         if not all(bool(torch.isfinite(t).all()) for t in targets):
             raise ValueError("analytic attack needs a finite gradient")
         labels = recover_labels(victim, targets, obs.batch_size, correct=False)  # searched below
@@ -238,7 +238,7 @@ class Analytic(Attack):
         for j, (model, obs) in enumerate(zip(models, observations, strict=True)):
             if j in batches:
                 continue
-            victim, by_shape = victims.setdefault(id(model), (_private_copy(model), {}))
+            victim, by_shape = victims.setdefault(id(model), (private_copy(model), {}))
             try:
                 if obs.input_shape not in by_shape:
                     by_shape[obs.input_shape] = parse_chain(victim, obs.input_shape)
@@ -337,7 +337,7 @@ class _Problem:
 
     @classmethod
     def of(cls, victim: nn.Module, layers: list[Layer], obs: Observation) -> _Problem:
-        targets = _targets(victim, obs)
+        targets = checked_targets(victim, obs)
         if not all(bool(torch.isfinite(t).all()) for t in targets):
             raise ValueError("analytic attack needs a finite gradient")
         top = layers[-1]

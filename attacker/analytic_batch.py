@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacker.analytic_layers import Layer, chain_forward
-from attacker.attacks import _private_copy
+from attacker.api import private_copy
 from attacker.inversion import Callback
 
 SEPARATE_ITERS = 300  # fixed-point steps (each a B x B solve); converges in 20-60 here
@@ -347,7 +347,7 @@ def reconstruct_batch(
     start = time.perf_counter()
     top = layers[-1]
     assert top.bias_index is not None  # parse_chain requires the final bias
-    model = _private_copy(victim).to(working)  # the float64 twin; the victim stays as it is
+    model = private_copy(victim).to(working)  # the float64 twin; the victim stays as it is
     work = [t.to(working) for t in targets]
     chain = [_rebind(layer, model) for layer in layers]
     last = chain[-1].module

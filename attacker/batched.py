@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from attacker.analytic import Analytic
-from attacker.attacks import AttackConfig, Observation, Reconstruction, create_attack
+from attacker.api import AttackConfig, Observation, Reconstruction, create_attack
 from attacker.ig import Prepared, pick_restart, prepare, schedule_of
 from attacker.stacked import attack_copy, invert_stacked, stack_weights
 

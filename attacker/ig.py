@@ -18,16 +18,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacker.attacks import (
+from attacker.api import (
     Attack,
     AttackConfig,
     Observation,
     Reconstruction,
-    _targets,
-    analytic_labels,
+    checked_targets,
     register_attack,
 )
 from attacker.inversion import Callback
+from attacker.labels import analytic_labels
 from attacker.stacked import Schedule, StackedResult, attack_copy, invert_stacked, one_hot
 
 
@@ -61,7 +61,7 @@ def prepare(config: AttackConfig, model: nn.Module, obs: Observation) -> Prepare
     Restart r draws from seed config.seed + r on the CPU (same start on any device):
     images first, then, when labels are learned, the label logits, as DLG does.
     """
-    targets = _targets(model, obs)
+    targets = checked_targets(model, obs)
     like = targets[0]
     hard = analytic_labels(config, model, targets, obs)
     shape = (obs.batch_size, *obs.input_shape)

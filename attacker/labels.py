@@ -31,9 +31,13 @@ activations, scaled by the activations' sum, whose per-sample size is estimated 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from attacker.api import AttackConfig, Observation
 
 CORRECTION_GAIN = 10.0  # a corrected labelling must separate this much better than the counts
 
@@ -292,3 +296,41 @@ def _last_linear(model: nn.Module) -> nn.Linear:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
     return max(linears, key=lambda m: index[id(m.weight)])
+
+
+def analytic_labels(
+    config: AttackConfig,
+    model: nn.Module,
+    targets: list[torch.Tensor],
+    obs: Observation,
+    *,
+    certified_only: bool = False,
+) -> torch.Tensor | None:
+    """(B,) labels recovered from the gradient, or None where config or signal says no.
+
+    Args:
+        certified_only: under label_recovery "auto", B > 1 labels only where the
+            gradient certifies them (labels.certified_labels), as idlg wants.
+    """
+    if config.label_recovery == "optimised":
+        return None
+    if obs.batch_size == 1:
+        label = _analytic_label(model, targets)
+        if label is None:
+            return None
+        return torch.tensor([label], dtype=torch.int64, device=targets[0].device)
+    try:
+        if certified_only and config.label_recovery == "auto":
+            return certified_labels(model, targets, obs.batch_size)
+        return recover_labels(model, targets, obs.batch_size)
+    except ValueError:
+        return None
+
+
+def _analytic_label(model: nn.Module, targets: list[torch.Tensor]) -> int | None:
+    """iDLG's label from the last linear layer, or None when the gradient gives none."""
+    weight_grad, bias_grad = find_last_linear_grads(model, targets)
+    try:
+        return recover_label_batch1(weight_grad, bias_grad)
+    except ValueError:
+        return None

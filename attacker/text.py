@@ -16,9 +16,9 @@ Two signals, both known from the literature on text leakage:
   row p is the loss gradient at input p, and each token's embedding-gradient row
   is the sum of those rows over the positions where it occurs - a linear system.
 
-The victim protocol (gradleak.text): `model(embeds=...)` takes (B, T, d) token
+The victim protocol (gradleak.core.text): `model(embeds=...)` takes (B, T, d) token
 embeddings, `model.token_embedding` / `model.position_embedding` are nn.Embedding,
-and the loss is gradleak.text.language_model_loss.
+and the loss is gradleak.core.text.language_model_loss.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradleak.registry import Registry
-from gradleak.text import BOS_ID, language_model_loss
+from gradleak.core.registry import Registry
+from gradleak.core.text import BOS_ID, language_model_loss
 
 OPTIMIZERS = ("lbfgs", "adam")
 DISTANCES = ("l2", "cosine")
@@ -158,7 +158,7 @@ def _param_index(model: nn.Module, param: torch.Tensor) -> int:
 def _embedding_grads(model: nn.Module, obs: TextObservation, attr: str) -> torch.Tensor:
     embedding = getattr(model, attr, None)
     if not isinstance(embedding, nn.Embedding):
-        raise TypeError(f"the model has no nn.Embedding '{attr}' (see gradleak.text)")
+        raise TypeError(f"the model has no nn.Embedding '{attr}' (see gradleak.core.text)")
     grad = obs.gradients[_param_index(model, embedding.weight)]
     if grad.shape != embedding.weight.shape:
         raise ValueError(f"{attr} gradient {tuple(grad.shape)} != weight {tuple(embedding.weight.shape)}")

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from baseline_dlg import published_dlg
 from data import colour_crops
 
-from attacker.attacks import AttackConfig, Observation, compute_gradients, create_attack
+from attacker.api import AttackConfig, Observation, compute_gradients, create_attack
 from attacker.metrics import match_batch, psnr
-from gradleak.models import create_model, init_dlg_uniform
+from gradleak.core.models import create_model, init_dlg_uniform
 
 CLASSES = 10
 DEVICE = torch.device("cpu")  # --device

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacker.attacks import AttackConfig, Observation, compute_gradients, create_attack
+from attacker.api import AttackConfig, Observation, compute_gradients, create_attack
 from attacker.labels import recover_labels
 from attacker.metrics import match_batch, psnr
+from gradleak.core.models import create_model, init_dlg_uniform
 from gradleak.data import load_dataset
-from gradleak.models import create_model, init_dlg_uniform
 
 
 def lenet(seed: int) -> torch.nn.Module:

@@ -10,42 +10,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gradleak.config import ConfigError, RunConfig, from_dict, load_yaml
+from gradleak.flags import add_flags, overlay
 from gradleak.report import add_report_parser, run_report_command
 from gradleak.sweep import add_sweep_parser, run_sweep_command
-
-# flag -> (section or "" for top level, field, parser). Every flag maps to one config field.
-FLAGS: dict[str, tuple[str, str, Any]] = {
-    "--peers": ("peers", "honest", int),
-    "--batch-size": ("peers", "batch_sizes", lambda s: tuple(int(x) for x in s.split(","))),
-    "--defence": ("peers", "defences", lambda s: tuple(x.strip() for x in s.split(","))),
-    "--model": ("peers", "model", str),
-    "--optimizer": ("peers", "optimizer", str),
-    "--lr": ("peers", "lr", float),
-    "--peer-device": ("peers", "device", str),
-    "--secagg": ("peers", "secagg", lambda s: {"on": True, "off": False}[s]),
-    "--peer-gpus": ("peers", "num_gpus", float),
-    "--rounds": ("gossip", "rounds", int),
-    "--fanout": ("gossip", "fanout", int),
-    "--topology": ("gossip", "topology", str),
-    "--round-interval": ("gossip", "round_interval_s", float),
-    "--tls": ("gossip", "tls", lambda s: {"on": True, "off": False}[s]),
-    "--attack": ("attack", "attacks", lambda s: tuple(x.strip() for x in s.split(","))),
-    "--max-iters": ("attack", "max_iters", int),
-    "--queue-size": ("attack", "queue_size", int),
-    "--attack-gpus": ("attack", "num_gpus", float),
-    "--device": ("attack", "device", str),
-    "--drain-timeout": ("attack", "drain_timeout_s", float),
-    "--attack-resource": ("attack", "resource", str),
-    "--dataset": ("data", "dataset", str),
-    "--data-root": ("data", "data_root", str),
-    "--image-size": ("data", "image_size", int),
-    "--limit": ("data", "limit", int),
-    "--metrics-port": ("telemetry", "metrics_port", int),
-    "--host": ("telemetry", "host", str),
-    "--seed": ("", "seed", int),
-    "--out": ("", "out_dir", str),
-    "--ray-address": ("", "ray_address", str),
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,10 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_sweep_parser(sub)
     run = sub.add_parser("run", help="run the gossip testbed with a live attacker")
-    run.add_argument("--config", help="YAML config file (flags override it)")
-    for flag, (section, name, _type) in FLAGS.items():
-        where = f"{section}.{name}" if section else name
-        run.add_argument(flag, dest=flag[2:].replace("-", "_"), metavar="X", help=f"sets {where}")
+    run.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
+    add_flags(run)
     return parser
 
 
@@ -135,20 +100,7 @@ def _attack_text(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """YAML file first (if any), then each given flag; raises ConfigError on bad values."""
     cfg = load_yaml(args.config) if args.config else RunConfig()
-    overlay: dict[str, Any] = {}
-    for flag, (section, name, convert) in FLAGS.items():
-        raw = getattr(args, flag[2:].replace("-", "_"))
-        if raw is None:
-            continue
-        try:
-            value = convert(raw)
-        except (ValueError, KeyError):
-            raise ConfigError(f"bad value for {flag}: {raw!r}") from None
-        if section:
-            overlay.setdefault(section, {})[name] = value
-        else:
-            overlay[name] = value
-    return from_dict(overlay, cfg).validate()
+    return from_dict(overlay(args), cfg).validate()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(cfg: RunConfig) -> int:
-    from gradleak.record import format_table
     from gradleak.runner import run
+    from gradleak.runtime.record import format_table
 
     try:
         result = run(cfg, progress=lambda s: print(s, flush=True))

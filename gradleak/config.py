@@ -54,7 +54,7 @@ class PeerConfig:
     num_gpus: float = 0.0  # Ray GPU request per honest peer
 
     def validate(self) -> None:
-        from gradleak.models import MODELS
+        from gradleak.core.models import MODELS
         from p2p.defences import parse_defence
         from p2p.peer import OPTIMIZERS
 
@@ -119,7 +119,7 @@ class AttackSettings:
     resource: str | None = None  # custom Ray resource marking attacker nodes (e.g. "attacker")
 
     def validate(self) -> None:
-        from attacker.attacks import ATTACKS
+        from attacker.api import ATTACKS
 
         if not self.attacks:
             raise ConfigError("at least one attack is required")

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacker.attacks import AttackConfig, Observation, compute_gradients, create_attack
+from attacker.api import AttackConfig, Observation, compute_gradients, create_attack
 from attacker.metrics import match_batch, psnr, score_batch
-from gradleak.devices import resolve_device
-from gradleak.models import create_model, init_dlg_uniform
-from gradleak.record import clean, write_grid
+from gradleak.core.devices import resolve_device
+from gradleak.core.models import create_model, init_dlg_uniform
+from gradleak.runtime.record import clean, write_grid
 from p2p.defences import parse_defence
 
 

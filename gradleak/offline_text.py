@@ -18,7 +18,7 @@ import torch
 
 from attacker.text import TextAttackConfig, TextObservation, create_text_attack
 from attacker.text_metrics import score_text
-from gradleak.text import Corpus, create_text_model, load_corpus, text_gradients
+from gradleak.core.text import Corpus, create_text_model, load_corpus, text_gradients
 from p2p.defences import parse_defence
 
 

@@ -18,13 +18,13 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from attacker.attacks import AttackConfig
-from attacker.node import MaliciousActor
+from attacker.api import AttackConfig
 from gradleak.config import RunConfig
 from gradleak.data import Dataset, load_dataset, split
-from gradleak.evaluator_node import EvaluatorActor
-from gradleak.record import RunRecord
-from p2p.node import PeerActor, PeerSpec
+from gradleak.runtime.evaluator_node import EvaluatorActor
+from gradleak.runtime.malicious_node import MaliciousActor
+from gradleak.runtime.peer_node import PeerActor, PeerSpec
+from gradleak.runtime.record import RunRecord
 from p2p.secagg import create_group
 from p2p.tls import TlsMaterial, make_test_pki
 

@@ -25,6 +25,7 @@ import yaml
 
 from gradleak import store
 from gradleak.config import ConfigError, RunConfig, from_dict
+from gradleak.flags import add_flags, overlay
 from gradleak.store import Cell, SweepSpec, defence_params, make_spec
 
 Progress = Callable[[str], None]
@@ -44,8 +45,8 @@ NOT_BASE = {"--peers", "--batch-size", "--defence", "--attack", "--fanout", "--t
 
 def run_cell(cell: Cell, cfg: RunConfig, root: str) -> dict[str, Any]:
     """Run one cell's testbed to the end; return its cell.json record (not yet written)."""
-    from gradleak.record import RunRecord
     from gradleak.runner import Testbed
+    from gradleak.runtime.record import RunRecord
 
     t0 = time.monotonic()
     bed = Testbed(cfg)
@@ -250,8 +251,6 @@ def add_sweep_parser(subparsers: Any) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from gradleak.cli import FLAGS
-
     p.add_argument("--out", required=True, help="sweep directory (the store)")
     p.add_argument("--config", help="sweep YAML: axes and a `base:` run config (flags override it)")
     p.add_argument("--resume", action="store_true", help="skip done cells, redo unfinished ones")
@@ -260,17 +259,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         what = "N (seeds 0..N-1) or A,B" if name == "seeds" else "A,B"
         p.add_argument(*flags, dest=f"axis_{name}", metavar="A,B",
                        help=f"axis {name}: {what} (default: the base's {store.SPEC_AXES[name]})")
-    for flag, (section, name, _t) in FLAGS.items():
-        if flag not in NOT_BASE:
-            where = f"{section}.{name}" if section else name
-            p.add_argument(flag, dest=f"base_{flag[2:].replace('-', '_')}", metavar="X",
-                           help=f"sets base {where}")
+    add_flags(p, prefix="base_", skip=NOT_BASE, what="base run: ")
 
 
 def spec_from_args(args: argparse.Namespace, config: str | None = None) -> SweepSpec:
     """The YAML file (`config`, else --config) first, then the flags; ConfigError if bad."""
-    from gradleak.cli import FLAGS
-
     config = config or args.config
     raw = store.read_yaml(Path(config)) if config else {}
     known = [*store.SPEC_AXES, "base"]
@@ -278,17 +271,7 @@ def spec_from_args(args: argparse.Namespace, config: str | None = None) -> Sweep
         raise ConfigError(f"unknown sweep key '{min(set(raw) - set(known))}' (known: "
                           f"{', '.join(known)})")
     base = from_dict(raw.get("base") or {})
-    overlay: dict[str, Any] = {}
-    for flag, (section, name, convert) in FLAGS.items():
-        value = getattr(args, f"base_{flag[2:].replace('-', '_')}", None)
-        if value is None:
-            continue
-        try:
-            converted = convert(value)
-        except (ValueError, KeyError):
-            raise ConfigError(f"bad value for {flag}: {value!r}") from None
-        (overlay.setdefault(section, {}) if section else overlay)[name] = converted
-    base = from_dict(overlay, base)
+    base = from_dict(overlay(args, prefix="base_"), base)
     for name in AXIS_FLAGS:
         if getattr(args, f"axis_{name}") is not None:
             raw[name] = getattr(args, f"axis_{name}")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from gradleak.core.models import create_model, init_dlg_uniform
 from gradleak.data import Dataset, load_dataset
-from gradleak.models import create_model, init_dlg_uniform
 
 
 @pytest.fixture(scope="session")

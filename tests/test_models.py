@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradleak.models import MODELS, create_model, init_dlg_uniform, register_model
+from gradleak.core.models import MODELS, create_model, init_dlg_uniform, register_model
 
 
 def test_unknown_model_lists_known_names():

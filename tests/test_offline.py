@@ -107,8 +107,8 @@ def test_text_corpus_recovers_sentences(tmp_path: Path) -> None:
 
 
 def test_text_batches_group_equal_lengths(tmp_path: Path) -> None:
+    from gradleak.core.text import load_corpus
     from gradleak.offline_text import batches_by_length
-    from gradleak.text import load_corpus
 
     corpus = load_corpus(CORPUS)
     groups = batches_by_length(corpus, 2)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradleak.record import write_grid
 from gradleak.report import add_report_parser, run_report_command, write_report
 from gradleak.report_claims import (
     FAILS,
@@ -23,6 +22,7 @@ from gradleak.report_claims import (
     defence_strength,
     group_cells,
 )
+from gradleak.runtime.record import write_grid
 
 # (attack, batch_size, defence) -> (mean PSNR, share >= 30 dB, honest accuracy).
 # Under dlg every claim of the paper holds; idlg still breaks prune:0.3 at batch size 1.

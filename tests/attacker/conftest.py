@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from attacker.attacks import Observation, compute_gradients
-from gradleak.models import create_model, init_dlg_uniform
+from attacker.api import Observation, compute_gradients
+from gradleak.core.models import create_model, init_dlg_uniform
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10

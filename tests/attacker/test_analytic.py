@@ -12,10 +12,10 @@ from torch import nn
 
 from attacker.analytic import Analytic
 from attacker.analytic_layers import ConvOps
-from attacker.attacks import ATTACKS, AttackConfig, Observation, compute_gradients, create_attack
+from attacker.api import ATTACKS, AttackConfig, Observation, compute_gradients, create_attack
 from attacker.batched import reconstruct_many
 from attacker.metrics import psnr
-from gradleak.models import create_model, init_dlg_uniform
+from gradleak.core.models import create_model, init_dlg_uniform
 
 CONFIG = AttackConfig(max_iters=5, seed=3)
 TARGET_DB = 30.0

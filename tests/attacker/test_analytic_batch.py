@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attacker.analytic_batch import EXACT_RESIDUAL, search_labels, separate_features
-from attacker.attacks import AttackConfig, create_attack
+from attacker.api import AttackConfig, create_attack
 from attacker.batched import reconstruct_many
 from attacker.metrics import match_batch, psnr
 
@@ -124,7 +124,7 @@ def test_reconstruct_many_takes_batches_beside_stacked_batch1(digits, dlg_lenet,
 
 
 def test_recovers_a_batch_through_the_mlp(digits, make_observation):
-    from gradleak.models import create_model
+    from gradleak.core.models import create_model
 
     images, labels = digits
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_recovers_a_batch_through_the_mlp(digits, make_observation):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_runs_on_cuda(digits, make_observation):
-    from gradleak.models import create_model, init_dlg_uniform
+    from gradleak.core.models import create_model, init_dlg_uniform
 
     images, labels = digits
     model = init_dlg_uniform(create_model("lenet", in_channels=1, num_classes=10, image_size=16),

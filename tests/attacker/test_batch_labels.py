@@ -12,14 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacker.attacks import AttackConfig, compute_gradients, create_attack
+from attacker.api import AttackConfig, compute_gradients, create_attack
 from attacker.labels import (
     find_last_linear_grads,
     recover_label_batch1,
     recover_label_counts,
     recover_labels,
 )
-from gradleak.models import create_model
+from gradleak.core.models import create_model
 
 
 def _batch(digits, classes: list[int], generator: torch.Generator):
@@ -113,7 +113,7 @@ def test_idlg_uses_batch_labels_when_asked(digits, make_observation):
 def test_separation_corrects_counts_on_the_confident_dlg_lenet(digits):
     """The DLG-initialised LeNet favours one class, which the counts alone miss; the
     exact-separation search repairs most such batches (30 random batches of 4)."""
-    from gradleak.models import init_dlg_uniform
+    from gradleak.core.models import init_dlg_uniform
 
     images, labels = digits
     gen = torch.Generator().manual_seed(0)
@@ -132,7 +132,7 @@ def test_separation_corrects_counts_on_the_confident_dlg_lenet(digits):
 def test_correction_trusts_a_far_better_separation_short_of_exact(digits):
     """Repeated labels keep the separation ill-conditioned: on this batch of 8 (labels
     0,1,1,3,4,5,6,9) the right labelling is 1000x better than the counts' but not exact."""
-    from gradleak.models import init_dlg_uniform
+    from gradleak.core.models import init_dlg_uniform
 
     images, labels = digits
     gen = torch.Generator().manual_seed(5)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacker.analytic_layers import ConvOps, solve_conv_input, solve_conv_inputs
-from attacker.attacks import AttackConfig, create_attack
+from attacker.api import AttackConfig, create_attack
 from attacker.batched import reconstruct_many
 from attacker.metrics import psnr
-from gradleak.models import create_model, init_dlg_uniform
+from gradleak.core.models import create_model, init_dlg_uniform
 
 CONFIG = AttackConfig(max_iters=100, seed=0, restarts=1)
 INDICES = [0, 7, 3, 11]  # four digits, two captured at each of two model versions

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacker.attacks import (
+from attacker.api import (
     ATTACKS,
     AttackConfig,
     Observation,

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from attacker.attacks import ATTACKS, AttackConfig, Observation, compute_gradients, create_attack
+from attacker.api import ATTACKS, AttackConfig, Observation, compute_gradients, create_attack
 from attacker.metrics import psnr
-from gradleak.models import create_model
+from gradleak.core.models import create_model
 
 BUDGET = AttackConfig(max_iters=100, seed=0)  # the live attacker's default budget
 

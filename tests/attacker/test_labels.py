@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from attacker.attacks import compute_gradients
+from attacker.api import compute_gradients
 from attacker.labels import find_last_linear_grads, recover_label_batch1
-from gradleak.models import create_model
+from gradleak.core.models import create_model
 
 
 def _two_of_each_class(labels: torch.Tensor) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from attacker.text import (
     create_text_attack,
 )
 from attacker.text_metrics import exact_sentence_rate, match_sentences, score_text, token_accuracy
-from gradleak.text import (
+from gradleak.core.text import (
     BOS_ID,
     SPECIALS,
     TEXT_MODELS,
@@ -141,17 +142,19 @@ def test_dlg_text_recovers_a_sentence(corpus: Corpus, lm: nn.Module, index: int)
     assert recon.stats["bag_size"] == len(set(ids.tolist()))
 
 
-def test_dlg_text_restarts_out_of_a_wrong_order(corpus: Corpus, lm: nn.Module) -> None:
-    # Seed 0's first start ends in a local minimum for this sentence ("a . of" for
-    # "a fort of"); a second seeded start finds the sentence.
+def test_dlg_text_restarts_while_the_best_start_stays_above_tolerance(corpus: Corpus, lm: nn.Module) -> None:
+    # A start above restart_tol (one stuck in a wrong word order: seed 0 on sentence 8
+    # was, on an earlier torch build; none is on 2.14.1, so a tolerance of 0 stands in)
+    # must be followed by fresh seeded starts, and the best of them is kept.
     ids = corpus.encode(corpus.sentences[8])
-    attack = create_text_attack("dlg-text", BUDGET)
-    one_start = create_text_attack("dlg-text", TextAttackConfig(max_iters=30, seed=0, restarts=0))
-    single = one_start.reconstruct(lm, observe(lm, ids))
-    assert single.stats["grad_distance"] > BUDGET.restart_tol
-    recon = attack.reconstruct(lm, observe(lm, ids))
-    assert recon.stats["starts"] >= 2 and recon.tokens[0].tolist() == ids.tolist()
-    assert attack.reconstruct(lm, observe(lm, ids)).tokens.tolist() == recon.tokens.tolist()
+    short = TextAttackConfig(max_iters=2, seed=0, restarts=0, restart_tol=0.0)
+    single = create_text_attack("dlg-text", short).reconstruct(lm, observe(lm, ids))
+    assert single.stats["grad_distance"] > short.restart_tol and single.stats["starts"] == 1
+    several = create_text_attack("dlg-text", dataclasses.replace(short, restarts=3))
+    recon = several.reconstruct(lm, observe(lm, ids))
+    assert recon.stats["starts"] == 4  # every start ends above a tolerance of 0
+    assert recon.stats["grad_distance"] <= single.stats["grad_distance"]
+    assert several.reconstruct(lm, observe(lm, ids)).tokens.tolist() == recon.tokens.tolist()
 
 
 def test_dlg_text_recovers_a_batch_of_two(corpus: Corpus, lm: nn.Module) -> None:

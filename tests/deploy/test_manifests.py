@@ -18,8 +18,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from gradleak.cli import FLAGS, build_parser, config_from_args
-from gradleak.telemetry import Metrics
+from gradleak.cli import build_parser, config_from_args
+from gradleak.flags import FLAGS
+from gradleak.runtime.telemetry import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -109,7 +109,7 @@ def test_peer_on_cuda_sends_host_tensors_and_learns(digits_data, lenet) -> None:
 
 
 def test_unknown_device_is_refused() -> None:
-    from gradleak.devices import resolve_device
+    from gradleak.core.devices import resolve_device
 
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         resolve_device("tpu")

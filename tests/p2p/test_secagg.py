@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attacker.attacks import AttackConfig, Observation, compute_gradients, create_attack
+from attacker.api import AttackConfig, Observation, compute_gradients, create_attack
 from attacker.metrics import psnr
-from gradleak.models import create_model, init_dlg_uniform
+from gradleak.core.models import create_model, init_dlg_uniform
 from p2p.defences import Grads, parse_defence
 from p2p.errors import UpdateRejected
 from p2p.peer import Peer

@@ -13,10 +13,10 @@ from typing import Any
 import ray
 import torch
 
-from attacker.attacks import AttackConfig, Reconstruction, create_attack
-from attacker.malicious import MaliciousPeer
-from gradleak.telemetry import Metrics
-from p2p.node import PeerNode, PeerSpec
+from attacker.api import AttackConfig, Reconstruction, create_attack
+from gradleak.runtime.malicious import MaliciousPeer
+from gradleak.runtime.peer_node import PeerNode, PeerSpec
+from gradleak.runtime.telemetry import Metrics
 from p2p.update import UpdateHeader
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from attacker.metrics import score_batch
-from gradleak.record import RunRecord, clean, write_grid
-from gradleak.telemetry import Metrics
+from gradleak.runtime.record import RunRecord, clean, write_grid
+from gradleak.runtime.telemetry import Metrics
 
 
 @dataclass(frozen=True)

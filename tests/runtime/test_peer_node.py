@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gradleak.config import ConfigError, from_dict
+from gradleak.runtime.peer_node import PeerNode, PeerSpec
 from p2p.errors import TransportError
-from p2p.node import PeerNode, PeerSpec
 from p2p.secagg import create_group
 from p2p.tls import make_test_pki
 from p2p.transport import GossipClient

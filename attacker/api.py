@@ -1,15 +1,17 @@
-"""The attack interface, its registry, and the DLG / iDLG gradient-inversion attacks.
+"""The attack API: what an attack receives, what it returns, and the registry of attacks.
 
 An attack gets only what a malicious peer really sees (the model at the sender's
 version and an Observation: gradients plus public metadata) and returns a
 Reconstruction with stats. Ground truth reaches only the scoring step (metrics.py).
+This module imports no attack: implementations import it and register themselves
+(attacker/__init__.py imports every implementation, so the registry is complete
+whenever any part of the package is imported).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,14 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacker.inversion import Callback, MatchResult, match_gradients
-from attacker.labels import (
-    certified_labels,
-    find_last_linear_grads,
-    recover_label_batch1,
-    recover_labels,
-)
-from gradleak.registry import Registry
+from attacker.inversion import Callback
+from gradleak.core.registry import Registry
 
 INITS = ("randn", "rand")  # dummy-image starts: N(0, 1) as DLG, or uniform [0, 1)
 # "auto": each attack's own default (dlg: None, DLG's fixed step; idlg: "strong_wolfe").
@@ -194,7 +190,7 @@ def compute_gradients(
     return tuple(g.detach().to(torch.float32) for g in grads)
 
 
-def _private_copy(model: nn.Module) -> nn.Module:
+def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy the attack may differentiate through without touching the caller's.
 
     The copy keeps the caller's train/eval mode: the gradient was taken in the
@@ -207,7 +203,7 @@ def _private_copy(model: nn.Module) -> nn.Module:
     return victim
 
 
-def _targets(model: nn.Module, obs: Observation) -> list[torch.Tensor]:
+def checked_targets(model: nn.Module, obs: Observation) -> list[torch.Tensor]:
     """The observed gradients on the model's device/dtype, after checking they fit it."""
     params = list(model.parameters())
     if len(obs.gradients) != len(params):
@@ -220,7 +216,7 @@ def _targets(model: nn.Module, obs: Observation) -> list[torch.Tensor]:
     return [g.detach().to(device=p.device, dtype=p.dtype) for g, p in zip(obs.gradients, params)]
 
 
-def _initial_images(
+def initial_images(
     config: AttackConfig, obs: Observation, generator: torch.Generator, like: torch.Tensor
 ) -> torch.Tensor:
     """Seeded dummy images, drawn on the CPU so a seed gives the same start on any device."""
@@ -232,153 +228,5 @@ def _initial_images(
     return start.to(device=like.device, dtype=like.dtype).requires_grad_(True)
 
 
-def _run(
-    config: AttackConfig,
-    model: nn.Module,
-    targets: list[torch.Tensor],
-    data: torch.Tensor,
-    callback: Callback | None,
-    line_search: str | None,
-    **labels: torch.Tensor,
-) -> MatchResult:
-    return match_gradients(
-        model,
-        targets,
-        data,
-        max_iters=config.max_iters,
-        inner=config.lbfgs_inner,
-        lr=config.lr,
-        history=config.lbfgs_history,
-        line_search=line_search,
-        grad_tol=config.grad_tol,
-        patience=config.patience,
-        callback=callback,
-        **labels,
-    )
 
-
-def _reconstruction(
-    name: str, result: MatchResult, labels: torch.Tensor, source: str, start: float
-) -> Reconstruction:
-    stats = {
-        "attack": name,
-        "iterations": result.iterations,
-        "evaluations": result.evaluations,
-        "grad_distance": result.distance,
-        "seconds": time.perf_counter() - start,
-        "label_source": source,
-        "diverged": result.diverged,
-        "stop_reason": result.stop_reason,
-        "device": str(result.images.device),
-    }
-    images = torch.nan_to_num(result.images.detach(), nan=0.0).clamp(0.0, 1.0)
-    return Reconstruction(
-        images=images,
-        labels=labels.detach().to(torch.int64),
-        stats=stats,
-        raw_images=result.images.detach(),
-    )
-
-
-@register_attack("dlg")
-class DLG(Attack):
-    """Deep Leakage from Gradients (Zhu et al. 2019): images and soft labels jointly."""
-
-    def reconstruct(
-        self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
-    ) -> Reconstruction:
-        """See Attack.reconstruct; labels are the argmax of the optimised soft labels."""
-        start = time.perf_counter()
-        victim = _private_copy(model)
-        targets = _targets(victim, obs)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        # DLG draws the dummy images first, then the dummy labels.
-        data = _initial_images(self.config, obs, generator, targets[0])
-        label_logits = torch.randn((obs.batch_size, obs.num_classes), generator=generator)
-        label_logits = label_logits.to(targets[0]).requires_grad_(True)
-        line_search = None if self.config.line_search == "auto" else self.config.line_search
-        result = _run(
-            self.config, victim, targets, data, callback, line_search, label_logits=label_logits
-        )
-        assert result.label_logits is not None  # joint optimisation always returns them
-        labels = result.label_logits.argmax(dim=-1)
-        return _reconstruction(self.name, result, labels, "optimised", start)
-
-
-@register_attack("idlg")
-class IDLG(Attack):
-    """iDLG (Zhao et al. 2020): analytic labels, then the images alone by L-BFGS.
-
-    iDLG is defined for one sample. Under label_recovery "auto" a B > 1 update takes
-    analytic labels only where the gradient certifies them (it separates exactly
-    under them: labels.certified_labels) and otherwise runs DLG's joint optimisation,
-    as does an update whose last-layer gradient gives no label or label_recovery
-    "optimised" (label_source "optimised"); "analytic" always takes the batch
-    recovery's labels (labels.recover_labels).
-    line_search "auto" means "strong_wolfe" here (see AttackConfig.line_search).
-    """
-
-    def reconstruct(
-        self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
-    ) -> Reconstruction:
-        """See Attack.reconstruct."""
-        start = time.perf_counter()
-        victim = _private_copy(model)
-        targets = _targets(victim, obs)
-        labels = analytic_labels(self.config, victim, targets, obs, certified_only=True)
-        if labels is None:
-            # No analytic labels (B > 1 under "auto", "optimised", or no usable signs).
-            recon = DLG(self.config).reconstruct(model, obs, callback=callback)
-            recon.stats["attack"] = self.name
-            return recon
-        generator = torch.Generator().manual_seed(self.config.seed)
-        data = _initial_images(self.config, obs, generator, targets[0])
-        line_search = IDLG_LINE_SEARCH if self.config.line_search == "auto" else self.config.line_search
-        result = _run(self.config, victim, targets, data, callback, line_search, hard_labels=labels)
-        return _reconstruction(self.name, result, labels, "analytic", start)
-
-
-IDLG_LINE_SEARCH = "strong_wolfe"  # idlg's "auto" line search
-
-
-def analytic_labels(
-    config: AttackConfig,
-    model: nn.Module,
-    targets: list[torch.Tensor],
-    obs: Observation,
-    *,
-    certified_only: bool = False,
-) -> torch.Tensor | None:
-    """(B,) labels recovered from the gradient, or None where config or signal says no.
-
-    Args:
-        certified_only: under label_recovery "auto", B > 1 labels only where the
-            gradient certifies them (labels.certified_labels), as idlg wants.
-    """
-    if config.label_recovery == "optimised":
-        return None
-    if obs.batch_size == 1:
-        label = _analytic_label(model, targets)
-        if label is None:
-            return None
-        return torch.tensor([label], dtype=torch.int64, device=targets[0].device)
-    try:
-        if certified_only and config.label_recovery == "auto":
-            return certified_labels(model, targets, obs.batch_size)
-        return recover_labels(model, targets, obs.batch_size)
-    except ValueError:
-        return None
-
-
-def _analytic_label(model: nn.Module, targets: list[torch.Tensor]) -> int | None:
-    """iDLG's label from the last linear layer, or None when the gradient gives none."""
-    weight_grad, bias_grad = find_last_linear_grads(model, targets)
-    try:
-        return recover_label_batch1(weight_grad, bias_grad)
-    except ValueError:
-        return None
-
-
-# Registers "analytic" and "ig"; at the end because both build on the helpers above.
-from attacker import analytic as _analytic  # noqa: F401
-from attacker import ig as _ig  # noqa: F401
+IDLG_LINE_SEARCH = "strong_wolfe"  # what line_search "auto" means for idlg (and analytic's refinement)

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from gradleak.evaluation import Evaluator
-from gradleak.record import RunRecord
-from gradleak.telemetry import Metrics, resolve_host, start_exporter
+from gradleak.runtime.evaluation import Evaluator
+from gradleak.runtime.record import RunRecord
+from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
 
 
 class EvaluatorNode:

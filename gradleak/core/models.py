@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from gradleak.registry import Registry
+from gradleak.core.registry import Registry
 
 # (in_channels, num_classes, (H, W)) -> module
 ModelFactory = Callable[[int, int, tuple[int, int]], nn.Module]

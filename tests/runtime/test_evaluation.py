@@ -8,9 +8,9 @@ import pytest
 from prometheus_client import generate_latest
 
 from gradleak.data import load_dataset, split
-from gradleak.evaluation import Evaluator
-from gradleak.record import RunRecord
-from gradleak.telemetry import Metrics
+from gradleak.runtime.evaluation import Evaluator
+from gradleak.runtime.record import RunRecord
+from gradleak.runtime.telemetry import Metrics
 
 
 def _truth(seed: int, b: int = 2) -> np.ndarray:

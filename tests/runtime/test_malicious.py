@@ -4,8 +4,8 @@ import threading
 
 import torch
 
-from attacker.attacks import Attack, Observation, Reconstruction
-from attacker.malicious import MaliciousPeer
+from attacker.api import Attack, Observation, Reconstruction
+from gradleak.runtime.malicious import MaliciousPeer
 from p2p.defences import parse_defence
 from p2p.errors import UpdateRejected
 from p2p.peer import Peer
@@ -109,7 +109,7 @@ def _wait(cond, timeout: float = 5.0) -> bool:
 
 
 def test_every_registered_attack_runs_in_the_malicious_peer(digits_data, lenet) -> None:
-    from attacker.attacks import ATTACKS, AttackConfig, compute_gradients, create_attack
+    from attacker.api import ATTACKS, AttackConfig, compute_gradients, create_attack
 
     peer = Peer("m", lenet, digits_data.images[:50], digits_data.labels[:50], batch_size=1,
                 defence=parse_defence("none"), lr=0.1, keep_versions=8, seed=0)

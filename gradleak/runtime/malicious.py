@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from attacker.attacks import Attack, Observation, Reconstruction
-from gradleak.devices import resolve_device
+from attacker.api import Attack, Observation, Reconstruction
+from gradleak.core.devices import resolve_device
 from p2p.peer import Peer
 from p2p.update import Update, UpdateHeader
 

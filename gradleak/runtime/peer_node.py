@@ -16,9 +16,9 @@ import numpy as np
 import ray
 import torch
 
-from gradleak.devices import resolve_device
-from gradleak.models import create_model, init_dlg_uniform
-from gradleak.telemetry import Metrics, resolve_host, start_exporter
+from gradleak.core.devices import resolve_device
+from gradleak.core.models import create_model, init_dlg_uniform
+from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
 from p2p.defences import parse_defence
 from p2p.errors import TransportError
 from p2p.peer import Batch, Peer

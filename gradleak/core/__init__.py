@@ -1,0 +1,1 @@
+"""The base every layer may import: models, registries, devices, the text model (pure torch)."""

@@ -1,0 +1,159 @@
+"""The run flags: each maps to one RunConfig field, with a help line giving its meaning,
+default and choices. `gradleak run` takes them as they are; `gradleak sweep` as the base run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gradleak.config import ConfigError, RunConfig
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(","))
+
+
+def _names(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(","))
+
+
+def _on_off(s: str) -> bool:
+    return {"on": True, "off": False}[s]
+
+
+def _models() -> Iterable[str]:
+    from gradleak.core.models import MODELS
+
+    return MODELS
+
+
+def _attacks() -> Iterable[str]:
+    from attacker.api import ATTACKS
+
+    return ATTACKS
+
+
+def _topologies() -> Iterable[str]:
+    from p2p.topology import TOPOLOGIES
+
+    return TOPOLOGIES
+
+
+def _datasets() -> Iterable[str]:
+    from gradleak.data import DATASETS
+
+    return DATASETS
+
+
+@dataclass(frozen=True)
+class Flag:
+    section: str  # RunConfig section, "" for a top-level field
+    field: str
+    parse: Callable[[str], Any]
+    help: str  # meaning; the default and the choices are appended
+    choices: Callable[[], Iterable[str]] | tuple[str, ...] | None = None
+    metavar: str = "X"
+
+    @property
+    def where(self) -> str:
+        return f"{self.section}.{self.field}" if self.section else self.field
+
+    def default(self, base: RunConfig) -> Any:
+        holder = getattr(base, self.section) if self.section else base
+        value = getattr(holder, self.field)
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
+    def help_line(self, base: RunConfig) -> str:
+        known = self.choices() if callable(self.choices) else self.choices
+        choices = f"; choices: {', '.join(sorted(known))}" if known else ""
+        return f"{self.help} (default: {self.default(base)}{choices}; config {self.where})"
+
+
+ON_OFF = ("on", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+FLAGS: dict[str, Flag] = {
+    "--peers": Flag("peers", "honest", int, "number of honest peers", metavar="N"),
+    "--batch-size": Flag("peers", "batch_sizes", _ints,
+                         "honest peers' batch sizes, assigned to peers in turn", metavar="B,B"),
+    "--defence": Flag("peers", "defences", _names,
+                      "defence chains (e.g. prune:0.3, gauss:1e-2, fp16, dp:1:1e-2; join with +), "
+                      "assigned to peers in turn", metavar="D,D"),
+    "--model": Flag("peers", "model", str, "the shared model", _models),
+    "--optimizer": Flag("peers", "optimizer", str, "local optimiser that applies the aggregate",
+                        ("adam", "sgd")),
+    "--lr": Flag("peers", "lr", float, "its learning rate"),
+    "--peer-device": Flag("peers", "device", str, "honest peers' torch device", DEVICES),
+    "--peer-gpus": Flag("peers", "num_gpus", float, "Ray GPUs per honest peer"),
+    "--secagg": Flag("peers", "secagg", _on_off,
+                     "all peers form one secure-aggregation group (masked updates)", ON_OFF),
+    "--rounds": Flag("gossip", "rounds", int, "local steps per peer", metavar="N"),
+    "--fanout": Flag("gossip", "fanout", int, "neighbours each update is sent to", metavar="N"),
+    "--topology": Flag("gossip", "topology", str, "who may send to whom", _topologies),
+    "--round-interval": Flag("gossip", "round_interval_s", float,
+                             "seconds between a peer's local steps", metavar="S"),
+    "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
+    "--attack": Flag("attack", "attacks", _names, "attacks run on every attacked update",
+                     _attacks, metavar="A,A"),
+    "--max-iters": Flag("attack", "max_iters", int, "outer optimiser steps per reconstruction",
+                        metavar="N"),
+    "--queue-size": Flag("attack", "queue_size", int, "captured updates that may wait for the attacker",
+                         metavar="N"),
+    "--attack-gpus": Flag("attack", "num_gpus", float, "Ray GPUs of the malicious peer"),
+    "--device": Flag("attack", "device", str, "the attacker's torch device", DEVICES),
+    "--drain-timeout": Flag("attack", "drain_timeout_s", float,
+                            "seconds after the last step for the attacker to finish", metavar="S"),
+    "--attack-resource": Flag("attack", "resource", str,
+                              "custom Ray resource of the nodes the attacker must run on", metavar="NAME"),
+    "--dataset": Flag("data", "dataset", str, "dataset (torchvision ones read files under --data-root)",
+                      _datasets),
+    "--data-root": Flag("data", "data_root", str, "folder holding torchvision dataset files",
+                        metavar="DIR"),
+    "--image-size": Flag("data", "image_size", int, "resize images to this many pixels a side",
+                         metavar="N"),
+    "--limit": Flag("data", "limit", int, "use at most this many samples", metavar="N"),
+    "--metrics-port": Flag("telemetry", "metrics_port", int,
+                           "the evaluator's /metrics port (0: any free port)", metavar="PORT"),
+    "--host": Flag("telemetry", "host", str,
+                   "address servers bind and advertise ('auto': each node's own IP)", metavar="ADDR"),
+    "--seed": Flag("", "seed", int, "seed of the split, inits, batches and attack starts", metavar="N"),
+    "--out": Flag("", "out_dir", str, "each run writes a fresh directory under it", metavar="DIR"),
+    "--ray-address": Flag("", "ray_address", str, "Ray cluster to join (else RAY_ADDRESS or a local Ray)",
+                          metavar="ADDR"),
+}
+
+
+def dest(flag: str, prefix: str = "") -> str:
+    return prefix + flag[2:].replace("-", "_")
+
+
+def add_flags(parser: argparse.ArgumentParser, *, prefix: str = "", skip: Iterable[str] = (),
+              what: str = "") -> None:
+    """Add every flag (but `skip`) to `parser`, stored under `prefix` + its name."""
+    base = RunConfig()
+    for flag, spec in FLAGS.items():
+        if flag not in skip:
+            parser.add_argument(flag, dest=dest(flag, prefix), metavar=spec.metavar,
+                                help=what + spec.help_line(base))
+
+
+def overlay(args: argparse.Namespace, *, prefix: str = "") -> dict[str, Any]:
+    """The nested config mapping of the flags given; ConfigError on a bad value."""
+    out: dict[str, Any] = {}
+    for flag, spec in FLAGS.items():
+        raw = getattr(args, dest(flag, prefix), None)
+        if raw is None:
+            continue
+        try:
+            value = spec.parse(raw)
+        except (ValueError, KeyError):
+            raise ConfigError(f"bad value for {flag}: {raw!r}") from None
+        (out.setdefault(spec.section, {}) if spec.section else out)[spec.field] = value
+    return out
