@@ -164,6 +164,7 @@ def update_to_frames(
         num_samples=h.num_samples,
         defence=h.defence,
         mixing_weight=h.mixing_weight,
+        sent_at=h.sent_at,
         tensors=specs,
     )
     yield pb.UpdateFrame(header=header)
@@ -374,6 +375,7 @@ def update_from_frames(
         num_samples=h.num_samples,
         defence=h.defence,
         mixing_weight=h.mixing_weight,
+        sent_at=h.sent_at,
     )
     return Update(header=header, tensors=tensors)
 

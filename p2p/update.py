@@ -18,11 +18,12 @@ class UpdateHeader:
     update_id: str  # globally unique; the evaluator joins ground truth on it
     origin: str  # peer that computed the gradient
     sender: str  # peer that sent this message (== origin for direct gossip)
-    round: int  # gossip round in which the gradient was computed
+    round: int  # the origin's local step that computed the gradient (a round in lock-step mode)
     model_version: int  # version of the origin's weights the gradient was taken at
     num_samples: int  # size of the private batch behind the gradient
     defence: str = "none"  # canonical name of the defence chain applied before sending
     mixing_weight: float = 1.0  # weight the receiver gives it when aggregating
+    sent_at: float = 0.0  # sender's wall clock when it sent the update, Unix seconds (0: unknown)
 
 
 @dataclass(frozen=True)
