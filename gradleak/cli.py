@@ -121,12 +121,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(cfg: RunConfig) -> int:
-    from gradleak.runner import run
+    from gradleak.placement import FitError
+    from gradleak.runner import Interrupted, run
     from gradleak.runtime.record import format_table
 
     try:
-        result = run(cfg, progress=lambda s: print(s, flush=True))
-    except (FileNotFoundError, ValueError, OSError) as exc:
+        result = run(cfg, progress=lambda s: print(s, flush=True), handle_signals=True)
+    except FitError as exc:  # checked before any actor exists: nothing was started
+        print(f"gradleak: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted:  # a second stop request while the outputs were being written
+        print("gradleak: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, OSError, TimeoutError) as exc:
         print(f"gradleak: error: {exc}", file=sys.stderr)
         return 1
     print()
@@ -134,10 +141,19 @@ def _run(cfg: RunConfig) -> int:
     print()
     a = result.attacker
     print(f"run {result.run_dir} in {result.seconds:.0f} s: {result.messages} updates sent "
-          f"({result.wire_bytes / 1e6:.1f} MB); attacker captured {a['captured']}, dropped "
-          f"{a['dropped']}, attacked {a['attacked']}; {result.counts['reconstructions']} reconstructions")
-    print(f"grid: {result.run_dir / 'grid.png'}  record: {result.run_dir / 'reconstructions.jsonl'}")
+          f"({result.wire_bytes / 1e6:.1f} MB); attacker received {a.get('received', '-')}, attacked "
+          f"{a.get('attacked', '-')} (coverage {_ratio(a.get('coverage'))}); "
+          f"{result.counts['reconstructions']} reconstructions")
+    print(f"summary: {result.run_dir / 'summary.md'}  grid: {result.run_dir / 'grid.png'}  "
+          f"record: {result.run_dir / 'reconstructions.jsonl'}")
+    if result.interrupted:
+        print("gradleak: interrupted; the summary holds what was recorded until then", file=sys.stderr)
+        return 130
     return 0
+
+
+def _ratio(value: object) -> str:
+    return f"{value:.0%}" if isinstance(value, float) else "-"
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class PeerConfig:
     lr: float = 0.005  # its learning rate
     keep_versions: int = 256  # past weight versions kept for GetModel pulls
     eval_every: int = 10  # rounds between held-out accuracy measurements
-    num_cpus: float = 0.25  # Ray CPU share per peer actor (fractional so many fit)
+    num_cpus: float = 0.25  # Ray CPU share per peer process (fractional so many fit)
+    per_process: int = 0  # honest peers hosted by one Ray actor process; 0 = as many as fit
     threads: int = 1  # torch threads per peer process
     secagg: bool = False  # all peers form one secure-aggregation group (each sends to every member)
     device: str = "cpu"  # honest peers' device: cpu | cuda | auto (ask for GPUs with num_gpus)
@@ -79,28 +80,51 @@ class PeerConfig:
             raise ConfigError(f"peer num_gpus must be >= 0, got {self.num_gpus}")
         if not 0.0 <= self.num_cpus <= 64:
             raise ConfigError(f"num_cpus must be in 0..64, got {self.num_cpus}")
+        if not 0 <= self.per_process <= 256:
+            raise ConfigError(f"per_process must be in 0..256 (0 = as many as fit), got {self.per_process}")
+
+
+SYNC_MODES = ("async", "rounds")
 
 
 @dataclass(frozen=True)
 class GossipConfig:
-    rounds: int = 150  # synchronous gossip rounds
-    fanout: int = 2  # neighbours each peer sends its update to per round
+    # async: every peer steps on its own clock; rounds: the driver clocks lock-step
+    # rounds (deterministic, bit-reproducible for a seed: tests, exact reproductions).
+    sync: str = "async"
+    rounds: int = 150  # local steps per peer, in both modes
+    fanout: int = 2  # neighbours each peer sends its update to per step
     topology: str = "complete"  # topology registry name
-    round_interval_s: float = 0.25  # minimum seconds per round: leaves the attacker CPU on small machines
+    # Seconds between a peer's local steps, assigned to peers in turn (in rounds mode
+    # the shortest is a round's minimum length). 0.25 s leaves the attacker CPU on 2 cores.
+    period_s: tuple[float, ...] = (0.25,)
+    jitter: float = 0.1  # each gap varies by up to this share of the period (seeded, async only)
+    staleness: str = "poly:0.5"  # weight of a late update by its version lag: constant | poly:A | cutoff:K
+    secagg_wait: int = 4  # async: applies a masked step waits for the rest of its group before dropping
     timeout_s: float = 10.0  # deadline of every RPC
     chunk_bytes: int = 1 << 20  # payload bytes per streamed chunk
     tls: bool = False  # mutual TLS on every gossip link (a private CA is made per run)
 
     def validate(self) -> None:
+        from p2p.staleness import parse_staleness
         from p2p.topology import TOPOLOGIES
 
+        _known("sync mode", self.sync, SYNC_MODES)
         if not 1 <= self.rounds <= 1_000_000:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if self.fanout < 1:
             raise ConfigError(f"fanout must be >= 1, got {self.fanout}")
         _known("topology", self.topology, TOPOLOGIES)
-        if self.round_interval_s < 0:
-            raise ConfigError(f"round_interval_s must be >= 0, got {self.round_interval_s}")
+        if not self.period_s or any(not 0 <= p <= 3600 for p in self.period_s):
+            raise ConfigError(f"periods must be in 0..3600 seconds, got {list(self.period_s)}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ConfigError(f"jitter must be in [0, 1), got {self.jitter}")
+        try:
+            parse_staleness(self.staleness)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.secagg_wait < 0:
+            raise ConfigError(f"secagg_wait must be >= 0, got {self.secagg_wait}")
         _positive("timeout_s", self.timeout_s)
         if not 1024 <= self.chunk_bytes <= 4 << 20:
             raise ConfigError(f"chunk_bytes must be in 1 KiB..4 MiB, got {self.chunk_bytes}")
@@ -254,6 +278,10 @@ def _type_ok(annotation: str, value: Any) -> bool:
     if annotation.startswith("tuple[int"):
         return isinstance(value, tuple) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+    if annotation.startswith("tuple[float"):
+        return isinstance(value, tuple) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         )
     if annotation.startswith("tuple[str"):
         return isinstance(value, tuple) and all(isinstance(v, str) for v in value)

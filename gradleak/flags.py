@@ -16,6 +16,10 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(","))
 
 
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(","))
+
+
 def _names(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(","))
 
@@ -94,11 +98,19 @@ FLAGS: dict[str, Flag] = {
     "--peer-gpus": Flag("peers", "num_gpus", float, "Ray GPUs per honest peer"),
     "--secagg": Flag("peers", "secagg", _on_off,
                      "all peers form one secure-aggregation group (masked updates)", ON_OFF),
-    "--rounds": Flag("gossip", "rounds", int, "local steps per peer", metavar="N"),
+    "--rounds": Flag("gossip", "rounds", int, "local steps per peer (in both sync modes)", metavar="N"),
     "--fanout": Flag("gossip", "fanout", int, "neighbours each update is sent to", metavar="N"),
     "--topology": Flag("gossip", "topology", str, "who may send to whom", _topologies),
-    "--round-interval": Flag("gossip", "round_interval_s", float,
-                             "seconds between a peer's local steps", metavar="S"),
+    "--sync": Flag("gossip", "sync", str, "async: each peer steps on its own clock; rounds: lock-step "
+                   "rounds clocked by the driver (bit-reproducible)", ("async", "rounds")),
+    "--period": Flag("gossip", "period_s", _floats, "seconds between a peer's local steps, assigned to "
+                     "peers in turn (rounds mode: a round's minimum)", metavar="S,S"),
+    "--jitter": Flag("gossip", "jitter", float, "share of the period each gap may vary by (seeded)"),
+    "--staleness": Flag("gossip", "staleness", str, "weight of a late update by its version lag: "
+                        "constant, poly:A ((1+lag)^-A) or cutoff:K", metavar="RULE"),
+    "--peers-per-process": Flag("peers", "per_process", int,
+                                "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
+    "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),
     "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
     "--attack": Flag("attack", "attacks", _names, "attacks run on every attacked update",
                      _attacks, metavar="A,A"),

@@ -1,7 +1,12 @@
-"""Build a testbed from a RunConfig on Ray, run the gossip rounds, collect the results.
+"""Build a testbed from a RunConfig on Ray, let the network run, collect the results.
 
-The same code runs embedded (a local Ray started here) or against a cluster
-(`ray_address` in the config or RAY_ADDRESS).
+The driver only starts, watches and stops the network: in async mode (the default)
+every peer steps on its own clock; in rounds mode the driver clocks lock-step rounds
+(deterministic, bit-reproducible for a seed). The same code runs embedded (a local
+Ray started here) or against a cluster (`ray_address` in the config or RAY_ADDRESS).
+
+Every wait here is sliced (`_get`), so a stop request (Ctrl-C, SIGTERM) is seen
+within a fraction of a second, during start-up too.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +28,23 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from attacker.api import AttackConfig
 from gradleak.config import RunConfig
 from gradleak.data import Dataset, load_dataset, split
+from gradleak.placement import FitError, Node, Plan, plan
 from gradleak.runtime.evaluator_node import EvaluatorActor
+from gradleak.runtime.host import PeerHostActor
 from gradleak.runtime.malicious_node import MaliciousActor
-from gradleak.runtime.peer_node import PeerActor, PeerSpec
+from gradleak.runtime.peer_node import PeerSpec
 from gradleak.runtime.record import RunRecord
+from gradleak.runtime.summary import accuracy_timeline
 from p2p.secagg import create_group
 from p2p.tls import TlsMaterial, make_test_pki
 
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
+START_TIMEOUT_S = 180.0  # actors not up by then: the cluster is busy or short
+
+
+class Interrupted(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM) while the run was starting or running."""
 
 
 @dataclass
@@ -43,6 +58,7 @@ class RunResult:
     seconds: float
     messages: int = 0
     wire_bytes: int = 0
+    interrupted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,10 +72,16 @@ def make_run_dir(out_dir: str, seed: int) -> Path:
     return path
 
 
-def nodes_without(resource: str) -> list[str]:
-    """IDs of alive nodes with CPUs that do not declare `resource` (where honest peers go)."""
-    return sorted(n["NodeID"] for n in ray.nodes()
-                  if n["Alive"] and n["Resources"].get("CPU", 0) > 0 and resource not in n["Resources"])
+def cluster_nodes() -> list[tuple[str, Node]]:
+    """(node id, what it can host) of every alive node with CPUs."""
+    out = []
+    for n in ray.nodes():
+        r = n["Resources"]
+        if n["Alive"] and r.get("CPU", 0) > 0:
+            custom = frozenset(k for k in r if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                               and not k.startswith("node:") and not k.startswith("accelerator_type"))
+            out.append((n["NodeID"], Node(float(r["CPU"]), float(r.get("GPU", 0.0)), custom)))
+    return sorted(out)
 
 
 def run_pki(peer_ids: list[str], host: str) -> dict[str, TlsMaterial]:
@@ -74,55 +96,110 @@ def run_pki(peer_ids: list[str], host: str) -> dict[str, TlsMaterial]:
 
 
 def ensure_ray(cfg: RunConfig) -> bool:
-    """Connect to the configured cluster or start a local Ray; True if we started it."""
+    """Connect to the configured cluster, or start a fresh local Ray; True if we started it.
+
+    Without an address this never joins another local instance (a plain `ray.init()`
+    would join the last one `ray start` or a test cluster recorded in /tmp/ray).
+    """
     if ray.is_initialized():
         return False
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, _node_ip_address=cfg.telemetry.host,
+        host = cfg.telemetry.host if cfg.telemetry.host != "auto" else "127.0.0.1"
+        ray.init(address="local", include_dashboard=False, _node_ip_address=host,
                  log_to_driver=False, configure_logging=False)
     return True
 
 
+def fit(cfg: RunConfig) -> Plan:
+    """How the run's peers fit the cluster Ray is connected to (FitError if they cannot)."""
+    pc, ac = cfg.peers, cfg.attack
+    return plan([n for _id, n in cluster_nodes()], honest=pc.honest, per_process=pc.per_process,
+                host_cpus=pc.num_cpus, attacker_cpus=pc.num_cpus, attacker_gpus=ac.num_gpus,
+                peer_gpus=pc.num_gpus, attacker_resource=ac.resource)
+
+
 class Testbed:
-    """The live system of one run: evaluator, honest peers and the malicious peer."""
+    """The live system of one run: evaluator, honest peer hosts and the malicious peer."""
 
     __test__ = False  # not a pytest class, despite the name
 
-    def __init__(self, cfg: RunConfig, progress: Progress = lambda _s: None) -> None:
+    def __init__(self, cfg: RunConfig, progress: Progress = lambda _s: None, *,
+                 handle_signals: bool = False) -> None:
         self.cfg = cfg.validate()
+        # SIGINT/SIGTERM become a stop request (main thread only: the CLI, not tests).
+        self.handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
+        self._previous_handlers: dict[int, Any] = {}
         self.progress = progress
         self.run_dir = make_run_dir(cfg.out_dir, cfg.seed)
         self.started_ray = False
-        self.peers: list[Any] = []
+        self.hosts: list[Any] = []
         self.attacker: Any = None
         self.evaluator: Any = None
-        self.addresses: list[dict[str, str]] = []
+        self.addresses: list[dict[str, str]] = []  # honest peers first, the attacker last
         self.metrics_url = ""
+        self.started_at = time.time()
+        self.stop_requested = threading.Event()
         self._messages = self._bytes = 0
         self._accuracy: dict[str, float] = {}
+        self._progress_rows: list[dict[str, Any]] = []
 
+    # -- waiting, always interruptible ---------------------------------------------------
+    def request_stop(self, *_signal: Any) -> None:
+        self.stop_requested.set()
+
+    def _install_handlers(self) -> None:
+        # Installed again after ray.init, which sets a SIGTERM handler of its own.
+        if self.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.signal(sig, self.request_stop)
+                self._previous_handlers.setdefault(sig, previous)
+
+    def _restore_handlers(self) -> None:
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers.clear()
+
+    def _check(self) -> None:
+        if self.stop_requested.is_set():
+            raise Interrupted("stop requested")
+
+    def _get(self, refs: Any, timeout: float | None = None, what: str = "actors") -> Any:
+        """ray.get in slices of 0.25 s, raising Interrupted on a stop request."""
+        single = not isinstance(refs, list)
+        pending = [refs] if single else list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check()
+            _ready, waiting = ray.wait(pending, num_returns=len(pending), timeout=0.25)
+            if not waiting:
+                out = ray.get(pending)
+                return out[0] if single else out
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not answer within {timeout:.0f} s: the cluster is busy "
+                                   "or short of resources")
+
+    # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Load data, start Ray if needed, create every actor and exchange addresses."""
+        """Load data, check the fit, create every actor and exchange addresses."""
         cfg = self.cfg
         data = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, image_size=cfg.data.image_size,
                             limit=cfg.data.limit, seed=cfg.seed)
+        self._install_handlers()
+        self._check()
         self.started_ray = ensure_ray(cfg)
+        self._install_handlers()
+        self._check()
+        layout = fit(cfg)
         tel = cfg.telemetry
         self.evaluator = EvaluatorActor.options(num_cpus=0).remote(
             str(self.run_dir), host=tel.host, metrics_port=tel.metrics_port)
-        self.metrics_url = f"http://{ray.get(self.evaluator.metrics_address.remote())}/metrics"
+        self.metrics_url = f"http://{self._get(self.evaluator.metrics_address.remote(), START_TIMEOUT_S)}/metrics"
         specs = self._specs(data)
+        self._start_hosts(specs[:-1], layout)
         a = cfg.attack
-        peer_nodes = nodes_without(a.resource) if a.resource else []
-        for i, spec in enumerate(specs[:-1]):
-            # Honest peers stay off the nodes marked for the attacker.
-            where = ({"scheduling_strategy": NodeAffinitySchedulingStrategy(peer_nodes[i % len(peer_nodes)], soft=False)}
-                     if peer_nodes else {})
-            self.peers.append(PeerActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=cfg.peers.num_gpus,
-                                                **where).remote(spec, self.evaluator))
         marker = {"resources": {a.resource: 1}} if a.resource else {}
         self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
             specs[-1], self.evaluator, attacks=a.attacks,
@@ -130,18 +207,34 @@ class Testbed:
             queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.device,
             attack_threads=a.threads,
         )
-        self.addresses = ray.get([n.addresses.remote() for n in self.nodes])
-        book = {a["peer_id"]: a["gossip"] for a in self.addresses}
-        ray.get([n.set_members.remote(book) for n in self.nodes])
+        honest = self._get([h.addresses.remote() for h in self.hosts], START_TIMEOUT_S)
+        self.addresses = [x for group in honest for x in group]
+        self.addresses.append(self._get(self.attacker.addresses.remote(), START_TIMEOUT_S))
+        book = {x["peer_id"]: x["gossip"] for x in self.addresses}
+        self._get([n.set_members.remote(book) for n in self.nodes])
         self._write_targets()
         RunRecord(self.run_dir).write_config(cfg.to_dict())
-        status = ray.get(self.attacker.status.remote())
-        self.progress(f"{len(self.peers)} honest peers + 1 malicious peer (attacks on {status['device']}); "
+        status = self._get(self.attacker.status.remote())
+        self.progress(f"{cfg.peers.honest} honest peers in {layout.hosts} processes ({layout.per_process} per "
+                      f"process) + 1 malicious peer (attacks on {status['device']}); {cfg.gossip.sync} mode; "
                       f"leakage at {self.metrics_url}")
+
+    def _start_hosts(self, specs: list[PeerSpec], layout: Plan) -> None:
+        cfg, a = self.cfg, self.cfg.attack
+        peer_nodes = [i for i, n in cluster_nodes() if a.resource not in n.resources] if a.resource else []
+        for k in range(layout.hosts):
+            # Honest peers stay off the nodes marked for the attacker.
+            where = ({"scheduling_strategy": NodeAffinitySchedulingStrategy(peer_nodes[k % len(peer_nodes)],
+                                                                            soft=False)}
+                     if peer_nodes else {})
+            group = specs[k * layout.per_process:(k + 1) * layout.per_process]
+            self.hosts.append(PeerHostActor.options(
+                num_cpus=cfg.peers.num_cpus, num_gpus=cfg.peers.num_gpus * len(group), **where,
+            ).remote(group, self.evaluator, cfg.peers.threads))
 
     @property
     def nodes(self) -> list[Any]:
-        return [*self.peers, self.attacker]
+        return [*self.hosts, self.attacker]
 
     def _specs(self, data: Dataset) -> list[PeerSpec]:
         cfg, pc, gc = self.cfg, self.cfg.peers, self.cfg.gossip
@@ -164,6 +257,8 @@ class Testbed:
                 keep_versions=pc.keep_versions, fanout=gc.fanout, topology=gc.topology,
                 timeout_s=gc.timeout_s, chunk_bytes=gc.chunk_bytes, host=cfg.telemetry.host,
                 threads=pc.threads, device="cpu" if malicious else pc.device,
+                period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,
+                secagg_wait=gc.secagg_wait if gc.sync == "async" else 0,
             ))
         return specs
 
@@ -173,72 +268,161 @@ class Testbed:
         groups += [{"targets": [a["metrics"]], "labels": {"role": a["role"]}} for a in self.addresses]
         (self.run_dir / "prometheus_targets.json").write_text(json.dumps(groups, indent=2))
 
+    # -- run -----------------------------------------------------------------------------
+    def run_network(self) -> None:
+        """Run every peer's steps: on their own clocks (async) or in lock-step rounds."""
+        if self.cfg.gossip.sync == "rounds":
+            self.run_rounds()
+        else:
+            self.run_async()
+
     def run_rounds(self) -> None:
-        """Synchronous gossip rounds: everyone steps and sends, then everyone applies."""
+        """Lock-step rounds: everyone steps and sends, then everyone applies."""
         gc, pc = self.cfg.gossip, self.cfg.peers
+        self._evaluate_start()
         for r in range(1, gc.rounds + 1):
             t0 = time.monotonic()
-            sent = ray.get([n.step.remote(r) for n in self.nodes])
-            self._messages += sum(s["sent"] for s in sent)
-            self._bytes += sum(s["bytes"] for s in sent)
+            sent = self._get([h.step.remote(r) for h in self.hosts] + [self.attacker.step.remote(r)])
+            flat = [s for group in sent[:-1] for s in group] + [sent[-1]]
+            self._messages += sum(s["sent"] for s in flat)
+            self._bytes += sum(s["bytes"] for s in flat)
             evaluate = r % pc.eval_every == 0 or r == gc.rounds
-            applied = ray.get([p.apply.remote(r, evaluate) for p in self.peers] + [self.attacker.apply.remote(r)])
+            self._get([h.apply.remote(evaluate) for h in self.hosts] + [self.attacker.apply.remote()])
             if evaluate:
-                self._accuracy = {a["peer_id"]: x["accuracy"] for a, x in zip(self.addresses, applied)
-                                  if x["accuracy"] is not None}
+                self._poll()
                 self.progress(self._status_line(r))
-            pause = gc.round_interval_s - (time.monotonic() - t0)
-            if pause > 0:
-                time.sleep(pause)
+            pause = min(gc.period_s) - (time.monotonic() - t0)
+            if pause > 0 and self.stop_requested.wait(pause):
+                self._check()
 
-    def _status_line(self, r: int) -> str:
-        counts = ray.get(self.evaluator.counts.remote())
+    def _evaluate_start(self) -> None:
+        """Accuracy before the first step: the start of the accuracy timeline."""
+        self._get([h.evaluate_all.remote() for h in self.hosts])
+
+    def run_async(self) -> None:
+        """Start every peer's own loop, then watch until all are done (or a stop request)."""
+        gc, pc = self.cfg.gossip, self.cfg.peers
+        self._evaluate_start()
+        start_at = time.time() + 0.5  # every loop's clock starts together
+        self._get([h.start_loops.remote(gc.rounds, start_at, pc.eval_every) for h in self.hosts]
+                  + [self.attacker.start_loop.remote(gc.rounds, start_at, pc.eval_every)])
+        shown = 0
+        while True:
+            if self.stop_requested.wait(1.0):
+                self._check()
+            rows = self._poll()
+            errors = [f"{r['peer_id']}: {r['error']}" for r in rows if r["error"]]
+            if errors:
+                raise RuntimeError("peer loop failed: " + "; ".join(errors))
+            least = min(r["steps"] for r in rows)
+            tenth = least * 10 // gc.rounds
+            if tenth > shown:
+                shown = tenth
+                self.progress(self._status_line(least))
+            if not any(r["running"] for r in rows):
+                return
+
+    def _poll(self) -> list[dict[str, Any]]:
+        """Every peer's progress; keeps the totals and the latest accuracies."""
+        got = self._get([h.progress.remote() for h in self.hosts] + [self.attacker.progress.remote()], 30.0)
+        rows = [r for group in got[:-1] for r in group] + [got[-1]]
+        self._progress_rows = rows
+        if self.cfg.gossip.sync == "async":
+            self._messages = sum(r["sent"] for r in rows)
+            self._bytes = sum(r["bytes"] for r in rows)
+        self._accuracy = {r["peer_id"]: r["accuracy"] for r in rows
+                          if r["role"] == "honest" and r["accuracy"] is not None}
+        return rows
+
+    def _status_line(self, step: int) -> str:
+        counts = self._get(self.evaluator.counts.remote())
+        status = self._get(self.attacker.status.remote())
         acc = sum(self._accuracy.values()) / max(1, len(self._accuracy))
         psnr = counts["mean_psnr"]
-        return (f"round {r}/{self.cfg.gossip.rounds} | messages {self._messages} | honest accuracy "
-                f"{acc:.2f} | reconstructions {counts['reconstructions']} | mean PSNR "
+        received = status.get("received", status.get("captured", 0) + status.get("dropped", 0))
+        return (f"step {step}/{self.cfg.gossip.rounds} | updates sent {self._messages} | honest accuracy "
+                f"{acc:.2f} | attacker received {received}, attacked {status.get('attacked', 0)} | "
+                f"reconstructions {counts['reconstructions']} | mean PSNR "
                 f"{'-' if psnr is None else f'{psnr:.1f} dB'}")
 
     def drain(self) -> bool:
-        """Give the attacker up to drain_timeout_s to finish what it captured."""
+        """Give the attacker up to drain_timeout_s to finish what it holds."""
         timeout = self.cfg.attack.drain_timeout_s
-        self.progress(f"rounds done; letting the attacker finish its queue (up to {timeout:.0f} s)")
-        return bool(ray.get(self.attacker.wait_idle.remote(timeout)))
+        self.progress(f"steps done; letting the attacker finish its queue (up to {timeout:.0f} s)")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._get(self.attacker.wait_idle.remote(0.5)):
+                return True
+        return False
 
-    def finish(self, seconds: float) -> RunResult:
+    # -- finish --------------------------------------------------------------------------
+    def finish(self, seconds: float, interrupted: bool = False) -> RunResult:
         """Write summary and grid, gather the figures; actors keep serving until shutdown()."""
-        pc = self.cfg.peers
-        attacker = ray.get(self.attacker.status.remote())
-        accuracy = [(pc.batch_sizes[i % len(pc.batch_sizes)], a["defence"], self._accuracy[a["peer_id"]])
-                    for i, a in enumerate(self.addresses[:-1]) if a["peer_id"] in self._accuracy]
-        extra = {"seconds": seconds, "messages": self._messages, "wire_bytes": self._bytes,
-                 "attacker": attacker, "honest_accuracy": self._accuracy}
-        summary = ray.get(self.evaluator.finish.remote(accuracy, extra))
-        counts = ray.get(self.evaluator.counts.remote())
+        extra: dict[str, Any] = {"started_at": self.started_at, "ended_at": time.time(),
+                                 "interrupted": interrupted, "seconds": seconds, "sync": self.cfg.gossip.sync}
+        if self.evaluator is None or self.attacker is None:
+            RunRecord(self.run_dir).write_summary([], extra)  # stopped before the network existed
+            return RunResult(self.run_dir, self.metrics_url, [], {"reconstructions": 0}, {}, {}, seconds,
+                             interrupted=interrupted)
+        wait = 10.0 if interrupted else 60.0
+        self.stop_requested.clear()  # the finish itself must not be interrupted by the same request
+        try:
+            self._get([h.flush.remote() for h in self.hosts], wait)
+            self._poll()
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            log.warning("collecting the peers' last rows failed: %s", exc)
+        attacker = self._get(self.attacker.status.remote(), wait)
+        honest_rows = [r for r in self._progress_rows if r["role"] == "honest"]
+        accuracy = [(r["batch_size"], r["defence"], r["accuracy"]) for r in honest_rows if r["accuracy"] is not None]
+        extra.update({"messages": self._messages, "wire_bytes": self._bytes, "attacker": attacker,
+                      "honest_accuracy": self._accuracy, "accuracy": accuracy_timeline(honest_rows),
+                      "steps": {r["peer_id"]: r["steps"] for r in self._progress_rows}})
+        summary = self._get(self.evaluator.finish.remote(accuracy, extra), wait)
+        counts = self._get(self.evaluator.counts.remote(), wait)
         return RunResult(self.run_dir, self.metrics_url, summary, counts, attacker, dict(self._accuracy),
-                         seconds, self._messages, self._bytes)
+                         seconds, self._messages, self._bytes, interrupted, extra)
 
     def shutdown(self) -> None:
-        for n in [n for n in self.nodes if n is not None]:  # start() may have failed half-way
+        """Stop every actor (in parallel, bounded), kill them, and stop a Ray we started."""
+        actors = [n for n in self.nodes if n is not None]  # start() may have failed half-way
+        if ray.is_initialized():
+            refs = [n.stop.remote() for n in actors]
             try:
-                ray.get(n.stop.remote(), timeout=10)
-            except (ray.exceptions.RayError, TimeoutError) as exc:  # a dead actor has nothing to stop
+                ray.wait(refs, num_returns=len(refs), timeout=5)
+            except ray.exceptions.RayError as exc:  # a dead actor has nothing to stop
                 log.warning("stopping an actor failed: %s", exc)
-            ray.kill(n)
-        if self.evaluator is not None:
-            ray.kill(self.evaluator)
+            for n in [*actors, self.evaluator]:
+                if n is not None:
+                    ray.kill(n)
         if self.started_ray:
             ray.shutdown()
+        self._restore_handlers()
 
 
-def run(cfg: RunConfig, progress: Progress = print) -> RunResult:
-    """Run one whole testbed: start, rounds, drain, outputs, shutdown."""
+def run(cfg: RunConfig, progress: Progress = print, *, handle_signals: bool = False) -> RunResult:
+    """Run one whole testbed: start, steps, drain, outputs, shutdown.
+
+    With handle_signals (the CLI), SIGINT/SIGTERM end it early: what was recorded is
+    written with `interrupted` set, and every actor and a Ray started here are stopped.
+    """
     t0 = time.monotonic()
-    bed = Testbed(cfg, progress)
+    bed = Testbed(cfg, progress, handle_signals=handle_signals)
+    interrupted = False
     try:
-        bed.start()
-        bed.run_rounds()
-        bed.drain()
-        return bed.finish(time.monotonic() - t0)
+        try:
+            bed.start()
+            bed.run_network()
+            bed.drain()
+        except Interrupted:
+            interrupted = True
+            progress("stopping: writing what was recorded")
+        except FitError:
+            if not any(bed.run_dir.iterdir()):
+                bed.run_dir.rmdir()  # nothing ran: leave no empty run behind
+            raise
+        return bed.finish(time.monotonic() - t0, interrupted)
     finally:
         bed.shutdown()
+
+
+__all__ = ["FitError", "Interrupted", "RunResult", "Testbed", "run"]

@@ -52,7 +52,7 @@ def run_cell(cell: Cell, cfg: RunConfig, root: str) -> dict[str, Any]:
     bed = Testbed(cfg)
     try:
         bed.start()
-        bed.run_rounds()
+        bed.run_network()
         bed.drain()
         result = bed.finish(time.monotonic() - t0)
         honest = [result.accuracy[a["peer_id"]] for a in bed.addresses
@@ -75,30 +75,11 @@ def run_cell(cell: Cell, cfg: RunConfig, root: str) -> dict[str, Any]:
     }
 
 
-def ensure_ray(base: RunConfig) -> bool:
-    """Connect to the configured cluster, or start a fresh local Ray; True if we started it.
-
-    Without an address this never joins another local instance (a plain `ray.init()`
-    would join the last one `ray start` or a test cluster recorded in /tmp/ray).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = base.ray_address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        ray.init(address=address, log_to_driver=False)
-    else:
-        host = base.telemetry.host if base.telemetry.host != "auto" else "127.0.0.1"
-        ray.init(address="local", include_dashboard=False, _node_ip_address=host,
-                 log_to_driver=False, configure_logging=False)
-    return True
-
-
 def demand(cfg: RunConfig) -> dict[str, float]:
     """Ray resources a cell's actors hold together (the evaluator asks for none)."""
     pc, ac = cfg.peers, cfg.attack
-    need = {"CPU": pc.num_cpus * (pc.honest + 1), "GPU": pc.num_gpus * pc.honest + ac.num_gpus}
+    hosts = -(-pc.honest // pc.per_process) if pc.per_process else pc.honest  # auto: at most one each
+    need = {"CPU": pc.num_cpus * (hosts + 1), "GPU": pc.num_gpus * pc.honest + ac.num_gpus}
     if ac.resource:
         need[ac.resource] = 1.0
     return need
@@ -208,6 +189,8 @@ def run_sweep(spec: SweepSpec, root: Path, todo: list[Cell], *, parallel: int | 
     0 when every cell is done, 1 when some failed, 130 when interrupted (Ctrl-C).
     """
     import ray
+
+    from gradleak.runner import ensure_ray
 
     root.mkdir(parents=True, exist_ok=True)
     store.write_atomic(root / store.SPEC_FILE, yaml.safe_dump(spec.to_dict(), sort_keys=False))

@@ -1,20 +1,29 @@
 """An honest gossip peer as plain Python: local step, receive, aggregate, apply.
 
 No gRPC and no Ray here: the transport calls `accept_update` / `model_at` (the
-UpdateHandler protocol) from its threads, the Ray actor calls the rest. A lock
-keeps the inbox and the weight history consistent between the two.
+UpdateHandler protocol) from its threads, the host calls the rest. A lock keeps
+the pending updates and the weight history consistent between the two.
+
+Each apply aggregates everything that arrived since the previous one, whatever
+step it was computed at: an update's weight is its samples x mixing weight x the
+staleness rule's factor of its version lag (p2p.staleness). In lock-step rounds
+every lag is 0, so this is the plain sample-weighted mean of the round.
 
 A peer given a `SecureAggregation` (p2p.secagg) sends its defended update masked
 (int64 fixed point, header defence `...+secagg:G`) and sums its group's masked
-updates: only with every member's update of the round present does the sum unmask;
-otherwise the group's contribution to that round is dropped and counted in
-`secagg_stats` (no dropout recovery). Group members must therefore send their
-update to every other member. Updates from outside the group aggregate as before.
+updates of one step: only with every member's update of that step present does the
+sum unmask. A step's masked updates wait up to `secagg_wait` applies for the rest
+of the group (0 in lock-step rounds, where all arrive before the apply); then the
+group's contribution to that step is dropped and counted in `secagg_stats` (no
+dropout recovery). Group members must therefore send their update to every other
+member. Updates from outside the group aggregate as before.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -26,6 +35,7 @@ from torch import nn
 from p2p.defences import Defence
 from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
 from p2p.secagg import SecureAggregation, is_secagg
+from p2p.staleness import Staleness, parse_staleness
 from p2p.update import Update, UpdateHeader
 
 
@@ -35,6 +45,16 @@ class Batch:
 
     images: np.ndarray  # (B, C, H, W) float32 in [0, 1]
     labels: np.ndarray  # (B,) int64
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One update as it entered an aggregate: for the run record's per-update rows."""
+
+    header: UpdateHeader
+    received_at: float  # wall clock when this peer accepted it (Unix seconds)
+    lag: int  # local steps this peer's model was ahead of the update's weights
+    weight: float  # samples x mixing weight x staleness factor (0: dropped by the rule)
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -55,12 +75,13 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimi
 
 
 class Peer:
-    """One honest FL peer holding a model copy, a private shard and an inbox per round."""
+    """One honest FL peer holding a model copy, a private shard and the updates pending."""
 
     def __init__(
         self, peer_id: str, model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
         batch_size: int, defence: Defence, lr: float, keep_versions: int, seed: int,
         optimizer: str = "adam", device: str = "cpu", secagg: SecureAggregation | None = None,
+        staleness: Staleness | None = None, secagg_wait: int = 0,
     ) -> None:
         if batch_size > len(labels):
             raise ValueError(f"batch size {batch_size} exceeds the shard's {len(labels)} samples")
@@ -72,8 +93,10 @@ class Peer:
         self.batch_size = batch_size
         self.defence = defence
         self.secagg = secagg
-        # rounds whose group sum was unmasked / dropped for a missing member
+        self.secagg_wait = secagg_wait
+        # steps whose group sum was unmasked / dropped for a missing member
         self.secagg_stats = {"unmasked_rounds": 0, "dropped_rounds": 0, "dropped_updates": 0}
+        self.staleness = staleness or parse_staleness("poly:0.5")
         self.lr = lr
         self._opt = make_optimizer(optimizer, model, lr)
         self._images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
@@ -82,13 +105,14 @@ class Peer:
         self._rng = np.random.default_rng(seed)
         self._noise = torch.Generator().manual_seed(seed)
         self._lock = threading.Lock()
-        self._inbox: dict[int, list[Update]] = {}
+        self._pending: list[tuple[Update, float]] = []  # plain updates since the last apply
+        self._masked: dict[int, list[tuple[Update, float]]] = {}  # by step, until the group is whole
+        self._masked_age: dict[int, int] = {}  # applies a step's masked updates have waited
         self._seen: deque[str] = deque(maxlen=100_000)
         self._seen_set: set[str] = set()
         self._history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._keep = keep_versions
         self.version = 0
-        self.applied_round = 0
         self._snapshot()
 
     def local_update(self, round_: int) -> tuple[Update, Batch]:
@@ -103,7 +127,7 @@ class Peer:
         header = UpdateHeader(
             update_id=f"{self.peer_id}/r{round_}", origin=self.peer_id, sender=self.peer_id,
             round=round_, model_version=self.version, num_samples=self.batch_size,
-            defence=self.defence_name,
+            defence=self.defence_name, sent_at=time.time(),
         )
         tensors = self.defence.apply(named, self._noise)
         if self.secagg is not None:
@@ -111,7 +135,7 @@ class Peer:
         update = Update(header, tensors)
         with self._lock:
             self._remember(header.update_id)
-            self._inbox.setdefault(round_, []).append(update)
+            self._file(update, time.time())
         return update, Batch(x.cpu().numpy().copy(), y.cpu().numpy().copy())
 
     @property
@@ -121,32 +145,60 @@ class Peer:
             return self.defence.name
         return self.secagg.name if self.defence.name == "none" else f"{self.defence.name}+{self.secagg.name}"
 
-    def accept_update(self, update: Update, wire_bytes: int = 0) -> None:
-        """Validate a received update and file it for its round; bad ones change nothing."""
-        self._validate(update)
-        with self._lock:
-            if update.header.update_id in self._seen_set:
-                raise DuplicateUpdate(f"update {update.header.update_id} already received")
-            if update.header.round <= self.applied_round:
-                raise UpdateRejected(
-                    f"update for round {update.header.round} arrived after that round was applied"
-                )
-            if is_secagg(update.header.defence) and any(
-                u.header.origin == update.header.origin and is_secagg(u.header.defence)
-                for u in self._inbox.get(update.header.round, [])
-            ):
-                h = update.header
-                raise UpdateRejected(f"a masked update of {h.origin} for round {h.round} is already held")
-            self._remember(update.header.update_id)
-            self._inbox.setdefault(update.header.round, []).append(update)
+    def accept_update(self, update: Update, wire_bytes: int = 0, received_at: float | None = None) -> None:
+        """Validate a received update and file it for the next apply; bad ones change nothing.
 
-    def apply_round(self, round_: int) -> int:
-        """Average own + received updates of `round_` (weighted by samples) and step; return count."""
+        However late it is, a valid update is kept: the staleness rule weighs it.
+        """
+        self._validate(update)
+        h = update.header
         with self._lock:
-            updates = self._inbox.pop(round_, [])
-            self.applied_round = max(self.applied_round, round_)
-        contributions, total, dropped = self._contributions(updates)
-        if contributions:
+            if h.update_id in self._seen_set:
+                raise DuplicateUpdate(f"update {h.update_id} already received")
+            if is_secagg(h.defence) and any(
+                u.header.origin == h.origin for u, _t in self._masked.get(h.round, [])
+            ):
+                raise UpdateRejected(f"a masked update of {h.origin} for step {h.round} is already held")
+            self._remember(h.update_id)
+            self._file(update, time.time() if received_at is None else received_at)
+
+    def _file(self, update: Update, received_at: float) -> None:
+        if is_secagg(update.header.defence):
+            self._masked.setdefault(update.header.round, []).append((update, received_at))
+        else:
+            self._pending.append((update, received_at))
+
+    def pending(self) -> int:
+        """Updates waiting for the next apply (masked ones included)."""
+        with self._lock:
+            return len(self._pending) + sum(len(v) for v in self._masked.values())
+
+    def apply_pending(self) -> list[Applied]:
+        """Aggregate what arrived since the last apply (own update included) and step once.
+
+        Returns the updates that entered the aggregate, with their lag and weight.
+        """
+        with self._lock:
+            plain, self._pending = self._pending, []
+            masked = self._ripe_masked()
+        # A fixed order makes the float sum, and so lock-step runs, bit-reproducible.
+        plain.sort(key=lambda item: item[0].header.update_id)
+        applied: list[Applied] = []
+        contributions: list[tuple[dict[str, torch.Tensor], float]] = []
+        total = 0.0
+        for u, received_at in plain:
+            lag = max(0, self.version - u.header.model_version)
+            w = u.header.num_samples * u.header.mixing_weight * self.staleness(lag)
+            applied.append(Applied(u.header, received_at, lag, w))
+            if w > 0:
+                contributions.append((u.tensors, w))
+                total += w
+        for group in masked:
+            summed, weight, members = self._unmask(group)
+            contributions.append((summed, 1.0))
+            total += weight
+            applied += members
+        if contributions and total > 0:
             for name, p in self.model.named_parameters():
                 agg = torch.zeros_like(p)
                 for tensors, w in contributions:
@@ -157,35 +209,44 @@ class Peer:
         with self._lock:
             self.version += 1
             self._snapshot()
-        return len(updates) - dropped
+        return applied
 
-    def _contributions(
-        self, updates: list[Update]
-    ) -> tuple[list[tuple[dict[str, torch.Tensor], float]], float, int]:
-        """(tensors, weight) pairs to add up, the total weight to divide by, updates dropped.
-
-        Masked updates were pre-weighted by their senders, so the unmasked group sum
-        enters with weight 1 while its members' weights join the total.
-        """
-        out, total = [], 0.0
-        masked = []
-        for u in updates:
-            w = u.header.num_samples * u.header.mixing_weight
-            if is_secagg(u.header.defence):
-                masked.append(u)
+    def _ripe_masked(self) -> list[list[tuple[Update, float]]]:
+        """Masked steps whose whole group is here; steps waiting too long are dropped."""
+        ripe = []
+        for step in sorted(self._masked):
+            group = self._masked[step]
+            whole = self.secagg is not None and sorted(u.header.origin for u, _t in group) == list(
+                self.secagg.group)
+            age = self._masked_age.get(step, 0)
+            if whole:
+                ripe.append(group)
+            elif age < self.secagg_wait:
+                self._masked_age[step] = age + 1
+                continue
             else:
-                out.append((u.tensors, w))
-            total += w
-        if not masked:
-            return out, total, 0
-        if self.secagg is None or sorted(u.header.origin for u in masked) != list(self.secagg.group):
-            self.secagg_stats["dropped_rounds"] += 1
-            self.secagg_stats["dropped_updates"] += len(masked)
-            dropped_weight = sum(u.header.num_samples * u.header.mixing_weight for u in masked)
-            return out, total - dropped_weight, len(masked)
-        out.append((self.secagg.unmask([u.tensors for u in masked]), 1.0))
+                self.secagg_stats["dropped_rounds"] += 1
+                self.secagg_stats["dropped_updates"] += len(group)
+            del self._masked[step]
+            self._masked_age.pop(step, None)
+        return ripe
+
+    def _unmask(self, group: list[tuple[Update, float]]) -> tuple[dict[str, torch.Tensor], float, list[Applied]]:
+        """The unmasked group sum, the members' total weight, and their Applied rows.
+
+        Masked updates were pre-weighted by their senders, so the sum enters with
+        weight 1 while its members' weights join the total (no staleness factor:
+        the masks cancel only in the unweighted sum).
+        """
+        assert self.secagg is not None  # _ripe_masked returns groups only with keys
+        group.sort(key=lambda item: item[0].header.origin)
         self.secagg_stats["unmasked_rounds"] += 1
-        return out, total, 0
+        rows, weight = [], 0.0
+        for u, received_at in group:
+            w = u.header.num_samples * u.header.mixing_weight
+            rows.append(Applied(u.header, received_at, max(0, self.version - u.header.model_version), w))
+            weight += w
+        return self.secagg.unmask([u.tensors for u, _t in group]), weight, rows
 
     def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
         """Weights at `version` (None = latest) from the kept history."""
@@ -224,6 +285,8 @@ class Peer:
             raise UpdateRejected(f"bad round {h.round} or model version {h.model_version}")
         if not (h.mixing_weight > 0 and h.mixing_weight < float("inf")):
             raise UpdateRejected(f"mixing weight must be positive and finite, got {h.mixing_weight}")
+        if not (h.sent_at >= 0 and math.isfinite(h.sent_at)):
+            raise UpdateRejected(f"sent_at must be a finite time >= 0, got {h.sent_at}")
         if set(update.tensors) != set(self._shapes):
             missing = sorted(set(self._shapes) - set(update.tensors))
             extra = sorted(set(update.tensors) - set(self._shapes))

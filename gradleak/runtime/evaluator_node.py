@@ -30,6 +30,9 @@ class EvaluatorNode:
               stats: dict[str, Any]) -> None:
         self.evaluator.score(update_id, attack, images, labels, stats)
 
+    def log_updates(self, rows: list[dict[str, Any]]) -> None:
+        self.evaluator.record.append_updates(rows)
+
     def counts(self) -> dict[str, Any]:
         return {**self.evaluator.counts(), "mean_psnr": self.evaluator.mean_psnr()}
 

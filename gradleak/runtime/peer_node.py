@@ -1,14 +1,18 @@
-"""A peer as a network node: Peer logic + gRPC server/clients + metrics exporter.
+"""A peer as a network node: Peer logic + gRPC server/clients + metrics exporter + its loop.
 
-`PeerNode` is a plain class (tests drive it in-process); `PeerActor` is the same
-class as a Ray actor. The node only translates and delegates: the protocol logic is
-in p2p/peer.py, the wire in p2p/transport.py.
+`PeerNode` is a plain class (tests drive it in-process). In lock-step mode the
+driver calls `step` and `apply`; in async mode `start_loop` runs the same two on
+the peer's own clock (p2p.clock) in a thread of its own, until its steps are done
+or `stop`. The node only translates and delegates: the protocol logic is in
+p2p/peer.py, the wire in p2p/transport.py. Ray hosting is in gradleak/runtime/host.py.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +23,18 @@ import torch
 from gradleak.core.devices import resolve_device
 from gradleak.core.models import create_model, init_dlg_uniform
 from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
+from p2p.clock import PeerClock
 from p2p.defences import parse_defence
 from p2p.errors import TransportError
-from p2p.peer import Batch, Peer
+from p2p.peer import Applied, Batch, Peer
 from p2p.secagg import SecureAggregation
+from p2p.staleness import parse_staleness
 from p2p.tls import TlsMaterial
 from p2p.topology import choose_targets
 from p2p.transport import GossipClient, GossipServer
 from p2p.update import Update
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,10 @@ class PeerSpec:
     device: str = "cpu"  # honest peers train on the CPU unless told
     tls: TlsMaterial | None = None  # mutual TLS on this peer's server and clients
     secagg: SecureAggregation | None = None  # this member's keys when the peers mask updates
+    period_s: float = 0.25  # seconds between local steps in async mode
+    jitter: float = 0.1  # each gap varies by up to this share of the period (seeded)
+    staleness: str = "poly:0.5"  # how late updates are weighed (p2p.staleness)
+    secagg_wait: int = 0  # applies a masked step may wait for the rest of its group
 
 
 class PeerNode:
@@ -75,6 +87,7 @@ class PeerNode:
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
             keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
             device=str(resolve_device(spec.device)), secagg=spec.secagg,
+            staleness=parse_staleness(spec.staleness), secagg_wait=spec.secagg_wait,
         )
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes,
@@ -85,6 +98,14 @@ class PeerNode:
         self._rng = random.Random(spec.seed)
         self._lock = threading.Lock()
         self.accuracy: float | None = None
+        self.accuracy_log: list[dict[str, float]] = []  # {step, time, accuracy} at each evaluation
+        self.steps_done = 0
+        self.sent = self.failed = self.sent_bytes = 0
+        self._log: list[dict[str, Any]] = []  # per-update rows not yet handed to the evaluator
+        self._log_flushed = time.monotonic()
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self.loop_error: str | None = None
 
     # -- hooks a subclass overrides ---------------------------------------------------
     def make_handler(self) -> Any:
@@ -137,6 +158,7 @@ class PeerNode:
                 self.metrics.send_failures.labels(exc.code).inc()
         self.metrics.sent.labels(update.header.defence).inc(sent)
         self.metrics.sent_bytes.labels(update.header.defence).inc(nbytes)
+        self.sent, self.failed, self.sent_bytes = self.sent + sent, self.failed + failed, self.sent_bytes + nbytes
         return {"sent": sent, "failed": failed, "bytes": nbytes}
 
     def share_truth(self, update: Update, batch: Batch) -> None:
@@ -148,17 +170,78 @@ class PeerNode:
             origin=self.spec.peer_id, round=update.header.round, defence=update.header.defence,
         ))
 
-    def apply(self, round_: int, evaluate: bool = False) -> dict[str, Any]:
-        applied = self.peer.apply_round(round_)
-        self.metrics.round.set(round_)
+    def apply(self, evaluate: bool = False) -> dict[str, Any]:
+        """Aggregate what arrived since the last apply and step; optionally measure accuracy."""
+        applied = self.peer.apply_pending()
+        self.steps_done += 1
+        self.metrics.round.set(self.steps_done)
+        self._record(applied)
         if evaluate:
             self.evaluate()
-        return {"applied": applied, "accuracy": self.accuracy}
+        return {"applied": len(applied), "accuracy": self.accuracy}
+
+    def _record(self, applied: list[Applied]) -> None:
+        now = time.time()
+        for a in applied:
+            self.metrics.update_lag.observe(a.lag)
+            if a.header.origin == self.spec.peer_id:
+                continue  # own update: it never travelled
+            h = a.header
+            self._log.append({
+                "update_id": h.update_id, "origin": h.origin, "receiver": self.spec.peer_id,
+                "step": h.round, "model_version": h.model_version, "num_samples": h.num_samples,
+                "defence": h.defence, "sent_at": h.sent_at, "received_at": a.received_at,
+                "applied_at": now, "lag": a.lag, "weight": a.weight,
+            })
+        if time.monotonic() - self._log_flushed > 2.0:
+            self.flush_log()
+
+    def flush_log(self, wait: bool = False) -> int:
+        """Hand the per-update rows to the evaluator (the run record's updates.jsonl)."""
+        rows, self._log = self._log, []
+        self._log_flushed = time.monotonic()
+        if rows and self.evaluator is not None:
+            ref = self.evaluator.log_updates.remote(rows)
+            if wait:
+                ray.get(ref, timeout=10)
+        return len(rows)
 
     def evaluate(self) -> float:
         self.accuracy = self.peer.accuracy(self.spec.test_images, self.spec.test_labels)
         self.metrics.accuracy.labels(str(self.spec.batch_size), self.peer.defence_name).set(self.accuracy)
+        self.accuracy_log.append({"step": self.steps_done, "time": time.time(), "accuracy": self.accuracy})
         return self.accuracy
+
+    # -- its own clock (async mode) ----------------------------------------------------
+    def start_loop(self, steps: int, start_at: float, eval_every: int) -> None:
+        """Run `steps` local steps on this peer's clock from wall time `start_at`, in a thread."""
+        if self._loop is not None:
+            raise RuntimeError(f"peer {self.spec.peer_id} already runs its loop")
+        clock = PeerClock(self.spec.period_s, self.spec.jitter, self.spec.seed, start_at)
+        self._loop = threading.Thread(target=self._run_loop, args=(steps, clock, eval_every),
+                                      name=f"loop-{self.spec.peer_id}", daemon=True)
+        self._loop.start()
+
+    def _run_loop(self, steps: int, clock: PeerClock, eval_every: int) -> None:
+        try:
+            for step in range(1, steps + 1):
+                if self._stop.wait(max(0.0, clock.next_due() - time.time())):
+                    return
+                self.step(step)
+                self.apply(evaluate=step % eval_every == 0 or step == steps)
+        except Exception as exc:  # noqa: BLE001 - the driver reports it instead of a silent stop
+            self.loop_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.flush_log()
+
+    def progress(self) -> dict[str, Any]:
+        """Where this peer stands, for the driver's watch."""
+        running = self._loop is not None and self._loop.is_alive()
+        return {"peer_id": self.spec.peer_id, "role": self.spec.role, "steps": self.steps_done,
+                "running": running, "error": self.loop_error, "accuracy": self.accuracy,
+                "sent": self.sent, "failed": self.failed, "bytes": self.sent_bytes,
+                "pending": self.peer.pending(), "batch_size": self.spec.batch_size,
+                "defence": self.peer.defence_name, "accuracy_log": list(self.accuracy_log)}
 
     def client(self, peer_id: str) -> GossipClient:
         with self._lock:
@@ -172,9 +255,14 @@ class PeerNode:
             return self._clients[peer_id]
 
     def stop(self) -> None:
+        """End the loop (within one step), flush the record rows, close server and clients."""
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=5)
+        try:
+            self.flush_log(wait=True)
+        except Exception as exc:  # noqa: BLE001 - an evaluator already gone must not block stopping
+            log.warning("peer %s could not hand over its last update rows: %s", self.spec.peer_id, exc)
         self.server.stop(grace=0.5)
         for c in self._clients.values():
             c.close()
-
-
-PeerActor = ray.remote(PeerNode)

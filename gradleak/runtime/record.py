@@ -13,7 +13,10 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from gradleak.runtime.summary import format_accuracy
+
 RECONSTRUCTIONS = "reconstructions.jsonl"
+UPDATES = "updates.jsonl"  # one row per update a peer received and aggregated
 SUMMARY_COLUMNS = (
     "batch_size", "defence", "attack", "reconstructions", "mean_psnr", "best_psnr",
     "share_psnr_30", "mean_ssim", "label_accuracy", "honest_accuracy",
@@ -39,6 +42,12 @@ class RunRecord:
         with self._lock, open(self.dir / RECONSTRUCTIONS, "a") as f:
             f.write(line + "\n")
 
+    def append_updates(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append per-update rows (sender's step, sent/received times, version lag) at once."""
+        text = "".join(json.dumps(r, sort_keys=True, allow_nan=False, default=_finite) + "\n" for r in rows)
+        with self._lock, open(self.dir / UPDATES, "a") as f:
+            f.write(text)
+
     def rows(self) -> list[dict[str, Any]]:
         path = self.dir / RECONSTRUCTIONS
         if not path.exists():
@@ -48,7 +57,12 @@ class RunRecord:
     def write_summary(self, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
         (self.dir / "summary.json").write_text(json.dumps({"groups": rows, **extra}, indent=2))
         path = self.dir / "summary.md"
-        path.write_text(format_table(rows) + "\n")
+        parts = [format_table(rows)]
+        if extra.get("interrupted"):
+            parts.insert(0, "**Interrupted**: the run was stopped early; these are the figures recorded until then.")
+        if accuracy := format_accuracy(extra.get("accuracy") or {}):
+            parts += ["Honest accuracy on the held-out set (mean over the peers of each batch size):", accuracy]
+        path.write_text("\n\n".join(parts) + "\n")
         return path
 
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 LEAK = ("attack", "batch_size", "defence")
 PSNR_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 80, 100)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+LAG_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34)
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -61,7 +62,10 @@ class Metrics:
         self.accuracy = Gauge(
             "gradleak_model_accuracy_ratio", "Honest model accuracy on the held-out set.",
             ("batch_size", "defence"), registry=r)
-        self.round = Gauge("gradleak_round", "Last gossip round this process completed.", registry=r)
+        self.round = Gauge("gradleak_round", "Local steps this peer has completed.", registry=r)
+        self.update_lag = Histogram(
+            "gradleak_gossip_update_lag_versions", "Local steps a receiver was ahead of an update's weights.",
+            buckets=LAG_BUCKETS, registry=r)
 
 
 def resolve_host(host: str) -> str:

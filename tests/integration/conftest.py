@@ -33,7 +33,7 @@ def testbed(ray_session, prometheus, tmp_path_factory: pytest.TempPathFactory):
         data=DataConfig(limit=1500),
         # The batch-1 peer is the victim; the larger batches make the shared model learn.
         peers=PeerConfig(honest=3, batch_sizes=(1, 8, 16)),
-        gossip=GossipConfig(rounds=120, fanout=2, round_interval_s=0.1),
+        gossip=GossipConfig(rounds=120, fanout=2, period_s=(0.1,)),
         # The attacker asks for the (logical) GPU and the marker resource of the second node.
         attack=AttackSettings(attacks=("idlg",), max_iters=100, queue_size=8, max_batch_size=1,
                               drain_timeout_s=60, num_gpus=1, resource="attacker"),
@@ -42,7 +42,7 @@ def testbed(ray_session, prometheus, tmp_path_factory: pytest.TempPathFactory):
     bed = Testbed(cfg)
     bed.start()
     prometheus.set_targets(json.loads((bed.run_dir / "prometheus_targets.json").read_text()))
-    bed.run_rounds()
+    bed.run_network()
     bed.drain()
     result = bed.finish(0.0)
     yield bed, result

@@ -50,7 +50,7 @@ def test_gradleak_run_completes_on_an_existing_head(tmp_path: Path) -> None:
         out = tmp_path / "runs"
         proc = subprocess.run(
             [sys.executable, "-m", "gradleak.cli", "run", "--peers", "2", "--rounds", "4",
-             "--batch-size", "1", "--round-interval", "0", "--limit", "200", "--max-iters", "20",
+             "--batch-size", "1", "--period", "0", "--limit", "200", "--max-iters", "20",
              "--drain-timeout", "30", "--metrics-port", "0", "--out", str(out)],
             env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True,
             timeout=240, check=False,

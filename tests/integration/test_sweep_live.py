@@ -23,7 +23,7 @@ from gradleak.sweep import build_parser, plan, run_sweep
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
-TINY = ("base:\n  data: {limit: 300}\n  gossip: {rounds: 3, round_interval_s: 0}\n"
+TINY = ("base:\n  data: {limit: 300}\n  gossip: {rounds: 3, period_s: [0]}\n"
         "  attack: {max_iters: 10, drain_timeout_s: 15}\n")
 AXES = ("--peers", "2", "--fanout", "1", "--defences", "none", "--attacks", "idlg", "--seeds", "1")
 

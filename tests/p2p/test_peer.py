@@ -4,7 +4,9 @@ import torch
 from gradleak.data import Dataset
 from p2p.defences import parse_defence
 from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
+from p2p.clock import PeerClock
 from p2p.peer import Peer
+from p2p.staleness import parse_staleness
 from p2p.update import Update, UpdateHeader
 
 
@@ -37,7 +39,7 @@ def test_apply_averages_by_samples_and_versions(digits_data, lenet) -> None:
         {k: torch.ones_like(v) for k, v in own.tensors.items()},
     )
     a.accept_update(other)
-    assert a.apply_round(1) == 2
+    assert len(a.apply_pending()) == 2
     for n, p in lenet.named_parameters():
         expected = before[n] - 0.1 * (2 * own.tensors[n] + 6 * torch.ones_like(p)) / 8
         assert torch.allclose(p.detach(), expected, atol=1e-6)
@@ -50,7 +52,7 @@ def test_history_is_bounded(digits_data, lenet) -> None:
     a = _peer(digits_data, lenet)
     for r in range(1, 6):
         a.local_update(r)
-        a.apply_round(r)
+        a.apply_pending()
     assert a.model_at(None)[0] == 5
     with pytest.raises(VersionNotFound, match="holds versions 3..5"):
         a.model_at(1)
@@ -79,12 +81,52 @@ def test_bad_updates_are_rejected_and_change_nothing(digits_data, lenet) -> None
     for bad in cases:
         with pytest.raises(UpdateRejected):
             a.accept_update(bad)
-    assert a.apply_round(1) == 0  # nothing was filed
+    assert len(a.apply_pending()) == 0  # nothing was filed
+    with pytest.raises(UpdateRejected, match="sent_at"):
+        a.accept_update(_bad(good, sent_at=float("nan")))
     a.accept_update(_bad(good, round=2))
     with pytest.raises(DuplicateUpdate):
         a.accept_update(_bad(good, round=2))
-    with pytest.raises(UpdateRejected, match="after that round was applied"):
-        a.accept_update(_bad(good, update_id="b/late", round=1))
+
+
+def test_a_late_update_is_aggregated_with_its_staleness_weight(digits_data, lenet) -> None:
+    """Two steps behind under poly:1 the update counts 1/3 of its samples, not zero."""
+    a = _peer(digits_data, lenet, "a", optimizer="sgd", staleness=parse_staleness("poly:1"))
+    for _ in range(2):
+        a.apply_pending()  # a moves on to version 2 with nothing received
+    before = {n: p.detach().clone() for n, p in lenet.named_parameters()}
+    own, _ = a.local_update(3)
+    late = Update(UpdateHeader("b/r1", "b", "b", 1, 0, 6),  # taken at version 0
+                  {k: torch.ones_like(v) for k, v in own.tensors.items()})
+    a.accept_update(late)
+    applied = {x.header.update_id: x for x in a.apply_pending()}
+    assert applied["b/r1"].lag == 2 and applied["b/r1"].weight == pytest.approx(6 / 3)
+    assert applied["a/r3"].lag == 0 and applied["a/r3"].weight == 2
+    for n, p in lenet.named_parameters():
+        expected = before[n] - 0.1 * (2 * own.tensors[n] + 2 * torch.ones_like(p)) / 4
+        assert torch.allclose(p.detach(), expected, atol=1e-6)
+
+
+def test_staleness_rules_parse_and_weigh() -> None:
+    assert parse_staleness("poly:0.5")(3) == pytest.approx(0.5)
+    assert parse_staleness("cutoff:2")(2) == 1.0 and parse_staleness("cutoff:2")(3) == 0.0
+    assert parse_staleness("constant")(100) == 1.0
+    assert parse_staleness("poly:1")(-4) == 1.0  # a lag never counts below 0
+    for bad in ("fast", "poly", "poly:x", "cutoff:1.5", "poly:-1", "constant:1"):
+        with pytest.raises(ValueError):
+            parse_staleness(bad)
+
+
+def test_peer_clock_jitters_around_its_period_and_catches_up() -> None:
+    clock = PeerClock(0.5, 0.2, seed=3, start=100.0)
+    due = [clock.next_due() for _ in range(200)]
+    gaps = [b - a for a, b in zip(due, due[1:])]
+    assert due[0] == 100.0 and all(0.4 - 1e-9 <= g <= 0.6 + 1e-9 for g in gaps)
+    assert abs(sum(gaps) / len(gaps) - 0.5) < 0.02 and len(set(gaps)) > 100
+    again = PeerClock(0.5, 0.2, seed=3, start=100.0)
+    assert [again.next_due() for _ in range(200)] == due  # seeded
+    with pytest.raises(ValueError):
+        PeerClock(0.5, 1.0, seed=0, start=0.0)
 
 
 def test_training_learns_digits(digits_data, lenet) -> None:
@@ -93,7 +135,7 @@ def test_training_learns_digits(digits_data, lenet) -> None:
     peer._labels = torch.from_numpy(digits_data.labels[:1200])
     for r in range(1, 301):
         peer.local_update(r)
-        peer.apply_round(r)
+        peer.apply_pending()
     acc = peer.accuracy(digits_data.images[1400:], digits_data.labels[1400:])
     assert acc > 0.5, acc
 
@@ -103,7 +145,7 @@ def test_peer_on_cuda_sends_host_tensors_and_learns(digits_data, lenet) -> None:
     peer = _peer(digits_data, lenet, device="cuda", batch_size=8, lr=0.01)
     update, _batch = peer.local_update(1)
     assert all(t.device.type == "cpu" for t in update.tensors.values())
-    peer.apply_round(1)
+    peer.apply_pending()
     assert all(t.device.type == "cpu" for t in peer.model_at(None)[1].values())
     assert next(peer.model.parameters()).device.type == "cuda"
 

@@ -195,8 +195,8 @@ def test_secagg_peers_apply_exactly_the_unmasked_group_sum(digits_data, lenet) -
     truth = _exchange(plain_peers, 1)  # same seeds, same batches, same true gradients
     assert {u.header.defence for u in sent.values()} == {"secagg:3"}
     assert all(t.dtype == torch.int64 for u in sent.values() for t in u.tensors.values())
-    assert all(p.apply_round(1) == 3 for p in masked_peers.values())
-    assert all(p.apply_round(1) == 3 for p in plain_peers.values())
+    assert all(len(p.apply_pending()) == 3 for p in masked_peers.values())
+    assert all(len(p.apply_pending()) == 3 for p in plain_peers.values())
     assert len(sums) == 3
     for name in sums[0]:
         exact = torch.zeros(sums[0][name].shape, dtype=torch.float64)
@@ -219,7 +219,7 @@ def test_missing_member_drops_the_group_and_keeps_plain_updates(digits_data, len
     before = {n: p.detach().clone() for n, p in a.model.named_parameters()}
     a.local_update(1)
     a.accept_update(peers["b"].local_update(1)[0])  # m's masked update never arrives
-    assert a.apply_round(1) == 0
+    assert len(a.apply_pending()) == 0
     assert a.secagg_stats == {"unmasked_rounds": 0, "dropped_rounds": 1, "dropped_updates": 2}
     assert all(torch.equal(p, before[n]) for n, p in a.model.named_parameters())
     # A plain update from outside the group still counts that round.
@@ -227,7 +227,7 @@ def test_missing_member_drops_the_group_and_keeps_plain_updates(digits_data, len
     plain = Update(UpdateHeader("x/r2", "x", "x", 2, 0, 4),
                    {n: torch.ones_like(t) for n, t in before.items()})
     a.accept_update(plain)
-    assert a.apply_round(2) == 1
+    assert len(a.apply_pending()) == 1
     for n, p in a.model.named_parameters():
         assert torch.allclose(p, before[n] - 0.1 * torch.ones_like(p), atol=1e-6)
 

@@ -33,7 +33,7 @@ def test_nodes_gossip_over_tls_and_refuse_plaintext(digits_data) -> None:
         sent = a.step(1)
         assert sent["sent"] == 1 and sent["failed"] == 0 and sent["bytes"] > 0
         assert b.step(1)["sent"] == 1
-        assert b.apply(1)["applied"] == 2  # its own update + a's, received over TLS
+        assert b.apply()["applied"] == 2  # its own update + a's, received over TLS
         with GossipClient(b.server.address, timeout_s=3) as plain, pytest.raises(TransportError) as err:
             plain.get_model()
         assert err.value.code == "UNAVAILABLE"
@@ -60,7 +60,7 @@ def test_secure_aggregation_group_over_grpc(digits_data) -> None:
             n.set_members(book)
         # Fanout is 1, but a group member must reach every other member.
         assert all(n.step(1)["sent"] == 2 for n in nodes.values())
-        assert all(n.apply(1)["applied"] == 3 for n in nodes.values())
+        assert all(n.apply()["applied"] == 3 for n in nodes.values())
         states = [n.peer.model_at(None)[1] for n in nodes.values()]
         assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in states[0])
         assert nodes["a"].addresses()["defence"] == "secagg:3"
