@@ -23,6 +23,21 @@ def test_updates_flow_and_the_model_learns(testbed) -> None:
     assert len(honest) == 3 and min(honest) > 0.2, result.accuracy  # chance is 0.1
 
 
+def test_peers_on_their_own_clocks_aggregate_late_updates(testbed) -> None:
+    bed, result = testbed
+    assert set(result.extra["steps"].values()) == {120}  # every loop ran to its end
+    rows = [json.loads(x) for x in (bed.run_dir / "updates.jsonl").read_text().splitlines()]
+    assert {"step", "sent_at", "received_at", "lag", "weight", "receiver", "origin"} <= set(rows[0])
+    assert all(r["received_at"] >= r["sent_at"] > 0 for r in rows)
+    late = [r for r in rows if r["lag"] > 0]
+    assert len(late) > 10, "peers on different clocks always deliver some updates late"
+    # poly:0.5, the default rule: a late update counts (1 + lag)^-0.5 of its samples, not zero.
+    assert all(abs(r["weight"] - r["num_samples"] * (1 + r["lag"]) ** -0.5) < 1e-9 for r in rows)
+    # The faster clock (0.08 s) finished first: its last update was sent before the slower one's.
+    last = {o: max(r["sent_at"] for r in rows if r["origin"] == o) for o in ("peer-0", "peer-1")}
+    assert last["peer-0"] < last["peer-1"]
+
+
 def test_attacker_reconstructs_a_batch1_image(testbed) -> None:
     bed, _result = testbed
     rows = [json.loads(line) for line in (bed.run_dir / "reconstructions.jsonl").read_text().splitlines()]

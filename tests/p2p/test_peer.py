@@ -1,10 +1,12 @@
+import itertools
+
 import pytest
 import torch
 
 from gradleak.data import Dataset
+from p2p.clock import PeerClock
 from p2p.defences import parse_defence
 from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
-from p2p.clock import PeerClock
 from p2p.peer import Peer
 from p2p.staleness import parse_staleness
 from p2p.update import Update, UpdateHeader
@@ -120,7 +122,7 @@ def test_staleness_rules_parse_and_weigh() -> None:
 def test_peer_clock_jitters_around_its_period_and_catches_up() -> None:
     clock = PeerClock(0.5, 0.2, seed=3, start=100.0)
     due = [clock.next_due() for _ in range(200)]
-    gaps = [b - a for a, b in zip(due, due[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(due)]
     assert due[0] == 100.0 and all(0.4 - 1e-9 <= g <= 0.6 + 1e-9 for g in gaps)
     assert abs(sum(gaps) / len(gaps) - 0.5) < 0.02 and len(set(gaps)) > 100
     again = PeerClock(0.5, 0.2, seed=3, start=100.0)
