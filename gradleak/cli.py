@@ -36,20 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_attack_parser(sub: Any) -> None:
     p = sub.add_parser("attack", help="attack gradients of images from a file, offline")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help=".npz (images N x C x H x W in [0, 1], labels N) or a folder")
-    source.add_argument("--corpus", help="text file, one sentence per line (use a text model and attack)")
-    p.add_argument("--out", required=True, help="directory for result.json and grid.png")
-    p.add_argument("--model", default=None, help="lenet | mlp | resnet18; transformer for --corpus")
-    p.add_argument("--attack", default=None, help="dlg | idlg | ig; dlg-text | analytic-text for --corpus")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--defence", default="none")
-    p.add_argument("--max-iters", type=int, default=None, help="default 300 (images), 30 (text)")
-    p.add_argument("--target-psnr", type=float, default=30.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--num-batches", type=int, default=None, help="attack only the first N batches")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    source.add_argument("--images", metavar="FILE",
+                        help=".npz (images N x C x H x W in [0, 1], labels N) or a folder of images")
+    source.add_argument("--corpus", metavar="FILE",
+                        help="text file, one sentence per line (use a text model and attack)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for result.json and grid.png")
+    p.add_argument("--model", default=None,
+                   help="the victim model (default: lenet; choices: lenet, mlp, resnet18; transformer "
+                        "for --corpus)")
+    p.add_argument("--attack", default=None,
+                   help="the attack (default: idlg; choices: the registered image attacks, e.g. dlg, "
+                        "idlg, ig, analytic; dlg-text or analytic-text for --corpus)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="samples behind each gradient (default: 1)")
+    p.add_argument("--defence", default="none", metavar="D",
+                   help="defence chain applied to each gradient, e.g. prune:0.3+fp16 (default: none)")
+    p.add_argument("--max-iters", type=int, default=None, metavar="N",
+                   help="outer optimiser steps per batch (default: 300 for images, 30 for text)")
+    p.add_argument("--target-psnr", type=float, default=30.0, metavar="DB",
+                   help="PSNR whose first reaching is timed (default: 30)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the model init and the attack's start (default: 0)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads (default: 1)")
+    p.add_argument("--num-batches", type=int, default=None, metavar="N",
+                   help="attack only the first N batches (default: all)")
+    p.add_argument("--num-classes", type=int, default=10, metavar="N",
+                   help="classes of the victim's output layer (default: 10)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="torch device of the attack (default: auto, CUDA when torch sees one)")
 
 
 def _attack(args: argparse.Namespace) -> int:

@@ -86,3 +86,38 @@ def test_console_script_reports_bad_flag_in_a_subprocess() -> None:
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "gradleak: error: rounds must be >= 1, got 0"
+
+
+def _options(parser) -> list:
+    import argparse
+
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [(name, action) for name, sub in subs.choices.items() for action in sub._actions
+            if action.option_strings and action.dest != "help"]
+
+
+def test_every_flag_has_a_help_line_with_its_default() -> None:
+    options = _options(build_parser())
+    assert len(options) > 60
+    missing = [f"{name} {a.option_strings[0]}" for name, a in options if not (a.help or "").strip()]
+    assert not missing, missing
+    # Run flags (and the sweep's base flags) name the default, the config field and the choices.
+    run = {a.option_strings[0]: a.help for name, a in options if name == "run"}
+    assert "default: 4" in run["--peers"] and "config peers.honest" in run["--peers"]
+    assert "choices: async, rounds" in run["--sync"] and "default: async" in run["--sync"]
+    assert "choices: " in run["--model"] and "lenet" in run["--model"]
+    without = [f for f, h in run.items() if f != "--config" and "default:" not in h]
+    assert not without, without
+
+
+def test_new_gossip_flags_reach_the_config() -> None:
+    cfg = _cfg("--sync", "rounds", "--period", "0.1,0.3", "--jitter", "0.2", "--staleness", "cutoff:3",
+               "--peers-per-process", "4", "--peer-cpus", "0.5")
+    g = cfg.gossip
+    assert (g.sync, g.period_s, g.jitter, g.staleness) == ("rounds", (0.1, 0.3), 0.2, "cutoff:3")
+    assert (cfg.peers.per_process, cfg.peers.num_cpus) == (4, 0.5)
+    for argv, needle in ((["--sync", "lockstep"], "unknown sync mode"),
+                         (["--staleness", "poly:x"], "non-numeric"),
+                         (["--period", "-1"], "periods must be"), (["--jitter", "1"], "jitter")):
+        with pytest.raises(ConfigError, match=needle):
+            _cfg(*argv)
