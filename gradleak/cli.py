@@ -19,6 +19,7 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
     "--batch-size": ("peers", "batch_sizes", lambda s: tuple(int(x) for x in s.split(","))),
     "--defence": ("peers", "defences", lambda s: tuple(x.strip() for x in s.split(","))),
     "--model": ("peers", "model", str),
+    "--init": ("peers", "init", str),
     "--optimizer": ("peers", "optimizer", str),
     "--lr": ("peers", "lr", float),
     "--peer-device": ("peers", "device", str),

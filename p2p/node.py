@@ -17,7 +17,7 @@ import ray
 import torch
 
 from gradleak.devices import resolve_device
-from gradleak.models import create_model, init_dlg_uniform
+from gradleak.models import create_model, init_model
 from gradleak.telemetry import Metrics, resolve_host, start_exporter
 from p2p.defences import parse_defence
 from p2p.errors import TransportError
@@ -48,6 +48,7 @@ class PeerSpec:
     optimizer: str
     seed: int  # this peer's own stream (batches, noise)
     model_seed: int  # shared by all peers: everyone starts from the same weights
+    init: str = "sigmoid"  # model init (gradleak.models.INITS), drawn from model_seed
     keep_versions: int = 256
     fanout: int = 2
     topology: str = "complete"
@@ -94,7 +95,7 @@ class PeerNode:
     def build_model(self) -> torch.nn.Module:
         c, h, _w = self.spec.input_shape
         model = create_model(self.spec.model, in_channels=c, num_classes=self.spec.num_classes, image_size=h)
-        init_dlg_uniform(model, torch.Generator().manual_seed(self.spec.model_seed))
+        init_model(model, self.spec.init, self.spec.model_seed)
         return model
 
     # -- UpdateHandler, called from gRPC threads -------------------------------------
