@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class PeakMemory:
         while not self._stop.wait(0.5):
             self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

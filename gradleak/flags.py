@@ -34,6 +34,12 @@ def _models() -> Iterable[str]:
     return MODELS
 
 
+def _inits() -> Iterable[str]:
+    from gradleak.core.models import INITS
+
+    return INITS
+
+
 def _attacks() -> Iterable[str]:
     from attacker.api import ATTACKS
 
@@ -91,6 +97,8 @@ FLAGS: dict[str, Flag] = {
                       "defence chains (e.g. prune:0.3, gauss:1e-2, fp16, dp:1:1e-2; join with +), "
                       "assigned to peers in turn", metavar="D,D"),
     "--model": Flag("peers", "model", str, "the shared model", _models),
+    "--init": Flag("peers", "init", str, "the shared model's initial weights (sigmoid: scaled for "
+                   "sigmoid nets; dlg: the DLG paper's uniform(-0.5, 0.5))", lambda: _inits()),
     "--optimizer": Flag("peers", "optimizer", str, "local optimiser that applies the aggregate",
                         ("adam", "sgd")),
     "--lr": Flag("peers", "lr", float, "its learning rate"),
@@ -108,6 +116,9 @@ FLAGS: dict[str, Flag] = {
     "--jitter": Flag("gossip", "jitter", float, "share of the period each gap may vary by (seeded)"),
     "--staleness": Flag("gossip", "staleness", str, "weight of a late update by its version lag: "
                         "constant, poly:A ((1+lag)^-A) or cutoff:K", metavar="RULE"),
+    "--mix-every": Flag("gossip", "mix_every", int, "steps between averaging the model with a "
+                        "neighbour's (0: never)", metavar="N"),
+    "--mix-weight": Flag("gossip", "mix_weight", float, "share of the neighbour's weights in that average"),
     "--peers-per-process": Flag("peers", "per_process", int,
                                 "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
     "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),

@@ -211,6 +211,29 @@ class Peer:
             self._snapshot()
         return applied
 
+    def mix(self, state: dict[str, torch.Tensor], weight: float) -> int:
+        """Move every parameter `weight` of the way to a neighbour's (gossip averaging); new version.
+
+        A new version, not a change of the current one: an update already sent was
+        taken at the current version's weights, and a pull at that version must still
+        return them. Buffers (none in the sigmoid LeNet) are averaged the same way.
+        """
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"mixing weight must be in (0, 1], got {weight}")
+        own = self.model.state_dict()
+        if set(state) != set(own):
+            raise UpdateRejected("the neighbour's model has other parameter names")
+        for name, t in state.items():
+            if t.shape != own[name].shape or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise UpdateRejected(f"the neighbour's '{name}' has the wrong shape or dtype, or NaN/inf")
+        with torch.no_grad():
+            for name, t in own.items():
+                t.lerp_(state[name].to(device=t.device, dtype=t.dtype), weight)
+        with self._lock:
+            self.version += 1
+            self._snapshot()
+        return self.version
+
     def _ripe_masked(self) -> list[list[tuple[Update, float]]]:
         """Masked steps whose whole group is here; steps waiting too long are dropped."""
         ripe = []

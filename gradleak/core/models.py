@@ -69,6 +69,73 @@ def init_dlg_uniform(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
+def init_default(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-initialise with PyTorch's own per-layer init (Kaiming-uniform), seeded.
+
+    Each module's `reset_parameters` draws from the global RNG; it runs inside a
+    forked RNG seeded from `generator`, so the caller's global stream is untouched
+    and the same seed gives the same weights on every peer. Draws happen where the
+    parameters live: build on the CPU, then move, for identical weights on any device.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return model
+
+
+def init_sigmoid(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Init for sigmoid nets: LeCun-uniform weights x4, biases that centre sigmoid inputs.
+
+    sigmoid'(0) = 1/4, so weights four times LeCun's scale (uniform, variance
+    16 / fan_in) keep the backward signal from shrinking 4x per layer, and a layer fed
+    by sigmoids (mean 0.5) gets bias -0.5 * sum(w) so its pre-activations start
+    centred. PyTorch's own init leaves the sigmoid LeNet on its initial plateau for
+    hundreds of steps (benchmarks/learning.py). Layers are taken in `model.modules()`
+    order; each one after the first Conv/Linear is treated as fed by a sigmoid (true
+    of LeNet and MLP here). Other parameters keep their values. Drawn in float64 on
+    the CPU generator and copied, so a seed gives the same weights on any device.
+    """
+    first = True
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            weight = module.weight
+            fan_in = weight[0].numel()
+            bound = 4.0 * math.sqrt(3.0 / fan_in)
+            w = (torch.rand(weight.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            weight.copy_(w.to(device=weight.device, dtype=weight.dtype))
+            if module.bias is not None:
+                b = torch.zeros(module.bias.shape, dtype=torch.float64) if first else -0.5 * w.flatten(1).sum(1)
+                module.bias.copy_(b.to(device=module.bias.device, dtype=module.bias.dtype))
+            first = False
+    return model
+
+
+# name -> (module, seeded CPU generator) -> the module, initialised in place
+ModelInit = Callable[[nn.Module, torch.Generator], nn.Module]
+INITS: Mapping[str, ModelInit] = {"sigmoid": init_sigmoid, "default": init_default, "dlg": init_dlg_uniform}
+
+
+def init_model(model: nn.Module, name: str, seed: int) -> nn.Module:
+    """Initialise `model` in place with the init `name` (see `INITS`) from `seed`.
+
+    "sigmoid" (peers' default: the sigmoid LeNet trains from it), "default" (PyTorch's
+    per-layer init), "dlg" (DLG's uniform(-0.5, 0.5), for attack benchmarks); see
+    benchmarks/learning.py for how each trains.
+
+    Raises:
+        ValueError: on an unknown name (the message lists the known ones).
+    """
+    if name not in INITS:
+        raise ValueError(f"unknown init '{name}' (known: {', '.join(sorted(INITS))})")
+    return INITS[name](model, torch.Generator().manual_seed(seed))
+
+
 class LeNet(nn.Module):
     """The DLG paper's LeNet: three sigmoid convolutions and one linear layer.
 

@@ -63,6 +63,9 @@ class Metrics:
             "gradleak_model_accuracy_ratio", "Honest model accuracy on the held-out set.",
             ("batch_size", "defence"), registry=r)
         self.round = Gauge("gradleak_round", "Local steps this peer has completed.", registry=r)
+        self.mixes = Counter(
+            "gradleak_gossip_model_mixes_total", "Model averagings with a neighbour, by outcome (mixed, failed).",
+            ("outcome",), registry=r)
         self.update_lag = Histogram(
             "gradleak_gossip_update_lag_versions", "Local steps a receiver was ahead of an update's weights.",
             buckets=LAG_BUCKETS, registry=r)

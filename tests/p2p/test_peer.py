@@ -158,3 +158,19 @@ def test_unknown_device_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         resolve_device("tpu")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_mix_averages_into_a_new_version_and_refuses_bad_models(digits_data, lenet) -> None:
+    a = _peer(digits_data, lenet, "a")
+    v0, before = a.model_at(None)
+    other = {n: t + 1.0 for n, t in before.items()}
+    for bad in ({**other, next(iter(other)): torch.full_like(before[next(iter(before))], float("nan"))},
+                {k: v for k, v in list(other.items())[1:]}):
+        with pytest.raises(UpdateRejected):
+            a.mix(bad, 0.5)
+        assert a.version == v0  # nothing changed
+    assert a.mix(other, 0.5) == v0 + 1
+    _v, now = a.model_at(None)
+    off = {n: float((now[n] - before[n] - 0.5).abs().max()) for n in before}
+    assert max(off.values()) < 1e-6, off
+    assert all(torch.equal(a.model_at(v0)[1][n], before[n]) for n in before)  # a pull at v0 still works
