@@ -26,19 +26,22 @@ def _spec(pid: str, digits_data, role: str = "honest", batch: int = 1, defence: 
         peer_id=pid, role=role, shard_images=digits_data.images[:40], shard_labels=digits_data.labels[:40],
         test_images=digits_data.images[40:60], test_labels=digits_data.labels[40:60], input_shape=(1, 16, 16),
         num_classes=10, model="lenet", batch_size=batch, defence=defence, lr=0.01, optimizer="adam",
-        seed={"a": 1, "b": 2, "m": 3}[pid], model_seed=0, fanout=1,
+        seed={"a": 1, "b": 2, "c": 4, "m": 3}[pid], model_seed=0, fanout=1,
     )
 
 
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory, digits_data):
-    """Two honest peers send two updates each to the attacker, which attacks them live with analytic."""
+    """Three honest peers send two updates each to the attacker, which attacks four live with analytic."""
     run_dir = tmp_path_factory.mktemp("run")
     ev = Evaluator(RunRecord(run_dir))
     honest = [PeerNode(_spec("a", digits_data)), PeerNode(_spec("b", digits_data, batch=2, defence="fp16"))]
+    # max_batch_size 2: c's batch-4 updates are received but not attacked live (no weights pulled
+    # for the attack); the transcript pulls their weights itself, so the replay can attack them.
+    honest.append(PeerNode(_spec("c", digits_data, batch=4, defence="prune:0.5")))
     mal = MaliciousNode(_spec("m", digits_data, role="malicious"), attacks=("analytic",),
                         attack_config=AttackConfig(max_iters=20, seed=7), device="cpu", queue_size=8,
-                        run_dir=str(run_dir), transcript_bytes=64 << 20)
+                        max_batch_size=2, run_dir=str(run_dir), transcript_bytes=64 << 20)
     live: dict[str, object] = {}
     mal.malicious._report = lambda h, a, rec: live.__setitem__(h.update_id, rec)
     nodes = [*honest, mal]
@@ -68,10 +71,10 @@ def test_transcript_holds_what_the_attacker_received(live_run) -> None:
     run_dir, live_rows, status = live_run
     r = TranscriptReader(run_dir)
     ids = [u.update.header.update_id for u in r.updates()]
-    assert len(ids) == 4 and set(ids) == set(live_rows)
-    assert status["transcript"]["updates"] == 4 and status["transcript"]["weights"] == 4
-    assert sorted(p for p, _v in r.weight_keys()) == ["a", "a", "b", "b"]
-    assert (run_dir / "truth").is_dir() and len(list((run_dir / "truth").glob("*.npz"))) == 4
+    assert len(ids) == 6 and set(ids) - set(live_rows) == {"c/r1", "c/r2"}
+    assert status["skipped"] == 2 and r.meta["updates"] == 6 and r.meta["weights"] == 6
+    assert sorted(p for p, _v in r.weight_keys()) == ["a", "a", "b", "b", "c", "c"]
+    assert (run_dir / "truth").is_dir() and len(list((run_dir / "truth").glob("*.npz"))) == 6
     assert not list((run_dir / TRANSCRIPT_DIR).glob("*truth*"))
 
 
@@ -81,17 +84,20 @@ def test_replay_gives_the_live_psnr(live_run, tmp_path: Path, capsys) -> None:
     assert main(["attack", "--transcript", str(run_dir), "--attack", "analytic", "--out", str(out),
                  "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 5 and "replayed 4 of 4" in lines[-1]
+    assert len(lines) == 7 and "replayed 6 of 6" in lines[-1]
     result = json.loads((out / "result.json").read_text())
     assert result["attack_config"]["seed"] == 7 and result["attack_config"]["max_iters"] == 20
     assert (out / "grid.png").stat().st_size > 0
+    assert all(row["skipped"] is None and len(row["psnr"]) == row["batch_size"] for row in result["updates"])
+    assert {r["batch_size"] for r in result["updates"]} == {1, 2, 4}
     for row in result["updates"]:
+        if row["update_id"].startswith("c/"):
+            continue  # not attacked live
         live = live_rows[row["update_id"]]
-        assert row["skipped"] is None
         assert row["psnr"] == live["psnr"] and row["label_accuracy"] == live["label_accuracy"]
         assert row["batch_size"] == live["batch_size"] and row["defence"] == live["defence"]
         assert row["step"] == live["round"] and row["seconds"] >= 0
-    assert {r["defence"] for r in result["updates"]} == {"none", "fp16"}
+    assert {r["defence"] for r in result["updates"]} == {"none", "fp16", "prune:0.5"}
 
 
 def test_replay_filters(live_run, tmp_path: Path) -> None:

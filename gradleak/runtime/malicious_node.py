@@ -58,6 +58,7 @@ class MaliciousNode(PeerNode):
         self.transcript = (TranscriptWriter(
             run_dir, max_bytes=transcript_bytes, model=spec.model, input_shape=spec.input_shape,
             num_classes=spec.num_classes, attack_config=dataclasses.asdict(attack_config or AttackConfig()),
+            pull=self._pull_weights,
         ) if run_dir is not None and transcript_bytes > 0 else None)
         self._attacks = attacks
         self._attack_config = attack_config or AttackConfig()
@@ -91,6 +92,11 @@ class MaliciousNode(PeerNode):
             self.transcript.add_weights(sender, version, state)
         return state
 
+    def _pull_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
+        """The transcript's own pull (weights of updates the attacker did not attack)."""
+        _v, state = self.client(sender).get_model(version)
+        return state
+
     def _report(self, header: UpdateHeader, attack: str, rec: Reconstruction) -> None:
         if self.evaluator is None:
             return
@@ -110,9 +116,9 @@ class MaliciousNode(PeerNode):
 
     def stop(self) -> None:
         self.malicious.stop()
-        super().stop()
-        if self.transcript is not None:
+        if self.transcript is not None:  # before the clients close: pending pulls need them
             self.transcript.close()
+        super().stop()
 
 
 MaliciousActor = ray.remote(MaliciousNode)

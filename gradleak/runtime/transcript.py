@@ -23,6 +23,12 @@ The update is re-encoded from the decoded one, not copied from the socket, so it
 may differ from the sender's; its tensors decode bit for bit to what the peer accepted
 (sparse where the codec finds that smaller, -0.0 and fp16 kept as they are).
 
+Weights: the attacker pulls a sender's weights only for the updates it attacks, and under
+load it attacks few of those it receives. With a `pull` function the writer also pulls, on a
+thread of its own, the weights of every update it kept whose (sender, version) it does not
+hold yet, so that every update in the transcript can be replayed; a failed pull (the sender
+gone, or past its kept versions) is counted as ``weights_unpulled``.
+
 The byte budget: an entry that would take the transcript (both files) past ``max_bytes`` is
 refused and counted, and so is every later one; nothing written is ever rewritten. That
 keeps the files append-only (a crash leaves a valid prefix, nothing half-rewritten), and it
@@ -34,12 +40,14 @@ end; `meta.json` says how many entries were refused.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,6 +58,8 @@ from google.protobuf.message import DecodeError
 from p2p import codec
 from p2p.errors import MalformedMessage
 from p2p.update import Update
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TRANSCRIPT_DIR = "transcript"
@@ -64,6 +74,8 @@ _MAX_FRAMES = 1 << 20  # far more chunks than any real entry; bounds a corrupt c
 # header frame lists the specs of one model's parameters.
 _MAX_FRAME_BYTES = 64 << 20
 _CHUNK_BYTES = 1 << 20
+_PULL_QUEUE = 1024  # pending weight pulls; beyond it, counted as weights_unpulled
+Pull = Callable[[str, int], Mapping[str, torch.Tensor]]
 
 
 class TranscriptError(ValueError):
@@ -94,7 +106,7 @@ class TranscriptWriter:
     def __init__(
         self, run_dir: str | Path, *, max_bytes: int, model: str, input_shape: tuple[int, ...],
         num_classes: int, attack_config: Mapping[str, Any] | None = None,
-        chunk_bytes: int = _CHUNK_BYTES,
+        chunk_bytes: int = _CHUNK_BYTES, pull: Pull | None = None,
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"transcript max_bytes must be >= 1, got {max_bytes}")
@@ -108,7 +120,8 @@ class TranscriptWriter:
             "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
             "attack_config": dict(attack_config or {}), "budget_bytes": max_bytes,
         }
-        self.counts = {"updates": 0, "weights": 0, "refused_updates": 0, "refused_weights": 0}
+        self.counts = {"updates": 0, "weights": 0, "refused_updates": 0, "refused_weights": 0,
+                       "weights_unpulled": 0}
         self._weights_seen: set[tuple[str, int]] = set()
         self._files: dict[str, BinaryIO] = {}
         self.bytes = 0
@@ -120,13 +133,47 @@ class TranscriptWriter:
             self.bytes += len(magic)
         self._closed = False
         self._write_meta()
+        self._pull = pull
+        self._pending: queue.Queue[tuple[str, int] | None] = queue.Queue(maxsize=_PULL_QUEUE)
+        self._puller: threading.Thread | None = None
+        if pull is not None:
+            self._puller = threading.Thread(target=self._pull_loop, name="transcript-pull", daemon=True)
+            self._puller.start()
 
     def add_update(self, update: Update, received_at: float | None = None) -> bool:
         """Append one accepted update; False when the budget refused it (and counted it)."""
         frames = [f.SerializeToString()
                   for f in codec.update_to_frames(update, chunk_bytes=self._chunk, sparse="auto")]
         entry = _entry(time.time() if received_at is None else received_at, frames)
-        return self._append(UPDATES_FILE, entry, "updates")
+        kept = self._append(UPDATES_FILE, entry, "updates")
+        h = update.header
+        if kept and self._pull is not None and not self.has_weights(h.sender, h.model_version):
+            try:
+                self._pending.put_nowait((h.sender, int(h.model_version)))
+            except queue.Full:
+                self._count("weights_unpulled")
+        return kept
+
+    def has_weights(self, sender: str, version: int) -> bool:
+        with self._lock:
+            return (sender, int(version)) in self._weights_seen
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
+
+    def _pull_loop(self) -> None:
+        assert self._pull is not None
+        while (key := self._pending.get()) is not None:
+            if self.has_weights(*key):
+                continue
+            try:
+                state = self._pull(*key)
+            except Exception as exc:  # noqa: BLE001 - a failed pull must not stop the thread
+                log.info("transcript: no weights of %s at version %d: %s", key[0], key[1], exc)
+                self._count("weights_unpulled")
+                continue
+            self.add_weights(key[0], key[1], state)
 
     def add_weights(self, sender: str, version: int, state: Mapping[str, torch.Tensor],
                     fetched_at: float | None = None) -> bool:
@@ -174,7 +221,14 @@ class TranscriptWriter:
         with self._lock:
             return {**self.counts, "bytes": self.bytes}
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish the pending pulls (up to `timeout` seconds), then close the files."""
+        if self._puller is not None:
+            try:
+                self._pending.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._puller.join(timeout)
         with self._lock:
             if self._closed:
                 return

@@ -149,3 +149,24 @@ def test_other_damage_is_a_clear_error(tmp_path: Path, lenet, damage: str) -> No
     with pytest.raises(TranscriptError) as err:
         TranscriptReader(tmp_path / "elsewhere" if damage == "no_dir" else tmp_path)
     assert "\n" not in str(err.value) and ("transcript" in str(err.value))
+
+
+def test_the_writer_pulls_weights_of_updates_nobody_attacked(tmp_path: Path, lenet) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def pull(sender: str, version: int):
+        asked.append((sender, version))
+        if version == 2:
+            raise RuntimeError("version gone")
+        return lenet.state_dict()
+
+    w = TranscriptWriter(tmp_path, max_bytes=64 << 20, model="lenet", input_shape=(1, 16, 16),
+                         num_classes=10, pull=pull)
+    w.add_weights("s", 0, lenet.state_dict())  # the attacker pulled this one itself
+    for i in (1, 2, 3, 4):  # versions 0, 1, 2, 3
+        w.add_update(_update(lenet, i))
+    w.close()
+    assert sorted(asked) == [("s", 1), ("s", 2), ("s", 3)]
+    r = TranscriptReader(tmp_path)
+    assert r.weight_keys() == [("s", 0), ("s", 1), ("s", 3)]
+    assert r.meta["weights_unpulled"] == 1 and r.meta["weights"] == 3
