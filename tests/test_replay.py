@@ -64,7 +64,38 @@ def live_run(tmp_path_factory, digits_data):
     finally:
         for n in nodes:
             n.stop()
+    _LIVE.update(live)
     return run_dir, {row["update_id"]: row for row in ev.record.rows()}, status
+
+
+_LIVE: dict[str, object] = {}  # update_id -> the live Reconstruction
+
+
+def test_replayed_reconstructions_are_bit_identical_to_the_live_ones(live_run) -> None:
+    import torch
+
+    from attacker.api import create_attack
+    from attacker.metrics import score_batch
+    from gradleak.replay import ReplayConfig, _attack_config, _replay_one
+    from gradleak.runtime.evaluation import load_truth
+
+    run_dir, _rows, _status = live_run
+    reader = TranscriptReader(run_dir)
+    attack = create_attack("analytic", _attack_config(reader.meta, ReplayConfig(str(run_dir), "-")))
+    compared = 0
+    for received in reader.updates():
+        uid = received.update.header.update_id
+        if uid not in _LIVE:
+            continue
+        _row, pairs = _replay_one(received, reader, attack, torch.device("cpu"), run_dir, 1, 16)
+        live = _LIVE[uid].images.numpy()  # type: ignore[attr-defined]
+        truth = load_truth(run_dir, uid)
+        assert truth is not None
+        s = score_batch(live, _LIVE[uid].labels.numpy(), truth.images, truth.labels)  # type: ignore[attr-defined]
+        for j, (_t, recon, _cap) in enumerate(pairs):
+            assert np.array_equal(recon, live[int(s["permutation"][j])])  # so the PSNR is the same, exactly
+        compared += 1
+    assert compared == 4
 
 
 def test_transcript_holds_what_the_attacker_received(live_run) -> None:
