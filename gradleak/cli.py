@@ -34,32 +34,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_attack_parser(sub: Any) -> None:
-    p = sub.add_parser("attack", help="attack gradients of images from a file, offline")
+    p = sub.add_parser("attack", help="attack gradients of images from a file, or replay a run's transcript, offline")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="FILE",
                         help=".npz (images N x C x H x W in [0, 1], labels N) or a folder of images")
     source.add_argument("--corpus", metavar="FILE",
                         help="text file, one sentence per line (use a text model and attack)")
+    source.add_argument("--transcript", metavar="RUN_DIR",
+                        help="a run directory: replay the updates its attacker received (RUN_DIR/transcript) "
+                             "and score them against RUN_DIR/truth")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for result.json and grid.png")
     p.add_argument("--model", default=None,
                    help="the victim model (default: lenet; choices: lenet, mlp, resnet18; transformer "
-                        "for --corpus)")
+                        "for --corpus; --transcript uses the run's)")
     p.add_argument("--attack", default=None,
-                   help="the attack (default: idlg; choices: the registered image attacks, e.g. dlg, "
-                        "idlg, ig, analytic; dlg-text or analytic-text for --corpus)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B",
-                   help="samples behind each gradient (default: 1)")
-    p.add_argument("--defence", default="none", metavar="D",
-                   help="defence chain applied to each gradient, e.g. prune:0.3+fp16 (default: none)")
+                   help="the attack (default: idlg, analytic for --transcript; choices: the registered "
+                        "image attacks, e.g. dlg, idlg, ig, analytic; dlg-text or analytic-text for --corpus)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="samples behind each gradient (default: 1); with --transcript, replay only "
+                        "updates of this batch size")
+    p.add_argument("--defence", default=None, metavar="D",
+                   help="defence chain applied to each gradient, e.g. prune:0.3+fp16 (default: none); "
+                        "with --transcript, replay only updates with this defence")
     p.add_argument("--max-iters", type=int, default=None, metavar="N",
-                   help="outer optimiser steps per batch (default: 300 for images, 30 for text)")
+                   help="outer optimiser steps per batch (default: 300 for images, 30 for text, the live "
+                        "attacker's for --transcript)")
     p.add_argument("--target-psnr", type=float, default=30.0, metavar="DB",
                    help="PSNR whose first reaching is timed (default: 30)")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="seed of the model init and the attack's start (default: 0)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="seed of the model init and the attack's start (default: 0; the live run's for "
+                        "--transcript)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads (default: 1)")
     p.add_argument("--num-batches", type=int, default=None, metavar="N",
-                   help="attack only the first N batches (default: all)")
+                   help="attack only the first N batches, or updates for --transcript (default: all)")
     p.add_argument("--num-classes", type=int, default=10, metavar="N",
                    help="classes of the victim's output layer (default: 10)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -78,7 +85,10 @@ def _attack(args: argparse.Namespace) -> int:
         return 2
     if args.corpus is not None:
         return _attack_text(args)
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "corpus") and v is not None}
+    if args.transcript is not None:
+        return _attack_transcript(args)
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("command", "corpus", "transcript") and v is not None}
     try:
         result = run_offline(OfflineConfig(**fields))
     except ValueError as exc:  # bad input of any kind: one line, nothing written
@@ -90,6 +100,35 @@ def _attack(args: argparse.Namespace) -> int:
               f"labels {a['label_accuracy']:.2f}, {a['iterations']} it, {a['seconds']:.2f} s, "
               f"to target {'-' if t is None else f'{t:.2f} s'}")
     print(f"wrote {Path(args.out) / 'result.json'} and grid.png")
+    return 0
+
+
+def _attack_transcript(args: argparse.Namespace) -> int:
+    from gradleak.replay import ReplayConfig, ReplayError, run_replay
+
+    if args.model is not None:
+        print("gradleak: error: --model does not apply to --transcript (the run's model is used)",
+              file=sys.stderr)
+        return 2
+    keep = ("out", "attack", "max_iters", "seed", "threads", "device", "num_batches", "batch_size", "defence")
+    fields = {k: getattr(args, k) for k in keep if getattr(args, k) is not None}
+
+    def line(r: dict[str, Any]) -> None:
+        head = f"{r['update_id']}: batch {r['batch_size']}, {r['defence']}, step {r['step']}"
+        if r["skipped"]:
+            print(f"{head}: skipped ({r['skipped']})", flush=True)
+        else:
+            print(f"{head}: PSNR {[round(p, 1) for p in r['psnr'] if p is not None]} dB, labels "
+                  f"{r['label_accuracy']:.2f}, {r['seconds']:.2f} s", flush=True)
+
+    try:
+        result = run_replay(ReplayConfig(run_dir=args.transcript, **fields), progress=line)
+    except ReplayError as exc:  # missing dir, no/corrupt transcript, unknown attack: one line
+        print(f"gradleak: error: {exc}", file=sys.stderr)
+        return 2
+    scored = sum(1 for r in result["updates"] if not r["skipped"])
+    print(f"replayed {scored} of {len(result['updates'])} updates with {result['attack']}; "
+          f"wrote {Path(args.out) / 'result.json'} and grid.png")
     return 0
 
 

@@ -154,6 +154,9 @@ class AttackSettings:
     threads: int = 1  # torch threads of the attack worker
     drain_timeout_s: float = 60.0  # after the last round, time left to finish the queue
     resource: str | None = None  # custom Ray resource marking attacker nodes (e.g. "attacker")
+    # Bytes the malicious peer may write to RUN_DIR/transcript/ (updates received, weights
+    # pulled); entries past it are refused and counted. 0 = no transcript.
+    transcript_bytes: int = 256 << 20
 
     def validate(self) -> None:
         from attacker.api import ATTACKS
@@ -173,6 +176,8 @@ class AttackSettings:
             raise ConfigError("attack resource must be a non-empty name")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.transcript_bytes < 0:
+            raise ConfigError(f"transcript_bytes must be >= 0 (0: off), got {self.transcript_bytes}")
 
 
 @dataclass(frozen=True)

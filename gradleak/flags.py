@@ -135,6 +135,10 @@ FLAGS: dict[str, Flag] = {
                             "seconds after the last step for the attacker to finish", metavar="S"),
     "--attack-resource": Flag("attack", "resource", str,
                               "custom Ray resource of the nodes the attacker must run on", metavar="NAME"),
+    "--transcript-bytes": Flag("attack", "transcript_bytes", int,
+                               "bytes of RUN_DIR/transcript (every update the attacker receives and "
+                               "the weights it pulls; entries past it are refused and counted; 0: off)",
+                               metavar="BYTES"),
     "--dataset": Flag("data", "dataset", str, "dataset (torchvision ones read files under --data-root)",
                       _datasets),
     "--data-root": Flag("data", "data_root", str, "folder holding torchvision dataset files",

@@ -205,7 +205,7 @@ class Testbed:
             specs[-1], self.evaluator, attacks=a.attacks,
             attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed),
             queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.device,
-            attack_threads=a.threads,
+            attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
         )
         honest = self._get([h.addresses.remote() for h in self.hosts], START_TIMEOUT_S)
         self.addresses = [x for group in honest for x in group]

@@ -3,13 +3,21 @@
 Honest peers hand it their private batch before the update leaves them; the
 malicious peer hands it reconstructions. Nothing flows back: `score` returns
 nothing, and there is no way to read a truth out, so the attack never sees one.
+
+Each truth is also kept in its own file under RUN_DIR/truth/ (apart from the malicious
+peer's transcript), so that an offline replay of the transcript can be scored; only the
+replay's scoring step reads it back, through `load_truth`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+import zipfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,9 +42,13 @@ class Evaluator:
 
     def __init__(
         self, record: RunRecord, metrics: Metrics | None = None, *,
-        keep_truths: int = 4096, grid_items: int = 16,
+        keep_truths: int = 4096, grid_items: int = 16, persist_truths: bool = True,
     ) -> None:
         self.record = record
+        # On disk the first keep_truths are kept (later ones counted, not written): the
+        # transcript keeps the earliest updates too, so the two stay joinable.
+        self._persist = persist_truths
+        self._files_written = self._files_refused = 0
         self.metrics = metrics
         self._truths: OrderedDict[str, Truth] = OrderedDict()
         self._keep = keep_truths
@@ -55,6 +67,12 @@ class Evaluator:
         if images.ndim != 4 or labels.shape != (images.shape[0],):
             raise ValueError(f"truth shapes {images.shape} / {labels.shape} are not (B,C,H,W) / (B,)")
         self._truths[update_id] = Truth(images, labels, origin, round, len(labels), defence)
+        if self._persist:
+            if self._files_written < self._keep:
+                _write_truth(self.record.dir, update_id, self._truths[update_id])
+                self._files_written += 1
+            else:
+                self._files_refused += 1
         while len(self._truths) > self._keep:
             self._truths.popitem(last=False)
 
@@ -136,10 +154,56 @@ class Evaluator:
         return rows
 
     def counts(self) -> dict[str, int]:
-        return {"reconstructions": len(self._rows), "truths": len(self._truths), "unmatched": self.unmatched}
+        return {"reconstructions": len(self._rows), "truths": len(self._truths), "unmatched": self.unmatched,
+                "truth_files": self._files_written, "truth_files_refused": self._files_refused}
 
     def mean_psnr(self) -> float | None:
         return _mean([r["mean_psnr"] for r in self._rows if r["mean_psnr"] is not None])
+
+
+TRUTH_DIR = "truth"
+
+
+def _truth_path(run_dir: str | Path, update_id: str) -> Path:
+    # update ids hold '/', so the file is named by a digest; the id is stored inside.
+    return Path(run_dir) / TRUTH_DIR / (hashlib.sha256(update_id.encode()).hexdigest()[:32] + ".npz")
+
+
+def _write_truth(run_dir: Path, update_id: str, t: Truth) -> None:
+    path = _truth_path(run_dir, update_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:  # written whole, then renamed: a crash leaves no half file
+        np.savez(f, images=t.images, labels=t.labels, update_id=np.array(update_id),
+                 origin=np.array(t.origin), round=np.array(t.round, dtype=np.int64),
+                 defence=np.array(t.defence))
+    os.replace(tmp, path)
+
+
+def load_truth(run_dir: str | Path, update_id: str) -> Truth | None:
+    """The truth filed for `update_id` in RUN_DIR/truth/, or None if none was written.
+
+    For the offline replay's scoring step only (the attack code never imports this module).
+
+    Raises:
+        ValueError: when the file exists but is unreadable or not a truth of this update.
+    """
+    path = _truth_path(run_dir, update_id)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = str(z["update_id"])
+            images = np.asarray(z["images"], dtype=np.float32)
+            labels = np.asarray(z["labels"], dtype=np.int64)
+            origin, round_, defence = str(z["origin"]), int(z["round"]), str(z["defence"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"truth file {path} is unreadable: {exc}") from None
+    if stored != update_id:
+        raise ValueError(f"truth file {path} holds the truth of {stored!r}, not {update_id!r}")
+    if images.ndim != 4 or labels.shape != (images.shape[0],):
+        raise ValueError(f"truth file {path} has shapes {images.shape} / {labels.shape}")
+    return Truth(images, labels, origin, round_, len(labels), defence)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -7,7 +7,9 @@ evaluator, and the attacker's counters go to Prometheus.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from typing import Any
 
 import ray
@@ -17,7 +19,8 @@ from attacker.api import AttackConfig, Reconstruction, create_attack
 from gradleak.runtime.malicious import MaliciousPeer
 from gradleak.runtime.peer_node import PeerNode, PeerSpec
 from gradleak.runtime.telemetry import Metrics
-from p2p.update import UpdateHeader
+from gradleak.runtime.transcript import TranscriptWriter
+from p2p.update import Update, UpdateHeader
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,14 @@ class MaliciousNode(PeerNode):
         self, spec: PeerSpec, evaluator: Any = None, *, attacks: tuple[str, ...] = ("idlg",),
         attack_config: AttackConfig | None = None, queue_size: int = 16,
         max_batch_size: int = 8, device: str = "auto", attack_threads: int = 1,
+        run_dir: str | None = None, transcript_bytes: int = 0,
     ) -> None:
-        # Set before the base __init__, which calls make_handler().
+        # Set before the base __init__, which calls make_handler() and starts the server.
+        self.transcript = (TranscriptWriter(
+            run_dir, max_bytes=transcript_bytes, model=spec.model, input_shape=spec.input_shape,
+            num_classes=spec.num_classes, attack_config=dataclasses.asdict(attack_config or AttackConfig()),
+            pull=self._pull_weights,
+        ) if run_dir is not None and transcript_bytes > 0 else None)
         self._attacks = attacks
         self._attack_config = attack_config or AttackConfig()
         self._queue_size = queue_size
@@ -71,7 +80,20 @@ class MaliciousNode(PeerNode):
         )
         return self.malicious
 
+    def accept_update(self, update: Update, wire_bytes: int) -> None:
+        received_at = time.time()
+        super().accept_update(update, wire_bytes)  # raises on a rejected update: not transcribed
+        if self.transcript is not None:
+            self.transcript.add_update(update, received_at)
+
     def _fetch_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
+        _v, state = self.client(sender).get_model(version)
+        if self.transcript is not None:
+            self.transcript.add_weights(sender, version, state)
+        return state
+
+    def _pull_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
+        """The transcript's own pull (weights of updates the attacker did not attack)."""
         _v, state = self.client(sender).get_model(version)
         return state
 
@@ -86,13 +108,16 @@ class MaliciousNode(PeerNode):
 
     def status(self) -> dict[str, Any]:
         return {**self.malicious.stats, "queue": self.malicious.queue_depth(),
-                "idle": self.malicious.idle(), "device": str(self.malicious.device)}
+                "idle": self.malicious.idle(), "device": str(self.malicious.device),
+                "transcript": self.transcript.stats() if self.transcript is not None else None}
 
     def wait_idle(self, timeout: float) -> bool:
         return self.malicious.wait_idle(timeout)
 
     def stop(self) -> None:
         self.malicious.stop()
+        if self.transcript is not None:  # before the clients close: pending pulls need them
+            self.transcript.close()
         super().stop()
 
 

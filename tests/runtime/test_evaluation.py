@@ -68,3 +68,21 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert len(test.labels) == 100 and all(len(s.labels) == 100 for s in shards)
     keys = {x.tobytes() for s in [*shards, test] for x in s.images}
     assert len(keys) >= 495  # near-duplicate digits aside, no sample is dealt twice
+
+
+def test_truths_go_to_their_own_files_bounded_by_the_cap(tmp_path: Path) -> None:
+    from gradleak.runtime.evaluation import load_truth
+
+    ev = Evaluator(RunRecord(tmp_path), keep_truths=2)
+    for i in range(3):
+        ev.register_truth(f"a/r{i}", _truth(i), np.array([1, 2]), origin="a", round=i, defence="fp16")
+    files = sorted((tmp_path / "truth").glob("*.npz"))
+    assert len(files) == 2 and ev.counts()["truth_files"] == 2 and ev.counts()["truth_files_refused"] == 1
+    t = load_truth(tmp_path, "a/r1")
+    assert t is not None and np.array_equal(t.images, _truth(1)) and t.labels.tolist() == [1, 2]
+    assert (t.origin, t.round, t.defence, t.batch_size) == ("a", 1, "fp16", 2)
+    assert load_truth(tmp_path, "a/r2") is None  # past the cap: kept in memory only
+    for f in files:
+        f.write_bytes(f.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"truth file .*\.npz is unreadable"):
+        load_truth(tmp_path, "a/r0")
