@@ -134,8 +134,8 @@ def _run(cfg: RunConfig) -> int:
     print()
     a = result.attacker
     print(f"run {result.run_dir} in {result.seconds:.0f} s: {result.messages} updates sent "
-          f"({result.wire_bytes / 1e6:.1f} MB); attacker captured {a['captured']}, dropped "
-          f"{a['dropped']}, attacked {a['attacked']}; {result.counts['reconstructions']} reconstructions")
+          f"({result.wire_bytes / 1e6:.1f} MB); attacker received {a['received']}, attacked "
+          f"{a['attacked']} ({a['coverage']:.0%}), evicted {a['evicted']}; {result.counts['reconstructions']} reconstructions")
     print(f"grid: {result.run_dir / 'grid.png'}  record: {result.run_dir / 'reconstructions.jsonl'}")
     return 0
 

@@ -68,3 +68,20 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert len(test.labels) == 100 and all(len(s.labels) == 100 for s in shards)
     keys = {x.tobytes() for s in [*shards, test] for x in s.images}
     assert len(keys) >= 495  # near-duplicate digits aside, no sample is dealt twice
+
+
+def test_rows_carry_receive_and_score_times_and_the_senders_step(tmp_path: Path) -> None:
+    import time
+
+    ev = Evaluator(RunRecord(tmp_path))
+    t = _truth(3, 1)
+    ev.register_truth("b/r4", t, np.array([1]), origin="b", round=4, defence="none")
+    received = time.time() - 2.0
+    ev.score("b/r4", "analytic", t, np.array([1]), {"stop_reason": "time_budget"},
+             received_at=received, step=7)
+    row = json.loads((tmp_path / "reconstructions.jsonl").read_text())
+    assert row["received_at"] == received and row["step"] == 7
+    assert received < row["scored_at"] <= time.time() and row["stop_reason"] == "time_budget"
+    ev.score("b/r4", "dlg", t, np.array([1]), {})
+    row = json.loads((tmp_path / "reconstructions.jsonl").read_text().splitlines()[1])
+    assert row["received_at"] is None and row["step"] == 4  # the truth's round as a fallback
