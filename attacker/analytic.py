@@ -113,6 +113,22 @@ class Analytic(Attack):
             raise ValueError("need cg_tol > 0, cg_max_iters >= 1 and polish_above >= 0")
         self.cg_tol, self.cg_max_iters, self.polish_above = cg_tol, cg_max_iters, polish_above
 
+    def supports(self, model: nn.Module, obs: Observation) -> str | None:
+        """A chain of Conv2d/Linear with invertible activations (sigmoid, tanh, leaky ReLU),
+        no BatchNorm, label_recovery not "optimised", and a batch that fits the last layer."""
+        if self.config.label_recovery == "optimised":
+            return "label_recovery 'optimised' is not supported"
+        try:
+            layers = parse_chain(model, obs.input_shape)
+        except ValueError as exc:
+            return str(exc)
+        if obs.batch_size > 1:
+            width = layers[-1].module.weight.shape[1]
+            if obs.batch_size > min(obs.num_classes, width):
+                return (f"batch size {obs.batch_size} exceeds what the last layer separates "
+                        f"(min(num_classes, width) = {min(obs.num_classes, width)})")
+        return None
+
     def reconstruct(
         self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
     ) -> Reconstruction:

@@ -52,6 +52,7 @@ from torch import nn
 
 from attacker.analytic_layers import Layer, chain_forward
 from attacker.api import private_copy
+from attacker.budget import TIME_BUDGET, expired
 from attacker.inversion import Callback
 
 SEPARATE_ITERS = 300  # fixed-point steps (each a B x B solve); converges in 20-60 here
@@ -62,6 +63,7 @@ SEARCH_ROUNDS = 2  # labels the search may change
 SEARCH_KEEP = 3  # best-scanned candidates refined fully each round
 SEARCH_CANDIDATES = 40  # single changes scanned per round at most (most likely first)
 SEARCH_GAIN = 0.5  # a change is kept when it at least halves the residual
+SEPARATE_SHARE = 0.5  # of a time budget, what separation and label search may spend
 # A separation is exact when its relative residual is below this: the right labels
 # reach ~1e-8 from float32 gradients, wrong ones stayed above 5e-6 in our tests.
 EXACT_RESIDUAL = 1e-6
@@ -171,7 +173,7 @@ def _levenberg_marquardt(
 
     current = float(torch.linalg.vector_norm(flat(x.flatten())))
     for _ in range(iters):
-        if current <= EXACT_RESIDUAL * 1e-2:
+        if current <= EXACT_RESIDUAL * 1e-2 or expired(SEPARATE_SHARE):
             break
         jac = torch.func.jacfwd(flat)(x.flatten())  # (M, B*B)
         r = flat(x.flatten())
@@ -208,7 +210,7 @@ def search_labels(
     start_residual, changes = best.residual, 0
     num_classes = weight.shape[0]
     for _ in range(SEARCH_ROUNDS):
-        if best.exact:
+        if best.exact or expired(SEPARATE_SHARE):
             break
         short = separate_features(weight, bias, weight_grad, bias_grad, current, bounds,
                                   refine_iters=SEARCH_LM_ITERS,
@@ -224,6 +226,8 @@ def search_labels(
         order = order[:SEARCH_CANDIDATES]
         for group_end in (len(repeated) * len(absent), len(order)):
             for a, c in order[len(scanned):group_end]:
+                if expired(SEPARATE_SHARE):
+                    break
                 candidate = current.clone()
                 candidate[values.index(a)] = c
                 candidate = candidate.sort().values
@@ -313,6 +317,8 @@ def invert_features(
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
         value = loss()
+        if expired():
+            return value.detach()  # no gradient: L-BFGS ends its step at once
         value.backward()
         state["evals"] += 1
         return value.detach()
@@ -322,6 +328,9 @@ def invert_features(
         value = float(optimiser.step(closure))
         if callback is not None and callback(step, x.detach().clamp(0.0, 1.0)):
             reason = "callback"
+            break
+        if expired():
+            reason = TIME_BUDGET
             break
         stalled = previous is not None and abs(previous - value) <= STALL * abs(previous)
         if state["phase"] == 1:

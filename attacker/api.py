@@ -11,9 +11,10 @@ whenever any part of the package is imported).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacker.budget import TIME_BUDGET, exhausted, time_budget
 from attacker.inversion import Callback
 from gradleak.core.registry import Registry
 
@@ -86,6 +88,9 @@ class AttackConfig:
     restarts: int = 2  # independent starts, solved together; the lowest 1 - cos wins
     ig_tol: float = 0.0  # a start converges once 1 - cos <= this (0: float32's floor)
     layer_weights: str = "equal"  # IG's cosine over parameters, one of LAYER_WEIGHTS
+    # Wall seconds one reconstruct may take (None: no limit). The loops check it between
+    # steps and the attack returns its best so far with stop_reason "time_budget".
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         counts = (self.max_iters, self.lbfgs_inner, self.lbfgs_history, self.ig_inner, self.restarts)
@@ -101,6 +106,10 @@ class AttackConfig:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if not (self.tv_weight >= 0 and math.isfinite(self.tv_weight)):
             raise ValueError(f"tv_weight must be a finite number >= 0, got {self.tv_weight}")
+        if self.time_budget_s is not None and not (
+            self.time_budget_s > 0 and math.isfinite(self.time_budget_s)
+        ):
+            raise ValueError(f"time_budget_s must be a positive number or None, got {self.time_budget_s}")
         if not self.ig_tol >= 0:
             raise ValueError(f"ig_tol must be >= 0, got {self.ig_tol}")
         if not self.grad_tol >= 0:
@@ -133,6 +142,30 @@ class Attack(ABC):
 
     def __init__(self, config: AttackConfig | None = None) -> None:
         self.config = config if config is not None else AttackConfig()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every implementation runs under its config's time budget and says when it hit it.
+        super().__init_subclass__(**kwargs)
+        inner = cls.__dict__.get("reconstruct")
+        if inner is None or getattr(inner, "_budgeted", False):
+            return
+
+        @functools.wraps(inner)
+        def reconstruct(
+            self: Attack, model: nn.Module, obs: Observation, *, callback: Callback | None = None
+        ) -> Reconstruction:
+            with time_budget(self.config.time_budget_s):
+                rec: Reconstruction = inner(self, model, obs, callback=callback)
+                if exhausted():
+                    rec.stats["stop_reason"] = TIME_BUDGET
+            return rec
+
+        reconstruct._budgeted = True  # type: ignore[attr-defined]
+        cls.reconstruct = reconstruct  # type: ignore[method-assign]
+
+    def supports(self, model: nn.Module, obs: Observation) -> str | None:
+        """None when this attack can take `obs` of `model`, else the reason it cannot."""
+        return None
 
     @abstractmethod
     def reconstruct(
@@ -170,6 +203,22 @@ def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
 def create_attack(name: str, config: AttackConfig | None = None) -> Attack:
     """Instantiate a registered attack (ValueError listing the known names on an unknown one)."""
     return _REGISTRY.get(name)(config)
+
+
+def choose_attack(
+    chain: Sequence[str | Attack], model: nn.Module, obs: Observation,
+    config: AttackConfig | None = None,
+) -> tuple[Attack | None, dict[str, str]]:
+    """The first attack of `chain` that supports `obs` of `model`, and why the earlier ones
+    do not (name -> reason). Names are created with `config`. (None, reasons) if none does."""
+    reasons: dict[str, str] = {}
+    for entry in chain:
+        attack = create_attack(entry, config) if isinstance(entry, str) else entry
+        why = attack.supports(model, obs)
+        if why is None:
+            return attack, reasons
+        reasons[attack.name] = why
+    return None, reasons
 
 
 def compute_gradients(

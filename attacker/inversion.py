@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacker.budget import TIME_BUDGET, expired
+
 # (iteration, current best images clamped to [0, 1]) -> True to stop early.
 _LBFGS_TOLERANCE_GRAD = 1e-7  # torch.optim.LBFGS's default, passed explicitly below
 Callback = Callable[[int, torch.Tensor], bool | None]
@@ -50,7 +52,7 @@ class MatchResult:
     iterations: int  # outer L-BFGS steps taken
     evaluations: int  # objective evaluations (forward + double backward)
     diverged: bool  # a non-finite distance was met
-    stop_reason: str  # converged | stalled | plateau | callback | max_iters | diverged
+    stop_reason: str  # converged | stalled | plateau | callback | max_iters | diverged | time_budget
 
 
 class _Matcher:
@@ -88,6 +90,9 @@ class _Matcher:
 
     def evaluate(self, *, backward: bool) -> torch.Tensor:
         """Gradient distance at the current point; with backward, fill the dummies' .grad."""
+        if backward and expired():
+            # Out of time: no gradient, so L-BFGS ends its step at once (see below).
+            return torch.zeros((), device=self.data.device, dtype=self.data.dtype)
         logits = self.model(self.data)  # (B, K)
         # create_graph: the distance is differentiated again, w.r.t. the dummy inputs.
         grads = torch.autograd.grad(self._loss(logits), self.params, create_graph=backward)
@@ -113,6 +118,8 @@ class _Matcher:
         """Why to stop after an outer step, or None to go on."""
         improved = self.best_distance < best_before
         self.steps_without_best = 0 if improved else self.steps_without_best + 1
+        if expired():
+            return TIME_BUDGET
         if self.nonfinite:
             return "diverged"
         if self.best_distance < grad_tol:

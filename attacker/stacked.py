@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from attacker.budget import TIME_BUDGET, expired
+
 Tensors = dict[str, torch.Tensor]
 # (iteration, best-so-far images (k, B, C, H, W) in [0, 1], their 1 - cos (k,) float64)
 # -> True to stop every problem.
@@ -235,6 +237,10 @@ def invert_stacked(
         for _ in range(schedule.inner):
             idx = state.active()
             if not idx:
+                break
+            if expired():
+                for j in idx:
+                    state.reason[j] = TIME_BUDGET
                 break
             step += 1
             pick = None if len(idx) == k else torch.tensor(idx, device=images.device)

@@ -195,7 +195,7 @@ def _run(cfg: RunConfig) -> int:
     a = result.attacker
     print(f"run {result.run_dir} in {result.seconds:.0f} s: {result.messages} updates sent "
           f"({result.wire_bytes / 1e6:.1f} MB); attacker received {a.get('received', '-')}, attacked "
-          f"{a.get('attacked', '-')} (coverage {_ratio(a.get('coverage'))}); "
+          f"{a.get('attacked', '-')} (coverage {_ratio(a.get('coverage'))}), evicted {a.get('evicted', '-')}; "
           f"{result.counts['reconstructions']} reconstructions")
     print(f"summary: {result.run_dir / 'summary.md'}  grid: {result.run_dir / 'grid.png'}  "
           f"record: {result.run_dir / 'reconstructions.jsonl'}")

@@ -6,6 +6,7 @@ Every CLI flag of `gradleak run` maps to one field here (see gradleak/cli.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,9 +146,14 @@ class GossipConfig:
 
 @dataclass(frozen=True)
 class AttackSettings:
-    attacks: tuple[str, ...] = ("idlg",)  # attacks run on every captured update
+    # "auto": per update, the first attack of `fallback` that supports it; else every
+    # named attack runs on each attacked update.
+    attacks: tuple[str, ...] = ("auto",)
+    fallback: tuple[str, ...] = ("analytic", "idlg", "dlg")  # fastest first
     max_iters: int = 100  # outer optimiser steps per reconstruction
-    queue_size: int = 16  # captured updates waiting; further ones are dropped and counted
+    time_budget_s: float | None = 3.0  # wall seconds per reconstruction (None: unlimited)
+    max_age_s: float | None = 30.0  # queued updates older than this are evicted (None: never)
+    queue_size: int = 16  # updates waiting; when full the stalest is evicted and counted
     max_batch_size: int = 8  # updates from larger batches are captured but not attacked
     num_gpus: float = 0.0  # Ray GPU request of the malicious peer
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
@@ -163,8 +169,23 @@ class AttackSettings:
 
         if not self.attacks:
             raise ConfigError("at least one attack is required")
-        for name in self.attacks:
-            _known("attack", name, ATTACKS)
+        if "auto" in self.attacks:
+            if len(self.attacks) > 1:
+                raise ConfigError("attack 'auto' stands alone (it picks one attack of the fallback "
+                                  f"chain per update), got {','.join(self.attacks)}")
+            if not self.fallback:
+                raise ConfigError("attack 'auto' needs a non-empty fallback chain")
+        else:
+            for name in self.attacks:
+                _known("attack", name, ATTACKS)
+        for name in self.fallback:
+            _known("fallback attack", name, ATTACKS)
+        if len(set(self.fallback)) != len(self.fallback):
+            raise ConfigError(f"fallback names an attack twice: {','.join(self.fallback)}")
+        for name in ("time_budget_s", "max_age_s"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive number of seconds or none, got {value}")
         if self.max_iters < 1 or self.queue_size < 1 or self.threads < 1:
             raise ConfigError("max_iters, queue_size and threads must be >= 1")
         if self.max_batch_size < 1:

@@ -24,6 +24,10 @@ def _names(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(","))
 
 
+def _seconds_or_none(s: str) -> float | None:
+    return None if s.strip().lower() == "none" else float(s)
+
+
 def _on_off(s: str) -> bool:
     return {"on": True, "off": False}[s]
 
@@ -44,6 +48,10 @@ def _attacks() -> Iterable[str]:
     from attacker.api import ATTACKS
 
     return ATTACKS
+
+
+def _attacks_or_auto() -> Iterable[str]:
+    return ("auto", *_attacks())
 
 
 def _topologies() -> Iterable[str]:
@@ -123,11 +131,21 @@ FLAGS: dict[str, Flag] = {
                                 "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
     "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),
     "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
-    "--attack": Flag("attack", "attacks", _names, "attacks run on every attacked update",
-                     _attacks, metavar="A,A"),
+    "--attack": Flag("attack", "attacks", _names,
+                     "attacks run on every attacked update ('auto': the first of --fallback that "
+                     "supports the update)", _attacks_or_auto, metavar="A,A"),
+    "--fallback": Flag("attack", "fallback", _names,
+                       "the chain 'auto' picks from, fastest first", _attacks, metavar="A,A"),
+    "--attack-budget": Flag("attack", "time_budget_s", _seconds_or_none,
+                            "wall seconds one reconstruction may take, then its best so far is "
+                            "scored ('none': no limit)", metavar="S"),
+    "--max-age": Flag("attack", "max_age_s", _seconds_or_none,
+                      "seconds a received update may wait for the attacker before it is evicted "
+                      "('none': no limit)", metavar="S"),
     "--max-iters": Flag("attack", "max_iters", int, "outer optimiser steps per reconstruction",
                         metavar="N"),
-    "--queue-size": Flag("attack", "queue_size", int, "captured updates that may wait for the attacker",
+    "--queue-size": Flag("attack", "queue_size", int,
+                         "updates that may wait for the attacker (when full the stalest is evicted)",
                          metavar="N"),
     "--attack-gpus": Flag("attack", "num_gpus", float, "Ray GPUs of the malicious peer"),
     "--device": Flag("attack", "device", str, "the attacker's torch device", DEVICES),

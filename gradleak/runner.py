@@ -202,8 +202,8 @@ class Testbed:
         a = cfg.attack
         marker = {"resources": {a.resource: 1}} if a.resource else {}
         self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
-            specs[-1], self.evaluator, attacks=a.attacks,
-            attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed),
+            specs[-1], self.evaluator, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
+            attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed, time_budget_s=a.time_budget_s),
             queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.device,
             attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
         )

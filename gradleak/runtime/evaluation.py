@@ -78,9 +78,13 @@ class Evaluator:
 
     def score(
         self, update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
-        stats: dict[str, Any],
+        stats: dict[str, Any], *, received_at: float | None = None, step: int | None = None,
     ) -> None:
-        """Score one reconstruction; updates the record and metrics, returns nothing."""
+        """Score one reconstruction; updates the record and metrics, returns nothing.
+
+        received_at: when the attacker received the update (Unix seconds); step: the
+        sender's local step (its header's round; the truth's round when not given).
+        """
         truth = self._truths.get(update_id)
         if truth is None:
             self.unmatched += 1  # truth evicted or never filed: nothing to compare against
@@ -89,6 +93,7 @@ class Evaluator:
         if images.shape != truth.images.shape:
             raise ValueError(f"reconstruction shape {images.shape} != truth shape {truth.images.shape}")
         s = score_batch(images, np.asarray(labels), truth.images, truth.labels)
+        scored_at = time.time()
         row = {
             "update_id": update_id, "origin": truth.origin, "round": truth.round,
             "batch_size": truth.batch_size, "defence": truth.defence, "attack": attack,
@@ -96,7 +101,11 @@ class Evaluator:
             "mean_psnr": clean(s["mean_psnr"]), "mean_ssim": clean(s["mean_ssim"]),
             "mse": clean(float(np.mean(s["mse"]))), "label_accuracy": clean(s["label_accuracy"]),
             "seconds": clean(float(stats.get("seconds", 0.0))),
-            "iterations": int(stats.get("iterations", 0)), "time": time.time(),
+            "iterations": int(stats.get("iterations", 0)),
+            "stop_reason": str(stats.get("stop_reason", "")),
+            "step": truth.round if step is None else int(step),
+            "received_at": None if received_at is None else float(received_at),
+            "scored_at": scored_at, "time": scored_at,
         }
         self.record.append(row)
         self._rows.append(row)

@@ -27,8 +27,8 @@ class EvaluatorNode:
         self.evaluator.register_truth(update_id, images, labels, **meta)
 
     def score(self, update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
-              stats: dict[str, Any]) -> None:
-        self.evaluator.score(update_id, attack, images, labels, stats)
+              stats: dict[str, Any], *, received_at: float | None = None, step: int | None = None) -> None:
+        self.evaluator.score(update_id, attack, images, labels, stats, received_at=received_at, step=step)
 
     def log_updates(self, rows: list[dict[str, Any]]) -> None:
         self.evaluator.record.append_updates(rows)

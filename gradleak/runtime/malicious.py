@@ -1,67 +1,96 @@
 """The malicious peer: an honest-looking gossip member that attacks what it receives.
 
 It wraps an ordinary `p2p.peer.Peer` (so it trains, sends and aggregates like any
-other member) and adds a capture path: every update it accepts is put on a bounded
-queue, dropped and counted when the queue is full, and a worker thread pulls the
-sender's weights at the update's model version and reconstructs the batch. The
-gRPC threads only enqueue, so gossip never waits for an attack.
+other member) and adds a capture path: every update it accepts goes to the attack
+scheduler (attacker.scheduler: fair across (batch size, defence) groups, freshest
+first, bounded, stale ones evicted and counted by reason), and a worker thread takes
+the next job, pulls the sender's weights at the update's model version and
+reconstructs the batch under the attack's time budget. The gRPC threads only hand
+the update over, so gossip never waits for an attack.
 
-Transport, Ray and Prometheus stay outside: weights come through `fetch_weights`,
-results leave through `report`, counters through an optional `observer`.
+Attacks: either a fixed set, each run on every attacked update, or "auto": per
+update, the first attack of the fallback chain that supports it (attacker.api
+.choose_attack). Transport, Ray and Prometheus stay outside: weights come through
+`fetch_weights`, results leave through `report`, counters through an `observer`.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
-from attacker.api import Attack, Observation, Reconstruction
+from attacker.api import Attack, Observation, Reconstruction, choose_attack
+from attacker.scheduler import CAPACITY, Job, Scheduler
 from gradleak.core.devices import resolve_device
+from p2p.errors import VersionNotFound
 from p2p.peer import Peer
 from p2p.update import Update, UpdateHeader
 
 log = logging.getLogger(__name__)
 
 FetchWeights = Callable[[str, int], dict[str, torch.Tensor]]
-Report = Callable[[UpdateHeader, str, Reconstruction], None]
+# (header, attack name, reconstruction, received_at Unix seconds)
+Report = Callable[[UpdateHeader, str, Reconstruction, float], None]
+
+LATENCY_WINDOW = 4096  # receive-to-score latencies kept for the status quantiles
 
 
 class Observer(Protocol):
     """Receives the attacker's counters (the Ray actor maps them to Prometheus)."""
 
-    def captured(self) -> None: ...
-    def dropped(self) -> None: ...
+    def received(self, header: UpdateHeader) -> None: ...
+    def evicted(self, reason: str) -> None: ...
     def queue_depth(self, depth: int) -> None: ...
     def attacked(self, header: UpdateHeader, attack: str, seconds: float) -> None: ...
+    def scored(self, header: UpdateHeader, attack: str, latency_s: float) -> None: ...
+    def done(self, header: UpdateHeader) -> None: ...
+    def coverage(self, ratio: float) -> None: ...
     def failed(self, reason: str) -> None: ...
 
 
 class _Silent:
-    def captured(self) -> None: ...
-    def dropped(self) -> None: ...
+    def received(self, header: UpdateHeader) -> None: ...
+    def evicted(self, reason: str) -> None: ...
     def queue_depth(self, depth: int) -> None: ...
     def attacked(self, header: UpdateHeader, attack: str, seconds: float) -> None: ...
+    def scored(self, header: UpdateHeader, attack: str, latency_s: float) -> None: ...
+    def done(self, header: UpdateHeader) -> None: ...
+    def coverage(self, ratio: float) -> None: ...
     def failed(self, reason: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class Captured:
+    """A scheduler job's payload: the update and its wall-clock receive time."""
+
+    update: Update
+    received_at: float  # Unix seconds
+
+
 class MaliciousPeer:
-    """A Peer plus a capture queue and an attack worker thread."""
+    """A Peer plus an attack scheduler and an attack worker thread."""
 
     def __init__(
-        self, peer: Peer, *, attacks: Mapping[str, Attack], build_model: Callable[[], nn.Module],
+        self, peer: Peer, *, attacks: Mapping[str, Attack] | None = None,
+        fallback: Sequence[Attack] = (), build_model: Callable[[], nn.Module],
         fetch_weights: FetchWeights, report: Report, input_shape: tuple[int, int, int],
         num_classes: int, queue_size: int = 16, max_batch_size: int = 8,
-        device: str = "auto", observer: Observer | None = None,
+        max_age_s: float | None = None, device: str = "auto", observer: Observer | None = None,
     ) -> None:
+        if not attacks and not fallback:
+            raise ValueError("need attacks to run, or a fallback chain to choose from")
         self.peer = peer
-        self.attacks = dict(attacks)
+        self.attacks = dict(attacks or {})
+        self.fallback = list(fallback)
         self.device = resolve_device(device)
         self._build_model = build_model
         self._fetch = fetch_weights
@@ -69,12 +98,14 @@ class MaliciousPeer:
         self._input_shape = input_shape
         self._num_classes = num_classes
         self._max_batch = max_batch_size
-        self._queue: queue.Queue[Update] = queue.Queue(maxsize=queue_size)
         self._observer: Observer = observer or _Silent()
+        self.scheduler = Scheduler(queue_size, max_age_s=max_age_s, on_evict=self._evicted)
         self._stop = threading.Event()
-        self._busy = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"captured": 0, "dropped": 0, "attacked": 0, "failed": 0, "skipped": 0}
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.stats = {"reconstructions": 0, "failed": 0}  # per attack run, not per update
+        self.chosen: dict[str, int] = {}  # auto mode: updates attacked by each attack
 
     # -- the UpdateHandler protocol the gRPC server calls --------------------------
     def accept_update(self, update: Update, wire_bytes: int = 0) -> None:
@@ -86,15 +117,19 @@ class MaliciousPeer:
         return self.peer.model_at(version)
 
     def _capture(self, update: Update) -> None:
-        try:
-            self._queue.put_nowait(update)
-        except queue.Full:
-            self.stats["dropped"] += 1
-            self._observer.dropped()
-            return
-        self.stats["captured"] += 1
-        self._observer.captured()
-        self._observer.queue_depth(self._queue.qsize())
+        h = update.header
+        payload = Captured(update, time.time())
+        self._observer.received(h)
+        group = (h.num_samples, h.defence)
+        if h.num_samples > self._max_batch:
+            self.scheduler.refuse(h.update_id, group, "batch_too_large", payload)
+        else:
+            self.scheduler.put(h.update_id, group, payload)
+        self._observer.queue_depth(self.scheduler.pending())
+        self._observer.coverage(self.scheduler.counts().coverage)
+
+    def _evicted(self, job: Job, reason: str) -> None:
+        self._observer.evicted(reason)
 
     # -- the worker ------------------------------------------------------------------
     def start(self) -> None:
@@ -104,12 +139,13 @@ class MaliciousPeer:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self.scheduler.stop()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def idle(self) -> bool:
-        """True when nothing waits on the queue and no attack is running."""
-        return self._queue.empty() and not self._busy.is_set()
+        """True when nothing waits in the scheduler and no attack is running."""
+        return self.scheduler.idle()
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -120,31 +156,34 @@ class MaliciousPeer:
         return self.idle()
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self.scheduler.pending()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                update = self._queue.get(timeout=0.1)
-            except queue.Empty:
+            job = self.scheduler.take(timeout=0.5)
+            if job is None:
                 continue
-            self._busy.set()
             try:
-                self._attack(update)
+                reason = self._attack(job.payload)
+            except VersionNotFound as exc:
+                log.info("weights of %s are gone: %s", job.key, exc)
+                reason = "version_gone"
             except Exception as exc:  # noqa: BLE001 - one bad update must not stop the worker
-                log.warning("attack on %s failed: %s", update.header.update_id, exc)
-                self.stats["failed"] += 1
+                log.warning("attack on %s failed: %s", job.key, exc)
                 self._observer.failed(type(exc).__name__)
-            finally:
-                self._observer.queue_depth(self._queue.qsize())
-                self._busy.clear()
+                reason = "failed"
+            if reason is None:
+                self.scheduler.done(job)
+                self._observer.done(job.payload.update.header)
+            else:
+                self.scheduler.discard(job, reason)
+            self._observer.queue_depth(self.scheduler.pending())
+            self._observer.coverage(self.scheduler.counts().coverage)
 
-    def _attack(self, update: Update) -> None:
+    def _attack(self, captured: Captured) -> str | None:
+        """Attack one update; None when at least one attack ran, else the discard reason."""
+        update = captured.update
         h = update.header
-        if h.num_samples > self._max_batch:
-            self.stats["skipped"] += 1
-            self._observer.failed("batch_too_large")
-            return
         weights = self._fetch(h.sender, h.model_version)
         model = self._build_model()
         model.load_state_dict(weights)
@@ -156,8 +195,51 @@ class MaliciousPeer:
             ),
             batch_size=h.num_samples, input_shape=self._input_shape, num_classes=self._num_classes,
         )
-        for name, attack in self.attacks.items():
-            rec = attack.reconstruct(model, obs)
-            self.stats["attacked"] += 1
+        if self.attacks:
+            runs = list(self.attacks.items())
+        else:
+            chosen, reasons = choose_attack(self.fallback, model, obs)
+            if chosen is None:
+                log.info("no attack of the chain supports %s: %s", h.update_id, reasons)
+                return "unsupported"
+            runs = [(chosen.name, chosen)]
+        ran = 0
+        for name, attack in runs:
+            try:
+                rec = attack.reconstruct(model, obs)
+            except Exception as exc:  # noqa: BLE001 - the other attacks may still run
+                log.warning("attack %s on %s failed: %s", name, h.update_id, exc)
+                self._observer.failed(type(exc).__name__)
+                with self._lock:
+                    self.stats["failed"] += 1
+                continue
             self._observer.attacked(h, name, float(rec.stats.get("seconds", 0.0)))
-            self._report(h, name, rec)
+            self._report(h, name, rec, captured.received_at)
+            latency = max(0.0, time.time() - captured.received_at)
+            self._observer.scored(h, name, latency)
+            with self._lock:
+                self.stats["reconstructions"] += 1
+                self._latencies.append(latency)
+                if not self.attacks:
+                    self.chosen[name] = self.chosen.get(name, 0) + 1
+            ran += 1
+        return None if ran else "failed"
+
+    # -- what the run reports --------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """received, attacked (distinct updates), evicted by reason, coverage, pending,
+        in_flight, latency_p50_s / latency_p95_s (receive to score), and the per-run counts."""
+        c = self.scheduler.counts()
+        with self._lock:
+            lat = np.asarray(self._latencies, dtype=np.float64)
+            extra: dict[str, Any] = {**self.stats, "chosen": dict(self.chosen)}
+        return {
+            "received": c.received, "attacked": c.attacked, "evicted": c.evicted,
+            "coverage": c.coverage, "pending": c.pending, "in_flight": c.in_flight,
+            "latency_p50_s": float(np.quantile(lat, 0.5)) if lat.size else None,
+            "latency_p95_s": float(np.quantile(lat, 0.95)) if lat.size else None,
+            # Earlier fields that sweeps and reports read: captured + dropped = received,
+            # dropped = evicted because the scheduler was full.
+            "captured": c.received - c.evicted.get(CAPACITY, 0), "dropped": c.evicted.get(CAPACITY, 0),
+            **extra,
+        }

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from attacker.api import AttackConfig, Reconstruction, create_attack
+from attacker.scheduler import CAPACITY
 from gradleak.runtime.malicious import MaliciousPeer
 from gradleak.runtime.peer_node import PeerNode, PeerSpec
 from gradleak.runtime.telemetry import Metrics
@@ -29,17 +30,29 @@ class _PromObserver:
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
-    def captured(self) -> None:
+    def received(self, header: UpdateHeader) -> None:
         self.m.captured.inc()
+        self.m.updates_received.labels(str(header.num_samples), header.defence).inc()
 
-    def dropped(self) -> None:
-        self.m.dropped.inc()
+    def evicted(self, reason: str) -> None:
+        if reason == CAPACITY:
+            self.m.dropped.inc()
+        self.m.updates_evicted.labels(reason).inc()
 
     def queue_depth(self, depth: int) -> None:
         self.m.queue_depth.set(depth)
 
     def attacked(self, header: UpdateHeader, attack: str, seconds: float) -> None:
         self.m.attack_seconds.labels(attack, str(header.num_samples), header.defence).observe(seconds)
+
+    def scored(self, header: UpdateHeader, attack: str, latency_s: float) -> None:
+        self.m.score_latency.labels(attack, str(header.num_samples), header.defence).observe(latency_s)
+
+    def done(self, header: UpdateHeader) -> None:
+        self.m.updates_attacked.labels(str(header.num_samples), header.defence).inc()
+
+    def coverage(self, ratio: float) -> None:
+        self.m.coverage.set(ratio)
 
     def failed(self, reason: str) -> None:
         self.m.attack_failures.labels(reason).inc()
@@ -49,10 +62,11 @@ class MaliciousNode(PeerNode):
     """A gossip member that reconstructs the private batches behind the updates it receives."""
 
     def __init__(
-        self, spec: PeerSpec, evaluator: Any = None, *, attacks: tuple[str, ...] = ("idlg",),
+        self, spec: PeerSpec, evaluator: Any = None, *, attacks: tuple[str, ...] = ("auto",),
+        fallback: tuple[str, ...] = ("analytic", "idlg", "dlg"),
         attack_config: AttackConfig | None = None, queue_size: int = 16,
-        max_batch_size: int = 8, device: str = "auto", attack_threads: int = 1,
-        run_dir: str | None = None, transcript_bytes: int = 0,
+        max_batch_size: int = 8, max_age_s: float | None = None, device: str = "auto",
+        attack_threads: int = 1, run_dir: str | None = None, transcript_bytes: int = 0,
     ) -> None:
         # Set before the base __init__, which calls make_handler() and starts the server.
         self.transcript = (TranscriptWriter(
@@ -60,9 +74,11 @@ class MaliciousNode(PeerNode):
             num_classes=spec.num_classes, attack_config=dataclasses.asdict(attack_config or AttackConfig()),
             pull=self._pull_weights,
         ) if run_dir is not None and transcript_bytes > 0 else None)
-        self._attacks = attacks
+        self._attacks = () if tuple(attacks) == ("auto",) else tuple(attacks)
+        self._fallback = tuple(fallback)
         self._attack_config = attack_config or AttackConfig()
         self._queue_size = queue_size
+        self._max_age_s = max_age_s
         self._max_batch_size = max_batch_size
         self._device = device
         super().__init__(spec, evaluator)
@@ -71,12 +87,14 @@ class MaliciousNode(PeerNode):
         log.warning("malicious peer %s attacks on %s", spec.peer_id, self.malicious.device)
 
     def make_handler(self) -> MaliciousPeer:
+        config = self._attack_config
         self.malicious = MaliciousPeer(
-            self.peer, attacks={name: create_attack(name, self._attack_config) for name in self._attacks},
+            self.peer, attacks={name: create_attack(name, config) for name in self._attacks},
+            fallback=[create_attack(name, config) for name in self._fallback],
             build_model=self.build_model, fetch_weights=self._fetch_weights, report=self._report,
             input_shape=self.spec.input_shape, num_classes=self.spec.num_classes,
-            queue_size=self._queue_size, max_batch_size=self._max_batch_size, device=self._device,
-            observer=_PromObserver(self.metrics),
+            queue_size=self._queue_size, max_batch_size=self._max_batch_size,
+            max_age_s=self._max_age_s, device=self._device, observer=_PromObserver(self.metrics),
         )
         return self.malicious
 
@@ -97,17 +115,18 @@ class MaliciousNode(PeerNode):
         _v, state = self.client(sender).get_model(version)
         return state
 
-    def _report(self, header: UpdateHeader, attack: str, rec: Reconstruction) -> None:
+    def _report(self, header: UpdateHeader, attack: str, rec: Reconstruction, received_at: float) -> None:
         if self.evaluator is None:
             return
         stats = {k: v for k, v in rec.stats.items() if isinstance(v, (int, float, str, bool))}
         ray.get(self.evaluator.score.remote(
             header.update_id, attack, rec.images.detach().cpu().numpy(),
-            rec.labels.detach().cpu().numpy(), stats,
+            rec.labels.detach().cpu().numpy(), stats, received_at=received_at, step=header.round,
         ))
 
     def status(self) -> dict[str, Any]:
-        return {**self.malicious.stats, "queue": self.malicious.queue_depth(),
+        """The attacker's part of summary.json (see MaliciousPeer.status)."""
+        return {**self.malicious.status(), "queue": self.malicious.queue_depth(),
                 "idle": self.malicious.idle(), "device": str(self.malicious.device),
                 "transcript": self.transcript.stats() if self.transcript is not None else None}
 

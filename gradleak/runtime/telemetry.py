@@ -42,12 +42,32 @@ class Metrics:
         self.attack_failures = Counter(
             "gradleak_attack_failures_total", "Captured updates the attacker could not attack.",
             ("reason",), registry=r)
+        # The dashboards' capture/drop panels: captured = every update handed to the
+        # scheduler, dropped = evicted because the scheduler was full (reason "capacity").
         self.captured = Counter(
-            "gradleak_attack_captured_total", "Updates the malicious peer put on its queue.", registry=r)
+            "gradleak_attack_captured_total", "Updates the malicious peer handed to its scheduler.",
+            registry=r)
         self.dropped = Counter(
-            "gradleak_attack_dropped_total", "Updates dropped because the attack queue was full.", registry=r)
+            "gradleak_attack_dropped_total", "Updates evicted because the attack scheduler was full.",
+            registry=r)
         self.queue_depth = Gauge(
             "gradleak_attack_queue_depth", "Updates waiting for the attack worker.", registry=r)
+        self.updates_received = Counter(
+            "gradleak_attacker_updates_received_total", "Updates the malicious peer received.",
+            ("batch_size", "defence"), registry=r)
+        self.updates_attacked = Counter(
+            "gradleak_attacker_updates_attacked_total", "Distinct updates the attacker attacked.",
+            ("batch_size", "defence"), registry=r)
+        self.updates_evicted = Counter(
+            "gradleak_attacker_updates_evicted_total",
+            "Received updates the attacker did not attack, by reason (capacity, stale, "
+            "batch_too_large, unsupported, version_gone, failed).", ("reason",), registry=r)
+        self.score_latency = Histogram(
+            "gradleak_attacker_latency_seconds", "Seconds from receiving an update to scoring its reconstruction.",
+            ("attack", "batch_size", "defence"), buckets=SECONDS_BUCKETS, registry=r)
+        self.coverage = Gauge(
+            "gradleak_attacker_coverage_ratio", "Share of received updates the attacker attacked.",
+            registry=r)
         self.sent = Counter(
             "gradleak_gossip_messages_sent_total", "Updates a peer sent.", ("defence",), registry=r)
         self.sent_bytes = Counter(

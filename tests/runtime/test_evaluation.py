@@ -86,3 +86,20 @@ def test_truths_go_to_their_own_files_bounded_by_the_cap(tmp_path: Path) -> None
         f.write_bytes(f.read_bytes()[:50])
     with pytest.raises(ValueError, match=r"truth file .*\.npz is unreadable"):
         load_truth(tmp_path, "a/r0")
+
+
+def test_rows_carry_receive_and_score_times_and_the_senders_step(tmp_path: Path) -> None:
+    import time
+
+    ev = Evaluator(RunRecord(tmp_path))
+    t = _truth(3, 1)
+    ev.register_truth("b/r4", t, np.array([1]), origin="b", round=4, defence="none")
+    received = time.time() - 2.0
+    ev.score("b/r4", "analytic", t, np.array([1]), {"stop_reason": "time_budget"},
+             received_at=received, step=7)
+    row = json.loads((tmp_path / "reconstructions.jsonl").read_text())
+    assert row["received_at"] == received and row["step"] == 7
+    assert received < row["scored_at"] <= time.time() and row["stop_reason"] == "time_budget"
+    ev.score("b/r4", "dlg", t, np.array([1]), {})
+    row = json.loads((tmp_path / "reconstructions.jsonl").read_text().splitlines()[1])
+    assert row["received_at"] is None and row["step"] == 4  # the truth's round as a fallback
