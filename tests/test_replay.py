@@ -43,7 +43,7 @@ def live_run(tmp_path_factory, digits_data):
                         attack_config=AttackConfig(max_iters=20, seed=7), device="cpu", queue_size=8,
                         max_batch_size=2, run_dir=str(run_dir), transcript_bytes=64 << 20)
     live: dict[str, object] = {}
-    mal.malicious._report = lambda h, a, rec: live.__setitem__(h.update_id, rec)
+    mal.malicious._report = lambda h, a, rec, *_when: live.__setitem__(h.update_id, rec)
     nodes = [*honest, mal]
     try:
         book = {n.spec.peer_id: n.server.address for n in nodes}
@@ -103,7 +103,7 @@ def test_transcript_holds_what_the_attacker_received(live_run) -> None:
     r = TranscriptReader(run_dir)
     ids = [u.update.header.update_id for u in r.updates()]
     assert len(ids) == 6 and set(ids) - set(live_rows) == {"c/r1", "c/r2"}
-    assert status["skipped"] == 2 and r.meta["updates"] == 6 and r.meta["weights"] == 6
+    assert status["evicted"].get("batch_too_large") == 2 and r.meta["updates"] == 6 and r.meta["weights"] == 6
     assert sorted(p for p, _v in r.weight_keys()) == ["a", "a", "b", "b", "c", "c"]
     assert (run_dir / "truth").is_dir() and len(list((run_dir / "truth").glob("*.npz"))) == 6
     assert not list((run_dir / TRANSCRIPT_DIR).glob("*truth*"))
