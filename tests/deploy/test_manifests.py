@@ -561,7 +561,7 @@ def test_every_metric_name_exists_in_telemetry() -> None:
     used = {(src, n) for src, e in exprs() for n in re.findall(r"gradleak_[a-z_]+", e)}
     assert len({n for _, n in used}) >= 15, "the regex found too few names: is it still matching?"
     unknown = sorted({(src, n) for src, n in used if n not in names})
-    assert not unknown, f"metric names not in gradleak/telemetry.py: {unknown}"
+    assert not unknown, f"metric names not in gradleak/runtime/telemetry.py: {unknown}"
 
 
 def test_every_label_name_exists() -> None:
