@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gradleak.config import ConfigError, RunConfig, from_dict, load_yaml
+from gradleak.config import ConfigError, RunConfig, check_attackable, from_dict, load_yaml
 from gradleak.flags import add_flags, overlay
 from gradleak.report import add_report_parser, run_report_command
 from gradleak.sweep import add_sweep_parser, run_sweep_command
@@ -153,7 +153,9 @@ def _attack_text(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """YAML file first (if any), then each given flag; raises ConfigError on bad values."""
     cfg = load_yaml(args.config) if args.config else RunConfig()
-    return from_dict(overlay(args), cfg).validate()
+    cfg = from_dict(overlay(args), cfg).validate()
+    check_attackable(cfg)
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,8 +55,15 @@ class PeerConfig:
     per_process: int = 0  # honest peers hosted by one Ray actor process; 0 = as many as fit
     threads: int = 1  # torch threads per peer process
     secagg: bool = False  # all peers form one secure-aggregation group (each sends to every member)
-    device: str = "cpu"  # honest peers' device: cpu | cuda | auto (ask for GPUs with num_gpus)
+    # honest peers' device: cpu | cuda | auto; unset: cuda when num_gpus > 0, else cpu
+    device: str | None = None
     num_gpus: float = 0.0  # Ray GPU request per honest peer
+
+    @property
+    def effective_device(self) -> str:
+        if self.device is not None:
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
 
     def validate(self) -> None:
         from gradleak.core.models import INITS, MODELS
@@ -80,7 +87,8 @@ class PeerConfig:
         _positive("lr", self.lr)
         if self.keep_versions < 1 or self.eval_every < 1 or self.threads < 1:
             raise ConfigError("keep_versions, eval_every and threads must be >= 1")
-        _known("peer device", self.device, ("auto", "cpu", "cuda"))
+        if self.device is not None:
+            _known("peer device", self.device, ("auto", "cpu", "cuda"))
         if self.num_gpus < 0:
             raise ConfigError(f"peer num_gpus must be >= 0, got {self.num_gpus}")
         if not 0.0 <= self.num_cpus <= 64:
@@ -155,14 +163,25 @@ class AttackSettings:
     max_age_s: float | None = 30.0  # queued updates older than this are evicted (None: never)
     queue_size: int = 16  # updates waiting; when full the stalest is evicted and counted
     max_batch_size: int = 8  # updates from larger batches are captured but not attacked
+    # `gradleak run` refuses honest batch sizes above max_batch_size unless this is set.
+    allow_unattacked: bool = False
     num_gpus: float = 0.0  # Ray GPU request of the malicious peer
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    # auto (CUDA when present, else the CPU, with a warning) | cpu | cuda; unset: cuda when
+    # num_gpus > 0 (the run fails at start if torch sees no GPU there), else auto.
+    device: str | None = None
     threads: int = 1  # torch threads of the attack worker
     drain_timeout_s: float = 60.0  # after the last round, time left to finish the queue
     resource: str | None = None  # custom Ray resource marking attacker nodes (e.g. "attacker")
     # Bytes the malicious peer may write to RUN_DIR/transcript/ (updates received, weights
     # pulled); entries past it are refused and counted. 0 = no transcript.
     transcript_bytes: int = 256 << 20
+
+    @property
+    def effective_device(self) -> str:
+        """The device the attacker is started with: `device`, or cuda when it asks Ray for GPUs."""
+        if self.device is not None:
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "auto"
 
     def validate(self) -> None:
         from attacker.api import ATTACKS
@@ -192,7 +211,8 @@ class AttackSettings:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.num_gpus < 0:
             raise ConfigError(f"num_gpus must be >= 0, got {self.num_gpus}")
-        _known("device", self.device, ("auto", "cpu", "cuda"))
+        if self.device is not None:
+            _known("device", self.device, ("auto", "cpu", "cuda"))
         if self.resource is not None and not self.resource.strip():
             raise ConfigError("attack resource must be a non-empty name")
         if self.drain_timeout_s < 0:
@@ -349,3 +369,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def check_attackable(cfg: RunConfig) -> None:
+    """Refuse honest batch sizes the attacker would skip (counted as batch_too_large, never
+    attacked) unless the config says that is intended (attack.allow_unattacked)."""
+    a = cfg.attack
+    skipped = sorted({b for b in cfg.peers.batch_sizes if b > a.max_batch_size})
+    if skipped and not a.allow_unattacked:
+        raise ConfigError(
+            f"batch size(s) {','.join(map(str, skipped))} exceed the attacker's max_batch_size "
+            f"{a.max_batch_size}: their updates would never be attacked; raise --max-batch-size or "
+            "pass --allow-unattacked on")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from attacker.api import AttackConfig
@@ -113,6 +115,34 @@ def ensure_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def check_local_gpus(cfg: RunConfig) -> None:
+    """A run that starts its own local Ray computes on this machine: a device of cuda (the
+    attacker's with --attack-gpus and no --device, or an explicit cuda) needs a GPU torch sees
+    here. FitError, one line, before anything starts. On a cluster each actor checks on its node."""
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if (address and address != "local") or ray.is_initialized() or torch.cuda.is_available():
+        return
+    a, pc = cfg.attack, cfg.peers
+    asks = []
+    if a.effective_device == "cuda":
+        asks.append(f"the attacker (--attack-gpus {a.num_gpus:g}, device cuda)" if a.device is None
+                    else "the attacker (--device cuda)")
+    if pc.effective_device == "cuda":
+        asks.append(f"the honest peers (--peer-gpus {pc.num_gpus:g}, device cuda)" if pc.device is None
+                    else "the honest peers (--peer-device cuda)")
+    if asks:
+        raise FitError(f"{' and '.join(asks)} asked for a GPU but torch sees no CUDA device on this "
+                       "machine; drop the GPU request, or pass --device auto / --peer-device auto to "
+                       "fall back to the CPU")
+
+
+def _start_error(exc: ray.exceptions.RayError) -> str:
+    """The one line that says why an actor could not start (its exception, not Ray's traceback)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+    return (errors or lines or [type(exc).__name__])[-1]
+
+
 def fit(cfg: RunConfig) -> Plan:
     """How the run's peers fit the cluster Ray is connected to (FitError if they cannot)."""
     pc, ac = cfg.peers, cfg.attack
@@ -185,6 +215,7 @@ class Testbed:
     def start(self) -> None:
         """Load data, check the fit, create every actor and exchange addresses."""
         cfg = self.cfg
+        check_local_gpus(cfg)
         data = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, image_size=cfg.data.image_size,
                             limit=cfg.data.limit, seed=cfg.seed)
         self._install_handlers()
@@ -204,17 +235,24 @@ class Testbed:
         self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
             specs[-1], self.evaluator, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
             attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed, time_budget_s=a.time_budget_s),
-            queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.device,
+            queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
             attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
         )
-        honest = self._get([h.addresses.remote() for h in self.hosts], START_TIMEOUT_S)
-        self.addresses = [x for group in honest for x in group]
-        self.addresses.append(self._get(self.attacker.addresses.remote(), START_TIMEOUT_S))
+        try:  # an actor whose device is missing on its node fails here: say why in one line
+            honest = self._get([h.addresses.remote() for h in self.hosts], START_TIMEOUT_S)
+            self.addresses = [x for group in honest for x in group]
+            self.addresses.append(self._get(self.attacker.addresses.remote(), START_TIMEOUT_S))
+        except ray.exceptions.RayActorError as exc:
+            raise FitError(f"a peer could not start: {_start_error(exc)}") from None
         book = {x["peer_id"]: x["gossip"] for x in self.addresses}
         self._get([n.set_members.remote(book) for n in self.nodes])
         self._write_targets()
         RunRecord(self.run_dir).write_config(cfg.to_dict())
         status = self._get(self.attacker.status.remote())
+        if a.num_gpus > 0 and status["device"] == "cpu":  # --device auto chose the fallback
+            log.warning("the attacker holds %g Ray GPU(s) but torch sees no CUDA device on its node: "
+                        "it attacks on the CPU (--device auto)", a.num_gpus)
+            self.progress(f"WARNING: the attacker asked for {a.num_gpus:g} GPU(s) but attacks on the CPU")
         self.progress(f"{cfg.peers.honest} honest peers in {layout.hosts} processes ({layout.per_process} per "
                       f"process) + 1 malicious peer (attacks on {status['device']}); {cfg.gossip.sync} mode; "
                       f"leakage at {self.metrics_url}")
@@ -256,7 +294,7 @@ class Testbed:
                 lr=pc.lr, optimizer=pc.optimizer, init=pc.init, seed=cfg.seed * 1000 + i + 1, model_seed=cfg.seed,
                 keep_versions=pc.keep_versions, fanout=gc.fanout, topology=gc.topology,
                 timeout_s=gc.timeout_s, chunk_bytes=gc.chunk_bytes, host=cfg.telemetry.host,
-                threads=pc.threads, device="cpu" if malicious else pc.device,
+                threads=pc.threads, device="cpu" if malicious else pc.effective_device,
                 period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,
                 secagg_wait=gc.secagg_wait if gc.sync == "async" else 0,
                 mix_every=gc.mix_every, mix_weight=gc.mix_weight, lockstep=gc.sync == "rounds",
@@ -375,6 +413,8 @@ class Testbed:
         attacker = self._get(self.attacker.status.remote(), wait)
         honest_rows = [r for r in self._progress_rows if r["role"] == "honest"]
         accuracy = [(r["batch_size"], r["defence"], r["accuracy"]) for r in honest_rows if r["accuracy"] is not None]
+        extra["devices"] = {"attacker": attacker.get("device"), "honest": sorted(
+            {x["device"] for x in self.addresses if x.get("role") == "honest" and x.get("device")})}
         extra.update({"messages": self._messages, "wire_bytes": self._bytes, "attacker": attacker,
                       "honest_accuracy": self._accuracy, "accuracy": accuracy_timeline(honest_rows),
                       "steps": {r["peer_id"]: r["steps"] for r in self._progress_rows}})

@@ -84,6 +84,7 @@ class MaliciousNode(PeerNode):
         super().__init__(spec, evaluator)
         torch.set_num_threads(max(spec.threads, attack_threads))
         self.malicious.start()
+        self.metrics.device.info({"role": "malicious", "device": str(self.malicious.device)})
         log.warning("malicious peer %s attacks on %s", spec.peer_id, self.malicious.device)
 
     def make_handler(self) -> MaliciousPeer:

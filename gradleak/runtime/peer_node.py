@@ -93,6 +93,7 @@ class PeerNode:
             device=str(resolve_device(spec.device)), secagg=spec.secagg,
             staleness=parse_staleness(spec.staleness), secagg_wait=spec.secagg_wait,
         )
+        self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes,
                                    tls=spec.tls)
@@ -137,6 +138,7 @@ class PeerNode:
     # -- driven by the runner --------------------------------------------------------
     def addresses(self) -> dict[str, str]:
         return {"peer_id": self.spec.peer_id, "role": self.spec.role, "defence": self.peer.defence_name,
+                "device": str(self.peer.device),
                 "gossip": self.server.address, "metrics": self.exporter.address,
                 "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""}
 

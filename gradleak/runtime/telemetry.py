@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 LEAK = ("attack", "batch_size", "defence")
 PSNR_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 80, 100)
@@ -25,6 +25,9 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # gradleak_device_info{role, device} 1: the torch device this process computes on
+        # (role honest or malicious; device cpu, cuda or cuda:N).
+        self.device = Info("gradleak_device", "The torch device this process computes on.", registry=r)
         self.reconstructions = Counter(
             "gradleak_reconstructions_total", "Reconstructions scored by the evaluator.", LEAK, registry=r)
         self.psnr = Histogram(

@@ -213,6 +213,10 @@ def test_rayjob_entrypoint_is_a_valid_gradleak_run() -> None:
     assert not unknown, f"flags gradleak run does not have: {unknown}"
     cfg = config_from_args(build_parser().parse_args(argv[1:]))  # raises ConfigError if invalid
     assert cfg.ray_address == "auto" and cfg.attack.num_gpus >= 1
+    # The GPU is a fact: without --device the attacker starts on cuda, or the run fails at start.
+    assert cfg.attack.effective_device == "cuda", "--device auto would let a missing GPU pass silently"
+    # Every batch size of the grid is attacked (none skipped as batch_too_large).
+    assert max(cfg.peers.batch_sizes) <= cfg.attack.max_batch_size and not cfg.attack.allow_unattacked
     # Actors spread over pods: each must bind its own pod's IP, and the attacker goes to the GPU group.
     assert cfg.telemetry.host == "auto", "--host must be auto on a cluster, not the 127.0.0.1 default"
     assert cfg.attack.resource == "attacker"

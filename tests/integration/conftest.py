@@ -35,9 +35,10 @@ def testbed(ray_session, prometheus, tmp_path_factory: pytest.TempPathFactory):
         peers=PeerConfig(honest=3, batch_sizes=(1, 8, 16)),
         # Two clocks: peers step every 0.08 s or 0.12 s, so updates arrive late and are weighed.
         gossip=GossipConfig(rounds=120, fanout=2, period_s=(0.08, 0.12)),
-        # The attacker asks for the (logical) GPU and the marker resource of the second node.
+        # The attacker asks for the (logical) GPU and the marker resource of the second node;
+        # device auto: this machine has no CUDA, so it falls back to the CPU (unset would mean cuda).
         attack=AttackSettings(attacks=("idlg",), max_iters=100, queue_size=8, max_batch_size=1,
-                              drain_timeout_s=60, num_gpus=1, resource="attacker"),
+                              drain_timeout_s=60, num_gpus=1, device="auto", resource="attacker"),
         telemetry=TelemetryConfig(metrics_port=0, host="auto"),
     )
     bed = Testbed(cfg)
