@@ -123,17 +123,19 @@ def check_local_gpus(cfg: RunConfig) -> None:
     if (address and address != "local") or ray.is_initialized() or torch.cuda.is_available():
         return
     a, pc = cfg.attack, cfg.peers
-    asks = []
+    asks, fallbacks = [], []
     if a.effective_device == "cuda":
         asks.append(f"the attacker (--attack-gpus {a.num_gpus:g}, device cuda)" if a.device is None
                     else "the attacker (--device cuda)")
+        fallbacks.append("--device auto")
     if pc.effective_device == "cuda":
         asks.append(f"the honest peers (--peer-gpus {pc.num_gpus:g}, device cuda)" if pc.device is None
                     else "the honest peers (--peer-device cuda)")
+        fallbacks.append("--peer-device auto")
     if asks:
         raise FitError(f"{' and '.join(asks)} asked for a GPU but torch sees no CUDA device on this "
-                       "machine; drop the GPU request, or pass --device auto / --peer-device auto to "
-                       "fall back to the CPU")
+                       f"machine; drop the GPU request, or pass {' '.join(fallbacks)} to fall back "
+                       "to the CPU")
 
 
 def _start_error(exc: ray.exceptions.RayError) -> str:
