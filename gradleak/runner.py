@@ -138,6 +138,11 @@ def check_local_gpus(cfg: RunConfig) -> None:
                        "to the CPU")
 
 
+def driver_node() -> NodeAffinitySchedulingStrategy:
+    """Hard affinity to the node this driver runs on."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _start_error(exc: ray.exceptions.RayError) -> str:
     """The one line that says why an actor could not start (its exception, not Ray's traceback)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -227,7 +232,9 @@ class Testbed:
         self._check()
         layout = fit(cfg)
         tel = cfg.telemetry
-        self.evaluator = EvaluatorActor.options(num_cpus=0).remote(
+        # The evaluator writes the run records: pinned to the driver's node, it writes where the
+        # driver writes config.yaml, i.e. where --out is mounted (KubeRay: the head pod's claim).
+        self.evaluator = EvaluatorActor.options(num_cpus=0, scheduling_strategy=driver_node()).remote(
             str(self.run_dir), host=tel.host, metrics_port=tel.metrics_port)
         self.metrics_url = f"http://{self._get(self.evaluator.metrics_address.remote(), START_TIMEOUT_S)}/metrics"
         specs = self._specs(data)

@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from gradleak import runner
 from gradleak.cli import build_parser, config_from_args, main
-from gradleak.config import AttackSettings, ConfigError, RunConfig, from_dict
+from gradleak.config import AttackSettings, ConfigError, DataConfig, RunConfig, from_dict
 from gradleak.placement import FitError
 from gradleak.runtime.peer_node import PeerNode, PeerSpec
 
@@ -123,3 +123,38 @@ def test_max_batch_size_flag_and_the_opt_out() -> None:
     assert cfg.attack.allow_unattacked and cfg.attack.max_batch_size == 8
     with pytest.raises(ConfigError):
         _cfg("--max-batch-size", "0")
+
+
+def test_evaluator_is_pinned_to_the_drivers_node(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The evaluator writes the run records beside the driver's config.yaml, on the node whose
+    --out is mounted: Testbed.start creates it with hard affinity to the driver's node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    seen: dict[str, object] = {}
+    NODE = "ab" * 28  # a node id: 28 bytes in hex
+
+    class Stop(Exception):
+        pass
+
+    class FakeEvaluator:
+        @staticmethod
+        def options(**kw: object) -> FakeEvaluator:
+            seen.update(kw)
+            raise Stop
+
+    class Context:
+        @staticmethod
+        def get_node_id() -> str:
+            return NODE
+
+    monkeypatch.setattr(runner, "EvaluatorActor", FakeEvaluator)
+    monkeypatch.setattr(runner, "ensure_ray", lambda _cfg: False)
+    monkeypatch.setattr(runner, "fit", lambda _cfg: None)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    bed = runner.Testbed(RunConfig(out_dir=str(tmp_path), data=DataConfig(limit=100)))
+    with pytest.raises(Stop):
+        bed.start()
+    strategy = seen["scheduling_strategy"]
+    assert isinstance(strategy, NodeAffinitySchedulingStrategy)
+    assert strategy.node_id == NODE and strategy.soft is False
+
