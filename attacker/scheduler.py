@@ -5,9 +5,13 @@ A job is an opaque payload with a key (the update id), a group (for example
 (batch size, defence)) and the time it was received.
 
 Policy:
-- fair across groups: `take` serves the group with pending jobs that was served
-  least recently (never-served groups first), so every group is attacked
-  throughout the run, whatever the share of traffic it sends;
+- fair across groups by attacker time: `take` serves the group with pending jobs
+  that has had the least attack time so far (ties: least recently served, then
+  the freshest job), so every group is attacked throughout the run, whatever the
+  share of traffic it sends, and a group of cheap problems (batch-1 updates,
+  ~0.01 s each) is not held to the rate of a group of slow ones (batches, up to
+  the time budget). A group that had nothing pending rejoins at the level of the
+  groups still waiting, so a pause never buys it a monopoly later;
 - freshest first within a group: the newest job of the chosen group;
 - bounded: when full, the stalest job of all is evicted (reason "capacity"), never
   the newcomer; jobs older than `max_age_s` are evicted when a take meets them
@@ -73,6 +77,8 @@ class Scheduler:
         self._on_evict = on_evict
         self._groups: dict[Hashable, list[Job]] = {}  # each oldest first
         self._served: dict[Hashable, int] = {}  # group -> sequence number of its last take
+        self._spent: dict[Hashable, float] = {}  # group -> attack seconds of its settled jobs
+        self._started: dict[int, float] = {}  # in-flight job -> when it was taken
         self._seq = 0
         self._pending = 0
         self._in_flight: dict[int, Job] = {}
@@ -90,6 +96,8 @@ class Scheduler:
         with self._cond:
             self._received += 1
             jobs = self._groups.setdefault(group, [])
+            if not jobs:
+                self._rejoin(group)
             # Keep each group sorted by received_at (arrivals are nearly always in order).
             i = len(jobs)
             while i > 0 and jobs[i - 1].received_at > job.received_at:
@@ -125,6 +133,7 @@ class Scheduler:
                     if self._pending:
                         job = self._pop_next()
                         self._in_flight[id(job)] = job
+                        self._started[id(job)] = time.monotonic()
                         return job
                     if self._stopped:
                         return None
@@ -177,10 +186,17 @@ class Scheduler:
         self._pending -= 1
         return self._groups[group].pop(0)
 
+    def _rejoin(self, group: Hashable) -> None:
+        """A group becoming backlogged starts at the least time of those already waiting."""
+        waiting = [self._spent.get(g, 0.0) for g, jobs in self._groups.items() if jobs and g != group]
+        if waiting:
+            self._spent[group] = max(self._spent.get(group, 0.0), min(waiting))
+
     def _pop_next(self) -> Job:
-        # Least recently served group first (never served: -1), ties to the freshest job.
+        # Least attack time first; ties: least recently served (never: -1), then the freshest job.
         group = min((g for g, jobs in self._groups.items() if jobs),
-                    key=lambda g: (self._served.get(g, -1), -self._groups[g][-1].received_at))
+                    key=lambda g: (self._spent.get(g, 0.0), self._served.get(g, -1),
+                                   -self._groups[g][-1].received_at))
         self._seq += 1
         self._served[group] = self._seq
         self._pending -= 1
@@ -202,6 +218,8 @@ class Scheduler:
     def _settle(self, job: Job) -> None:
         if self._in_flight.pop(id(job), None) is None:
             raise ValueError(f"job {job.key} is not in flight (settled twice, or never taken)")
+        started = self._started.pop(id(job))
+        self._spent[job.group] = self._spent.get(job.group, 0.0) + time.monotonic() - started
 
     def _count(self, job: Job, reason: str) -> None:
         self._evicted[reason] = self._evicted.get(reason, 0) + 1

@@ -158,3 +158,42 @@ def test_validation() -> None:
         Scheduler(capacity=0)
     with pytest.raises(ValueError, match="max_age_s"):
         Scheduler(capacity=1, max_age_s=0)
+
+
+def test_fair_by_attacker_time_cheap_groups_are_attacked_more_often() -> None:
+    """A group of cheap problems is not held to the rate of a group of slow ones."""
+    sched = Scheduler(100)
+    for i in range(40):
+        sched.put(f"cheap/{i}", "cheap")
+        sched.put(f"slow/{i}", "slow")
+    taken: dict[str, int] = {"cheap": 0, "slow": 0}
+    for _ in range(30):
+        job = sched.take(timeout=1)
+        assert job is not None
+        if job.group == "slow":
+            time.sleep(0.02)  # a slow attack; the cheap ones take no time
+        taken[str(job.group)] += 1
+        sched.done(job)
+    assert taken["slow"] >= 1 and taken["cheap"] >= 3 * taken["slow"], taken
+
+
+def test_a_group_back_from_idle_does_not_get_a_monopoly() -> None:
+    sched = Scheduler(100)
+    for i in range(10):
+        sched.put(f"a/{i}", "a")
+    for _ in range(10):  # only a is backlogged: it accumulates attack time alone
+        job = sched.take(timeout=1)
+        assert job is not None
+        time.sleep(0.005)
+        sched.done(job)
+    for i in range(10):
+        sched.put(f"a/{10 + i}", "a")
+        sched.put(f"b/{i}", "b")  # b joins late, at a's level, not at zero
+    order = []
+    for _ in range(8):
+        job = sched.take(timeout=1)
+        assert job is not None
+        time.sleep(0.005)
+        order.append(job.group)
+        sched.done(job)
+    assert order.count("a") >= 2, order  # b has no monopoly
