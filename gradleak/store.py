@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from gradleak.config import ConfigError, RunConfig, from_dict
+from gradleak.config import ConfigError, RunConfig, check_attackable, from_dict
 
 CELLS_DIR = "cells"
 CELL_FILE = "cell.json"
@@ -153,7 +153,7 @@ def make_spec(raw: dict[str, Any], base: RunConfig) -> SweepSpec:
     )
     cells = spec.cells()
     for cell in cells:  # every cell must be a valid run before anything starts
-        cell.config(base, Path(".")).validate()
+        check_attackable(cell.config(base, Path(".")).validate())
     if len({c.cell_id for c in cells}) != len(cells):
         raise ConfigError("two cells would share a cell_id; rename an axis value")
     return spec

@@ -50,7 +50,7 @@ def test_the_cross_product_and_its_configs() -> None:
 
 def test_cell_ids_are_deterministic_unique_and_filesystem_safe() -> None:
     spec = spec_from_args(_args("--out", "x", "--defences", "none,prune:0.3,prune:0.3+fp16,dp:1:0.5",
-                                "--batch-sizes", "1,16", "--seeds", "2"))
+                                "--batch-sizes", "1,16", "--seeds", "2", "--max-batch-size", "16"))
     ids = [c.cell_id for c in spec.cells()]
     assert ids == [c.cell_id for c in spec.cells()] and len(set(ids)) == len(ids) == 16
     assert all(":" not in i and "/" not in i for i in ids)
@@ -172,3 +172,11 @@ def test_secagg_is_a_defence_axis_that_switches_the_run() -> None:
                 fanout=2, topology="complete")
     cfg = cell.config(RunConfig(), Path("/tmp/x")).validate()
     assert cfg.peers.secagg is True and cfg.peers.defences == ("prune:0.3",)
+
+
+def test_a_sweep_refuses_batch_sizes_the_attacker_would_skip(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max_batch_size 8"):
+        spec_from_args(_args("--out", str(tmp_path / "sw"), "--batch-sizes", "1,16"))
+    spec = spec_from_args(_args("--out", str(tmp_path / "sw"), "--batch-sizes", "1,16",
+                                "--max-batch-size", "16"))
+    assert sorted({c.batch_size for c in spec.cells()}) == [1, 16]
