@@ -181,6 +181,32 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class ReLUMLP(nn.Module):
+    """ReLU MLP whose first layer is fully connected on the flattened image (SPEAR's victim).
+
+    A ReLU after a linear layer zeroes about half of dL/dy per sample, which is what
+    the `spear` attack uses to split the first layer's rank-B gradient into the B
+    inputs exactly; the first layer's width bounds the batch it can split.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int],
+                 width: int = 256) -> None:
+        super().__init__()
+        h, w = image_size
+        self.net = nn.Sequential(
+            nn.Flatten(),  # (B, C*H*W)
+            nn.Linear(in_channels * h * w, width),
+            nn.ReLU(),  # (B, width)
+            nn.Linear(width, width),
+            nn.ReLU(),  # (B, width)
+            nn.Linear(width, num_classes),  # (B, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, C, H, W) images to (B, num_classes) logits."""
+        return self.net(x)
+
+
 class ResNet18(nn.Module):
     """CIFAR-style ResNet-18: torchvision's, with a 3x3 stride-1 stem and no max-pool.
 
@@ -218,6 +244,11 @@ def _lenet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> n
 @register_model("mlp")
 def _mlp(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
     return MLP(in_channels, num_classes, image_size)
+
+
+@register_model("relu-mlp")
+def _relu_mlp(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    return ReLUMLP(in_channels, num_classes, image_size)
 
 
 @register_model("resnet18")
