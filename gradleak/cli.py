@@ -211,6 +211,16 @@ def _ratio(value: object) -> str:
     return f"{value:.0%}" if isinstance(value, float) else "-"
 
 
+def entry() -> int:
+    # A Ctrl-C before the run installs its own handlers (while torch or Ray is imported)
+    # ends quietly with the usual status, not with a traceback.
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("gradleak: interrupted", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())
 

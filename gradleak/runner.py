@@ -222,10 +222,12 @@ class Testbed:
     def start(self) -> None:
         """Load data, check the fit, create every actor and exchange addresses."""
         cfg = self.cfg
+        # Handlers first: a Ctrl-C while the data or torch is still loading is a stop request too.
+        self._install_handlers()
+        self.progress(f"starting: run {self.run_dir.name}")
         check_local_gpus(cfg)
         data = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, image_size=cfg.data.image_size,
                             limit=cfg.data.limit, seed=cfg.seed)
-        self._install_handlers()
         self._check()
         self.started_ray = ensure_ray(cfg)
         self._install_handlers()

@@ -121,3 +121,16 @@ def test_new_gossip_flags_reach_the_config() -> None:
                          (["--period", "-1"], "periods must be"), (["--jitter", "1"], "jitter")):
         with pytest.raises(ConfigError, match=needle):
             _cfg(*argv)
+
+
+def test_ctrl_c_before_the_run_exists_ends_with_130_and_no_traceback(monkeypatch, capsys) -> None:
+    # A SIGINT while torch or Ray is still being imported arrives as KeyboardInterrupt.
+    from gradleak import cli
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert cli.entry() == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err

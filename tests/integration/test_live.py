@@ -168,7 +168,8 @@ def _summary(out: Path) -> dict:
 
 def test_ctrl_c_during_start_up_stops_within_10_s(tmp_path: Path) -> None:
     run = _Run(tmp_path)
-    time.sleep(3.0)  # Ray is starting, or the actors are
+    run.wait_for("starting:", timeout=60)  # the run's handlers are in place from here on
+    time.sleep(1.5)  # the data is loading, Ray is starting, or the actors are
     assert run.proc.poll() is None, "".join(run.lines)
     assert run.interrupt() <= 10.0
     assert run.proc.returncode == 130, "".join(run.lines)
