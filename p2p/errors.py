@@ -35,3 +35,19 @@ class TransportError(GossipError):
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+
+
+class Unauthenticated(GossipError):
+    """Raised when a call needs an authenticated caller (a member's certificate) and has
+    none. Maps to UNAUTHENTICATED."""
+
+
+class PermissionDenied(GossipError):
+    """Raised when an authenticated caller asks for what it may not do: send as another
+    peer, join without being on the roster, take another member's masked slot. Maps to
+    PERMISSION_DENIED."""
+
+
+class ResourceExhausted(GossipError):
+    """Raised when a caller exceeds a bound: concurrent streams, updates per step, the
+    inbox's window. Maps to RESOURCE_EXHAUSTED."""

@@ -34,6 +34,7 @@ from torch import nn
 
 from p2p.defences import Defence
 from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
+from p2p.identity import Caller
 from p2p.secagg import SecureAggregation, is_secagg
 from p2p.staleness import Staleness, parse_staleness
 from p2p.update import Update, UpdateHeader
@@ -145,8 +146,9 @@ class Peer:
             return self.defence.name
         return self.secagg.name if self.defence.name == "none" else f"{self.defence.name}+{self.secagg.name}"
 
-    def accept_update(self, update: Update, wire_bytes: int = 0, received_at: float | None = None) -> None:
-        """Validate a received update and file it for the next apply; bad ones change nothing.
+    def accept_update(self, update: Update, wire_bytes: int = 0, caller: Caller | None = None, *,
+                      received_at: float | None = None) -> None:
+        """Validate a received update from caller and file it for the next apply; bad ones change nothing.
 
         However late it is, a valid update is kept: the staleness rule weighs it.
         """
@@ -271,7 +273,7 @@ class Peer:
             weight += w
         return self.secagg.unmask([u.tensors for u, _t in group]), weight, rows
 
-    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+    def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         """Weights at `version` (None = latest) from the kept history."""
         with self._lock:
             v = self.version if version is None else version

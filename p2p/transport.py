@@ -28,10 +28,14 @@ from p2p import codec
 from p2p.errors import (
     DuplicateUpdate,
     MalformedMessage,
+    PermissionDenied,
+    ResourceExhausted,
     TransportError,
+    Unauthenticated,
     UpdateRejected,
     VersionNotFound,
 )
+from p2p.identity import Caller, caller_of
 from p2p.proto import gossip_pb2_grpc
 from p2p.update import Update
 
@@ -47,6 +51,9 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (UpdateRejected, grpc.StatusCode.INVALID_ARGUMENT),
     (DuplicateUpdate, grpc.StatusCode.ALREADY_EXISTS),
     (VersionNotFound, grpc.StatusCode.NOT_FOUND),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 _HEALTH_SERVICES = ("", codec.SERVICE_NAME)
 
@@ -54,11 +61,12 @@ _HEALTH_SERVICES = ("", codec.SERVICE_NAME)
 class UpdateHandler(Protocol):
     """The peer logic behind a GossipServer."""
 
-    def accept_update(self, update: Update, wire_bytes: int) -> None:
-        """Take a decoded update; raise UpdateRejected or DuplicateUpdate to refuse it."""
+    def accept_update(self, update: Update, wire_bytes: int, caller: Caller | None = None) -> None:
+        """Take a decoded update from caller; raise a GossipError (UpdateRejected,
+        DuplicateUpdate, PermissionDenied, ...) to refuse it."""
 
-    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
-        """Return (version, weights) at version, or the latest for None.
+    def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """Return (version, weights) at version, or the latest for None, to caller.
 
         The weights are streamed after this returns, so they must not change in place
         meanwhile: return a retained snapshot, not the live parameters.
@@ -123,7 +131,7 @@ class _GossipServicer:
 
         def run() -> str:
             update = codec.update_from_frames(frames(), max_bytes=self._max_update_bytes)
-            self._handler.accept_update(update, received[0])
+            self._handler.accept_update(update, received[0], caller_of(context))
             return update.header.update_id
 
         update_id = _guarded(context, "PushUpdate", run)
@@ -133,7 +141,7 @@ class _GossipServicer:
         """Stream the handler's weights at the requested version."""
 
         def run() -> Iterator[codec.ModelFrame]:
-            version, state = self._handler.model_at(codec.parse_model_request(request))
+            version, state = self._handler.model_at(codec.parse_model_request(request), caller_of(context))
             frames = codec.model_to_frames(
                 self._peer_id, version, state, chunk_bytes=self._chunk_bytes
             )

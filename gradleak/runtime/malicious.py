@@ -32,6 +32,7 @@ from attacker.api import Attack, Observation, Reconstruction, choose_attack
 from attacker.scheduler import CAPACITY, Job, Scheduler
 from gradleak.core.devices import resolve_device
 from p2p.errors import VersionNotFound
+from p2p.identity import Caller
 from p2p.peer import Peer
 from p2p.update import Update, UpdateHeader
 
@@ -108,13 +109,13 @@ class MaliciousPeer:
         self.chosen: dict[str, int] = {}  # auto mode: updates attacked by each attack
 
     # -- the UpdateHandler protocol the gRPC server calls --------------------------
-    def accept_update(self, update: Update, wire_bytes: int = 0) -> None:
+    def accept_update(self, update: Update, wire_bytes: int = 0, caller: Caller | None = None) -> None:
         """Accept like an honest peer (which validates), then capture without blocking."""
-        self.peer.accept_update(update, wire_bytes)
+        self.peer.accept_update(update, wire_bytes, caller)
         self._capture(update)
 
-    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
-        return self.peer.model_at(version)
+    def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        return self.peer.model_at(version, caller)
 
     def _capture(self, update: Update) -> None:
         h = update.header

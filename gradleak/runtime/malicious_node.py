@@ -21,6 +21,7 @@ from gradleak.runtime.malicious import MaliciousPeer
 from gradleak.runtime.peer_node import PeerNode, PeerSpec
 from gradleak.runtime.telemetry import Metrics
 from gradleak.runtime.transcript import TranscriptWriter
+from p2p.identity import Caller
 from p2p.update import Update, UpdateHeader
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,9 @@ class MaliciousNode(PeerNode):
         )
         return self.malicious
 
-    def accept_update(self, update: Update, wire_bytes: int) -> None:
+    def accept_update(self, update: Update, wire_bytes: int, caller: Caller | None = None) -> None:
         received_at = time.time()
-        super().accept_update(update, wire_bytes)  # raises on a rejected update: not transcribed
+        super().accept_update(update, wire_bytes, caller)  # raises on a rejected update: not transcribed
         if self.transcript is not None:
             self.transcript.add_update(update, received_at)
 

@@ -26,6 +26,7 @@ from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
 from p2p.clock import PeerClock
 from p2p.defences import parse_defence
 from p2p.errors import TransportError, UpdateRejected
+from p2p.identity import Caller
 from p2p.peer import Applied, Batch, Peer
 from p2p.secagg import SecureAggregation
 from p2p.staleness import parse_staleness
@@ -125,14 +126,14 @@ class PeerNode:
         return model
 
     # -- UpdateHandler, called from gRPC threads -------------------------------------
-    def accept_update(self, update: Update, wire_bytes: int) -> None:
-        self.handler.accept_update(update, wire_bytes)
+    def accept_update(self, update: Update, wire_bytes: int, caller: Caller | None = None) -> None:
+        self.handler.accept_update(update, wire_bytes, caller)
         d = update.header.defence
         self.metrics.received.labels(d).inc()
         self.metrics.received_bytes.labels(d).inc(wire_bytes)
 
-    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
-        result: tuple[int, dict[str, torch.Tensor]] = self.handler.model_at(version)
+    def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        result: tuple[int, dict[str, torch.Tensor]] = self.handler.model_at(version, caller)
         return result
 
     # -- driven by the runner --------------------------------------------------------

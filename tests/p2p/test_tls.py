@@ -51,10 +51,10 @@ class Handler:
     def __init__(self) -> None:
         self.accepted: list[tuple[Update, int]] = []
 
-    def accept_update(self, update: Update, wire_bytes: int) -> None:
+    def accept_update(self, update: Update, wire_bytes: int, caller: object = None) -> None:
         self.accepted.append((update, wire_bytes))
 
-    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+    def model_at(self, version: int | None, caller: object = None) -> tuple[int, dict[str, torch.Tensor]]:
         if version not in (None, 3):
             raise VersionNotFound(f"version {version} not held")
         return 3, {"fc.weight": WEIGHTS.reshape(10, 100), "fc.bias": torch.ones(10)}

@@ -33,7 +33,7 @@ class RecordingHandler:
         }
         self.release = threading.Event()  # unblocks the update id "slow"
 
-    def accept_update(self, update: Update, wire_bytes: int) -> None:
+    def accept_update(self, update: Update, wire_bytes: int, caller: object = None) -> None:
         """Refuse on purpose for some ids, otherwise record."""
         update_id = update.header.update_id
         if update_id == "slow":
@@ -46,7 +46,7 @@ class RecordingHandler:
             raise DuplicateUpdate(f"update {update_id!r} already accepted")
         self.accepted.append((update, wire_bytes))
 
-    def model_at(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]]:
+    def model_at(self, version: int | None, caller: object = None) -> tuple[int, dict[str, torch.Tensor]]:
         """The requested version, or the latest."""
         version = max(self.models) if version is None else version
         if version not in self.models:
@@ -274,7 +274,7 @@ def _serve_in_child(ports: Any, received: Any, stop: Any) -> None:
     """Child process: serve a handler that reports what it accepts to the parent."""
 
     class Reporting(RecordingHandler):
-        def accept_update(self, update: Update, wire_bytes: int) -> None:
+        def accept_update(self, update: Update, wire_bytes: int, caller: object = None) -> None:
             received.put((update.header.update_id, wire_bytes, update.tensors["w"].tolist()))
 
     server = GossipServer(Reporting(), "child-peer")
