@@ -124,8 +124,18 @@ class GossipConfig:
     timeout_s: float = 10.0  # deadline of every RPC
     chunk_bytes: int = 1 << 20  # payload bytes per streamed chunk
     tls: bool = False  # mutual TLS on every gossip link (a private CA is made per run)
+    # How a peer combines one apply's updates: mean | median | trimmed:F | clip:C (p2p.aggregate).
+    aggregate: str = "mean"
+    # L2 bound of one update and of an aggregate (a step over it is refused, the model kept);
+    # honest default-run updates reach ~13 at most (benchmarks/update_norms.py).
+    max_update_norm: float = 1e4
+    step_window: int = 64  # steps an update may lag its origin's newest one held (else refused)
+    inbox_per_origin: int = 32  # updates one origin may have waiting for the next apply
+    inbox_total: int = 1024  # updates waiting in all
+    inbox_masked_steps: int = 32  # distinct steps whose masked updates may wait for their group
 
     def validate(self) -> None:
+        from p2p.aggregate import parse_aggregate
         from p2p.staleness import parse_staleness
         from p2p.topology import TOPOLOGIES
 
@@ -150,6 +160,15 @@ class GossipConfig:
         _positive("timeout_s", self.timeout_s)
         if not 1024 <= self.chunk_bytes <= 4 << 20:
             raise ConfigError(f"chunk_bytes must be in 1 KiB..4 MiB, got {self.chunk_bytes}")
+        try:
+            parse_aggregate(self.aggregate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.max_update_norm > 0:  # inf allowed: then only non-finite aggregates are refused
+            raise ConfigError(f"max_update_norm must be > 0, got {self.max_update_norm}")
+        for name in ("step_window", "inbox_per_origin", "inbox_total", "inbox_masked_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

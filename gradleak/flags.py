@@ -131,6 +131,20 @@ FLAGS: dict[str, Flag] = {
     "--peers-per-process": Flag("peers", "per_process", int,
                                 "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
     "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),
+    "--aggregate": Flag("gossip", "aggregate", str, "how a peer combines the updates of a step: mean "
+                        "(weighted), median or trimmed:F (coordinate-wise, F of the votes cut at each "
+                        "end), clip:C (each update's L2 norm clipped to C, then the mean)", metavar="RULE"),
+    "--max-update-norm": Flag("gossip", "max_update_norm", float, "L2 bound of a received update "
+                              "(larger: refused) and of a step's aggregate (larger or not finite: the "
+                              "step is refused, the model kept)", metavar="NORM"),
+    "--step-window": Flag("gossip", "step_window", int, "steps an update may lag its origin's newest "
+                          "one held (older: refused)", metavar="N"),
+    "--inbox-per-origin": Flag("gossip", "inbox_per_origin", int, "updates one origin may have waiting "
+                               "for the next apply (more: RESOURCE_EXHAUSTED)", metavar="N"),
+    "--inbox-total": Flag("gossip", "inbox_total", int, "updates that may wait for the next apply in "
+                          "all (more: RESOURCE_EXHAUSTED)", metavar="N"),
+    "--inbox-masked-steps": Flag("gossip", "inbox_masked_steps", int, "distinct steps whose masked "
+                                 "updates may wait for their group", metavar="N"),
     "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
     "--attack": Flag("attack", "attacks", _names,
                      "attacks run on every attacked update ('auto': the first of --fallback that "

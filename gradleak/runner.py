@@ -37,6 +37,7 @@ from gradleak.runtime.malicious_node import MaliciousActor
 from gradleak.runtime.peer_node import PeerSpec
 from gradleak.runtime.record import RunRecord
 from gradleak.runtime.summary import accuracy_timeline
+from p2p.peer import InboxLimits
 from p2p.secagg import create_group
 from p2p.tls import TlsMaterial, make_test_pki
 
@@ -309,6 +310,10 @@ class Testbed:
                 period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,
                 secagg_wait=gc.secagg_wait if gc.sync == "async" else 0,
                 mix_every=gc.mix_every, mix_weight=gc.mix_weight, lockstep=gc.sync == "rounds",
+                aggregate=gc.aggregate, max_update_norm=gc.max_update_norm, max_samples=max(pc.batch_sizes),
+                inbox=InboxLimits(max_round=gc.rounds, step_window=gc.step_window,
+                                  max_pending_per_origin=gc.inbox_per_origin, max_pending=gc.inbox_total,
+                                  max_masked_steps=gc.inbox_masked_steps),
             ))
         return specs
 
@@ -393,7 +398,12 @@ class Testbed:
         return (f"step {step}/{self.cfg.gossip.rounds} | updates sent {self._messages} | honest accuracy "
                 f"{acc:.2f} | attacker received {received}, attacked {status.get('attacked', 0)} | "
                 f"reconstructions {counts['reconstructions']} | mean PSNR "
-                f"{'-' if psnr is None else f'{psnr:.1f} dB'}")
+                f"{'-' if psnr is None else f'{psnr:.1f} dB'}{self._refused_note()}")
+
+    def _refused_note(self) -> str:
+        """' | refused steps N' once some peer refused an aggregate (poisoned or over the norm bound)."""
+        n = sum(r.get("refused_steps", 0) for r in self._progress_rows)
+        return f" | refused steps {n}" if n else ""
 
     def drain(self) -> bool:
         """Give the attacker up to drain_timeout_s to finish what it holds."""
@@ -428,7 +438,9 @@ class Testbed:
             {x["device"] for x in self.addresses if x.get("role") == "honest" and x.get("device")})}
         extra.update({"messages": self._messages, "wire_bytes": self._bytes, "attacker": attacker,
                       "honest_accuracy": self._accuracy, "accuracy": accuracy_timeline(honest_rows),
-                      "steps": {r["peer_id"]: r["steps"] for r in self._progress_rows}})
+                      "steps": {r["peer_id"]: r["steps"] for r in self._progress_rows},
+                      "aggregate": self.cfg.gossip.aggregate,
+                      "refused_steps": {r["peer_id"]: r.get("refused_steps", 0) for r in self._progress_rows}})
         summary = self._get(self.evaluator.finish.remote(accuracy, extra), wait)
         counts = self._get(self.evaluator.counts.remote(), wait)
         return RunResult(self.run_dir, self.metrics_url, summary, counts, attacker, dict(self._accuracy),

@@ -17,6 +17,20 @@ of the group (0 in lock-step rounds, where all arrive before the apply); then th
 group's contribution to that step is dropped and counted in `secagg_stats` (no
 dropout recovery). Group members must therefore send their update to every other
 member. Updates from outside the group aggregate as before.
+
+Integrity. An update's numbers are bounded before they touch state: num_samples in
+1..max_samples (the run's largest batch size), mixing weight in (0, 1], finite
+values and an L2 norm of at most max_update_norm. The aggregate (p2p.aggregate: mean,
+median, trimmed, clip) is computed in float64; a step whose aggregate is not finite
+or over max_update_norm is refused: the model and optimiser stay as they were, the
+version still advances (lock-step pulls name versions by step), and the refusal is
+counted in `aggregate_stats`.
+
+Inbox bounds. Rounds beyond max_round (the run's steps) are refused; so are rounds
+more than step_window behind the newest one held from the same origin (late updates
+inside the window are kept and weighed by staleness); at most max_pending_per_origin
+updates per origin and max_pending in all wait for the next apply, and masked
+updates wait for at most max_masked_steps distinct steps (ResourceExhausted).
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p2p.aggregate import Aggregator, Contribution, l2_norm, parse_aggregate
 from p2p.defences import Defence
-from p2p.errors import DuplicateUpdate, UpdateRejected, VersionNotFound
+from p2p.errors import DuplicateUpdate, ResourceExhausted, UpdateRejected, VersionNotFound
 from p2p.identity import Caller
 from p2p.secagg import SecureAggregation, is_secagg
 from p2p.staleness import Staleness, parse_staleness
@@ -59,6 +74,29 @@ class Applied:
 
 
 OPTIMIZERS = ("adam", "sgd")
+# Honest LeNet updates of the default run have L2 norms up to ~13 (benchmarks/update_norms.py);
+# 1e4 leaves room for noise defences (gauss:S adds ~S x 97 on the 16x16 LeNet) and keeps
+# any accepted update, and so any mean of them, many orders below float32 overflow.
+MAX_UPDATE_NORM = 1e4
+MAX_SAMPLES = 4096  # the largest batch size a run may configure (gradleak.config)
+
+
+@dataclass(frozen=True)
+class InboxLimits:
+    """Bounds of what a peer holds between applies (see the module docstring)."""
+
+    max_round: int | None = None  # the run's configured steps; None: no upper bound
+    step_window: int = 64  # steps an update may be behind its origin's newest one held
+    max_pending_per_origin: int = 32
+    max_pending: int = 1024
+    max_masked_steps: int = 32
+    max_origins: int = 4096  # origins whose newest step is remembered (oldest forgotten first)
+
+    def __post_init__(self) -> None:
+        counts = (self.step_window, self.max_pending_per_origin, self.max_pending,
+                  self.max_masked_steps, self.max_origins)
+        if min(counts) < 1 or (self.max_round is not None and self.max_round < 1):
+            raise ValueError(f"inbox limits must be >= 1, got {self}")
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -83,11 +121,16 @@ class Peer:
         batch_size: int, defence: Defence, lr: float, keep_versions: int, seed: int,
         optimizer: str = "adam", device: str = "cpu", secagg: SecureAggregation | None = None,
         staleness: Staleness | None = None, secagg_wait: int = 0,
+        aggregate: Aggregator | None = None, max_update_norm: float = MAX_UPDATE_NORM,
+        max_samples: int = MAX_SAMPLES, inbox: InboxLimits | None = None,
     ) -> None:
         if batch_size > len(labels):
             raise ValueError(f"batch size {batch_size} exceeds the shard's {len(labels)} samples")
         if secagg is not None and secagg.member != peer_id:
             raise ValueError(f"secure-aggregation keys of {secagg.member!r} given to peer {peer_id!r}")
+        if not max_update_norm > 0 or max_samples < batch_size:
+            raise ValueError(f"max_update_norm must be > 0 and max_samples >= the batch size {batch_size}, "
+                             f"got {max_update_norm}, {max_samples}")
         self.peer_id = peer_id
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -98,6 +141,14 @@ class Peer:
         # steps whose group sum was unmasked / dropped for a missing member
         self.secagg_stats = {"unmasked_rounds": 0, "dropped_rounds": 0, "dropped_updates": 0}
         self.staleness = staleness or parse_staleness("poly:0.5")
+        self.aggregator = aggregate or parse_aggregate("mean")
+        self.max_update_norm = float(max_update_norm)
+        self.max_samples = max_samples
+        self.inbox = inbox or InboxLimits()
+        # applies whose aggregate was refused, by reason; the last apply's aggregate norm
+        self.aggregate_stats = {"refused_steps": 0, "not_finite": 0, "over_norm": 0}
+        self.last_refusal: str | None = None  # "not_finite" | "over_norm" | None, of the last apply
+        self.last_norm: float | None = None
         self.lr = lr
         self._opt = make_optimizer(optimizer, model, lr)
         self._images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
@@ -109,6 +160,8 @@ class Peer:
         self._pending: list[tuple[Update, float]] = []  # plain updates since the last apply
         self._masked: dict[int, list[tuple[Update, float]]] = {}  # by step, until the group is whole
         self._masked_age: dict[int, int] = {}  # applies a step's masked updates have waited
+        self._held: Counter[str] = Counter()  # updates held per origin, plain and masked
+        self._newest: OrderedDict[str, int] = OrderedDict()  # newest step held per origin (bounded)
         self._seen: deque[str] = deque(maxlen=100_000)
         self._seen_set: set[str] = set()
         self._history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
@@ -161,10 +214,32 @@ class Peer:
                 u.header.origin == h.origin for u, _t in self._masked.get(h.round, [])
             ):
                 raise UpdateRejected(f"a masked update of {h.origin} for step {h.round} is already held")
+            self._admit(h)
             self._remember(h.update_id)
             self._file(update, time.time() if received_at is None else received_at)
 
+    def _admit(self, h: UpdateHeader) -> None:
+        """The inbox bounds (called under the lock): ResourceExhausted when one is reached."""
+        lim = self.inbox
+        newest = self._newest.get(h.origin)
+        if newest is not None and h.round < newest - lim.step_window:
+            raise ResourceExhausted(f"step {h.round} of {h.origin} is more than {lim.step_window} steps "
+                                    f"behind its newest one held ({newest})")
+        if self._held[h.origin] >= lim.max_pending_per_origin:
+            raise ResourceExhausted(f"{h.origin} already has {lim.max_pending_per_origin} updates waiting "
+                                    "for the next apply")
+        if sum(self._held.values()) >= lim.max_pending:
+            raise ResourceExhausted(f"the inbox holds {lim.max_pending} updates, its limit")
+        if is_secagg(h.defence) and h.round not in self._masked and len(self._masked) >= lim.max_masked_steps:
+            raise ResourceExhausted(f"masked updates of {lim.max_masked_steps} steps already wait for "
+                                    "their group")
+        self._newest[h.origin] = h.round if newest is None else max(newest, h.round)
+        self._newest.move_to_end(h.origin)
+        if len(self._newest) > lim.max_origins:
+            self._newest.popitem(last=False)
+
     def _file(self, update: Update, received_at: float) -> None:
+        self._held[update.header.origin] += 1
         if is_secagg(update.header.defence):
             self._masked.setdefault(update.header.round, []).append((update, received_at))
         else:
@@ -178,40 +253,51 @@ class Peer:
     def apply_pending(self) -> list[Applied]:
         """Aggregate what arrived since the last apply (own update included) and step once.
 
-        Returns the updates that entered the aggregate, with their lag and weight.
+        Returns the updates that entered the aggregate, with their lag and weight. A
+        refused aggregate (not finite, or over max_update_norm) leaves the model as it
+        was; `last_refusal` says why, `aggregate_stats` counts it.
         """
         with self._lock:
             plain, self._pending = self._pending, []
             masked = self._ripe_masked()
+            self._held = Counter(u.header.origin for group in self._masked.values() for u, _t in group)
         # A fixed order makes the float sum, and so lock-step runs, bit-reproducible.
         plain.sort(key=lambda item: item[0].header.update_id)
         applied: list[Applied] = []
-        contributions: list[tuple[dict[str, torch.Tensor], float]] = []
-        total = 0.0
+        contributions: list[Contribution] = []
         for u, received_at in plain:
             lag = max(0, self.version - u.header.model_version)
-            w = u.header.num_samples * u.header.mixing_weight * self.staleness(lag)
+            factor = self.staleness(lag)
+            w = u.header.num_samples * u.header.mixing_weight * factor
             applied.append(Applied(u.header, received_at, lag, w))
-            if w > 0:
-                contributions.append((u.tensors, w))
-                total += w
+            contributions.append(Contribution(u.tensors, w, factor))
         for group in masked:
             summed, weight, members = self._unmask(group)
-            contributions.append((summed, 1.0))
-            total += weight
+            # The group's weighted mean, entering as one contribution of the members' weight.
+            contributions.append(Contribution({n: t.to(torch.float64) / weight for n, t in summed.items()},
+                                              weight, 1.0))
             applied += members
-        if contributions and total > 0:
-            for name, p in self.model.named_parameters():
-                agg = torch.zeros_like(p)
-                for tensors, w in contributions:
-                    agg += tensors[name].to(device=self.device, dtype=torch.float32) * w
-                p.grad = agg / total
-            self._opt.step()
-            self._opt.zero_grad(set_to_none=True)
+        self._step(self.aggregator(contributions))
         with self._lock:
             self.version += 1
             self._snapshot()
         return applied
+
+    def _step(self, agg: dict[str, torch.Tensor] | None) -> None:
+        """One optimiser step on the aggregate, unless it is refused."""
+        self.last_refusal = None
+        self.last_norm = None if agg is None else l2_norm(agg)
+        if agg is None or self.last_norm is None:
+            return  # nothing counted this apply
+        if not math.isfinite(self.last_norm) or self.last_norm > self.max_update_norm:
+            self.last_refusal = "not_finite" if not math.isfinite(self.last_norm) else "over_norm"
+            self.aggregate_stats["refused_steps"] += 1
+            self.aggregate_stats[self.last_refusal] += 1
+            return
+        for name, p in self.model.named_parameters():
+            p.grad = agg[name].to(device=self.device, dtype=p.dtype)
+        self._opt.step()
+        self._opt.zero_grad(set_to_none=True)
 
     def mix(self, state: dict[str, torch.Tensor], weight: float) -> int:
         """Move every parameter `weight` of the way to a neighbour's (gossip averaging); new version.
@@ -304,12 +390,16 @@ class Peer:
 
     def _validate(self, update: Update) -> None:
         h: UpdateHeader = update.header
-        if h.num_samples < 1:
-            raise UpdateRejected(f"num_samples must be >= 1, got {h.num_samples}")
+        if not 1 <= h.num_samples <= self.max_samples:
+            raise UpdateRejected(f"num_samples must be in 1..{self.max_samples} (the run's largest batch "
+                                 f"size), got {h.num_samples}")
         if h.round < 1 or h.model_version < 0:
             raise UpdateRejected(f"bad round {h.round} or model version {h.model_version}")
-        if not (h.mixing_weight > 0 and h.mixing_weight < float("inf")):
-            raise UpdateRejected(f"mixing weight must be positive and finite, got {h.mixing_weight}")
+        last = self.inbox.max_round
+        if last is not None and h.round > last:
+            raise UpdateRejected(f"round {h.round} is beyond this run's {last} steps")
+        if not 0.0 < h.mixing_weight <= 1.0:
+            raise UpdateRejected(f"mixing weight must be in (0, 1], got {h.mixing_weight}")
         if not (h.sent_at >= 0 and math.isfinite(h.sent_at)):
             raise UpdateRejected(f"sent_at must be a finite time >= 0, got {h.sent_at}")
         if set(update.tensors) != set(self._shapes):
@@ -333,6 +423,10 @@ class Peer:
                 raise UpdateRejected(f"tensor '{name}' has non-float dtype {t.dtype}")
             if not bool(torch.isfinite(t).all()):
                 raise UpdateRejected(f"tensor '{name}' holds NaN or infinite values")
+        if not masked:  # a masked update's norm is known only in its group's sum (checked at apply)
+            norm = l2_norm(update.tensors)
+            if not norm <= self.max_update_norm:
+                raise UpdateRejected(f"the update's L2 norm {norm:.3g} exceeds the bound {self.max_update_norm:g}")
 
     def _validate_masked(self, h: UpdateHeader) -> None:
         sa = self.secagg

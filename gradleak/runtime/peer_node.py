@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,11 +23,12 @@ import torch
 from gradleak.core.devices import resolve_device
 from gradleak.core.models import create_model, init_model
 from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
+from p2p.aggregate import parse_aggregate
 from p2p.clock import PeerClock
 from p2p.defences import parse_defence
 from p2p.errors import TransportError, UpdateRejected
 from p2p.identity import Caller
-from p2p.peer import Applied, Batch, Peer
+from p2p.peer import MAX_SAMPLES, MAX_UPDATE_NORM, Applied, Batch, InboxLimits, Peer
 from p2p.secagg import SecureAggregation
 from p2p.staleness import parse_staleness
 from p2p.tls import TlsMaterial
@@ -75,6 +76,10 @@ class PeerSpec:
     mix_every: int = 0  # every this many steps, average the model with a neighbour's (0: never)
     mix_weight: float = 0.5  # how far toward the neighbour's weights
     lockstep: bool = False  # rounds mode: pull the neighbour's model at our own version (reproducible)
+    aggregate: str = "mean"  # how a step's updates are combined (p2p.aggregate)
+    max_update_norm: float = MAX_UPDATE_NORM  # L2 bound of an update and of an aggregate
+    max_samples: int = MAX_SAMPLES  # the run's largest batch size: larger num_samples are refused
+    inbox: InboxLimits = field(default_factory=InboxLimits)  # what may wait between applies (max_round: the run's steps)
 
 
 class PeerNode:
@@ -93,6 +98,8 @@ class PeerNode:
             keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
             device=str(resolve_device(spec.device)), secagg=spec.secagg,
             staleness=parse_staleness(spec.staleness), secagg_wait=spec.secagg_wait,
+            aggregate=parse_aggregate(spec.aggregate), max_update_norm=spec.max_update_norm,
+            max_samples=spec.max_samples, inbox=spec.inbox,
         )
         self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
@@ -206,6 +213,11 @@ class PeerNode:
     def apply(self, evaluate: bool = False) -> dict[str, Any]:
         """Aggregate what arrived since the last apply and step; optionally measure accuracy."""
         applied = self.peer.apply_pending()
+        if self.peer.last_refusal is not None:
+            self.metrics.steps_refused.labels(self.peer.last_refusal).inc()
+            log.warning("peer %s refused step %d: aggregate %s (norm %s, bound %g)", self.spec.peer_id,
+                        self.steps_done + 1, self.peer.last_refusal, self.peer.last_norm,
+                        self.peer.max_update_norm)
         self.steps_done += 1
         self.metrics.round.set(self.steps_done)
         self._record(applied)
@@ -274,7 +286,8 @@ class PeerNode:
                 "running": running, "error": self.loop_error, "accuracy": self.accuracy,
                 "sent": self.sent, "failed": self.failed, "bytes": self.sent_bytes,
                 "pending": self.peer.pending(), "batch_size": self.spec.batch_size,
-                "defence": self.peer.defence_name, "accuracy_log": list(self.accuracy_log)}
+                "defence": self.peer.defence_name, "accuracy_log": list(self.accuracy_log),
+                "refused_steps": self.peer.aggregate_stats["refused_steps"]}
 
     def client(self, peer_id: str) -> GossipClient:
         with self._lock:

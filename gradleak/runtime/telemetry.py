@@ -89,6 +89,9 @@ class Metrics:
         self.mixes = Counter(
             "gradleak_gossip_model_mixes_total", "Model averagings with a neighbour, by outcome (mixed, failed).",
             ("outcome",), registry=r)
+        self.steps_refused = Counter(
+            "gradleak_gossip_steps_refused_total", "Applies whose aggregate was refused and the model kept, "
+            "by reason (not_finite, over_norm).", ("reason",), registry=r)
         self.update_lag = Histogram(
             "gradleak_gossip_update_lag_versions", "Local steps a receiver was ahead of an update's weights.",
             buckets=LAG_BUCKETS, registry=r)

@@ -67,3 +67,29 @@ def test_secure_aggregation_group_over_grpc(digits_data) -> None:
     finally:
         for n in nodes.values():
             n.stop()
+
+
+def test_a_refused_step_is_counted_in_prometheus_and_the_progress(digits_data) -> None:
+    import dataclasses
+
+    node = PeerNode(dataclasses.replace(_spec("a", digits_data), max_update_norm=1e-3, optimizer="sgd"))
+    try:
+        before = node.peer.model_at(None)[1]
+        node.peer.local_update(1)  # its own gradient alone is over a bound of 1e-3
+        node.apply()
+        value = node.metrics.registry.get_sample_value("gradleak_gossip_steps_refused_total",
+                                                       {"reason": "over_norm"})
+        assert value == 1.0 and node.progress()["refused_steps"] == 1
+        after = node.peer.model_at(None)[1]
+        assert all(bool((before[n] == after[n]).all()) for n in before)
+    finally:
+        node.stop()
+
+
+def test_aggregation_and_inbox_settings_parse_and_bad_ones_say_why() -> None:
+    cfg = from_dict({"gossip": {"aggregate": "trimmed:0.2", "max_update_norm": 50.0}}).validate()
+    assert cfg.gossip.aggregate == "trimmed:0.2" and cfg.to_dict()["gossip"]["max_update_norm"] == 50.0
+    for bad, why in ({"aggregate": "trimmed:0.7"}, "0 < F < 0.5"), ({"aggregate": "avg"}, "unknown aggregation"), \
+            ({"max_update_norm": 0.0}, "max_update_norm"), ({"inbox_per_origin": 0}, "inbox_per_origin"):
+        with pytest.raises(ConfigError, match=why):
+            from_dict({"gossip": bad}).validate()
