@@ -6,8 +6,10 @@ In-process Peers (no Ray, no gRPC) with `gradleak run`'s defaults, as
 benchmarks/learning.py drives them: digits at 16x16, 4 honest peers at batch sizes
 1, 2, 4, 8 plus a fifth member at batch 1, the sigmoid LeNet, Adam 5e-3, fanout 2 on
 a complete topology, updates 0..3 rounds late, mixing every 5 rounds. Prints the
-largest and the 99th-percentile norm of single updates and of the applied aggregates,
-against the default bound gossip.max_update_norm (the ratio is the headroom).
+largest and the 99th-percentile norm of single updates, of the applied aggregates and
+of the gap between the two models of each mixing (Peer.mix refuses a gap over the bound),
+against the default bound gossip.max_update_norm (the ratio is the headroom), and the
+honest peers' final held-out accuracy (`--aggregate` shows what a robust rule costs).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from p2p.update import Update
 BATCH_SIZES = (1, 2, 4, 8)
 
 
-def norms(seed: int, rounds: int, defence: str, aggregate: str) -> tuple[list[float], list[float]]:
-    """(update norms, aggregate norms) of one seeded run."""
+def norms(seed: int, rounds: int, defence: str, aggregate: str) -> dict[str, list[float]]:
+    """Update norms, aggregate norms, L2 gaps between the models mixed, and the honest
+    peers' final held-out accuracy, of one seeded run."""
     pc, gc = PeerConfig(), GossipConfig()
     data = load_dataset("digits", limit=4000, seed=seed)
-    shards, _test = split(data, len(BATCH_SIZES) + 1, test_fraction=0.2, seed=seed)
+    shards, test = split(data, len(BATCH_SIZES) + 1, test_fraction=0.2, seed=seed)
     sizes = [*BATCH_SIZES, 1]
     peers = []
     for i, shard in enumerate(shards):
@@ -49,12 +52,15 @@ def norms(seed: int, rounds: int, defence: str, aggregate: str) -> tuple[list[fl
     rng = random.Random(seed)
     updates: list[float] = []
     aggregates: list[float] = []
+    gaps: list[float] = []
     in_flight: list[tuple[int, int, Update]] = []
     for r in range(1, rounds + 1):
         if r % gc.mix_every == 0:
             states = [p.model_at(None)[1] for p in peers]
             for i, p in enumerate(peers):
-                p.mix(states[rng.choice([k for k in range(len(peers)) if k != i])], gc.mix_weight)
+                other = states[rng.choice([k for k in range(len(peers)) if k != i])]
+                gaps.append(l2_norm({n: other[n] - t for n, t in p.model_at(None)[1].items()}))
+                p.mix(other, gc.mix_weight)
         for i, p in enumerate(peers):
             update, _ = p.local_update(r)
             updates.append(l2_norm(update.tensors))
@@ -67,7 +73,8 @@ def norms(seed: int, rounds: int, defence: str, aggregate: str) -> tuple[list[fl
             p.apply_pending()
             if p.last_norm is not None:
                 aggregates.append(p.last_norm)
-    return updates, aggregates
+    return {"update": updates, "aggregate": aggregates, "mix gap": gaps,
+            "accuracy": [p.accuracy(test.images, test.labels) for p in peers[:len(BATCH_SIZES)]]}
 
 
 def main() -> None:
@@ -79,18 +86,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     bound = GossipConfig().max_update_norm
-    ups: list[float] = []
-    aggs: list[float] = []
+    got: dict[str, list[float]] = {}
     for seed in range(args.seeds):
-        u, a = norms(seed, args.rounds, args.defence, args.aggregate)
-        ups += u
-        aggs += a
+        for k, v in norms(seed, args.rounds, args.defence, args.aggregate).items():
+            got.setdefault(k, []).extend(v)
     print(f"defence {args.defence}, aggregate {args.aggregate}, {args.seeds} seeds x {args.rounds} rounds; "
           f"default bound {bound:g}")
-    for what, xs in (("update", ups), ("aggregate", aggs)):
-        x = np.array(xs)
+    for what in ("update", "aggregate", "mix gap"):
+        x = np.array(got[what])
         print(f"{what:9s} n={len(x):5d} median {np.median(x):.3f} p99 {np.quantile(x, 0.99):.3f} "
               f"max {x.max():.3f} (bound / max = {bound / x.max():.0f}x)")
+    acc = got["accuracy"]
+    print(f"honest accuracy at the end: mean {np.mean(acc):.3f}, min {min(acc):.3f}")
 
 
 if __name__ == "__main__":

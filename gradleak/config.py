@@ -129,7 +129,7 @@ class GossipConfig:
     # L2 bound of one update and of an aggregate (a step over it is refused, the model kept);
     # honest default-run updates reach ~13 at most (benchmarks/update_norms.py).
     max_update_norm: float = 1e4
-    step_window: int = 64  # steps an update may lag its origin's newest one held (else refused)
+    step_window: int = 64  # steps an update may lag its origin's newest one accepted (else refused)
     inbox_per_origin: int = 32  # updates one origin may have waiting for the next apply
     inbox_total: int = 1024  # updates waiting in all
     inbox_masked_steps: int = 32  # distinct steps whose masked updates may wait for their group

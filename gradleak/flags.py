@@ -138,7 +138,7 @@ FLAGS: dict[str, Flag] = {
                               "(larger: refused) and of a step's aggregate (larger or not finite: the "
                               "step is refused, the model kept)", metavar="NORM"),
     "--step-window": Flag("gossip", "step_window", int, "steps an update may lag its origin's newest "
-                          "one held (older: refused)", metavar="N"),
+                          "one accepted (older: RESOURCE_EXHAUSTED)", metavar="N"),
     "--inbox-per-origin": Flag("gossip", "inbox_per_origin", int, "updates one origin may have waiting "
                                "for the next apply (more: RESOURCE_EXHAUSTED)", metavar="N"),
     "--inbox-total": Flag("gossip", "inbox_total", int, "updates that may wait for the next apply in "

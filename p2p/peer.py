@@ -27,8 +27,8 @@ version still advances (lock-step pulls name versions by step), and the refusal 
 counted in `aggregate_stats`.
 
 Inbox bounds. Rounds beyond max_round (the run's steps) are refused; so are rounds
-more than step_window behind the newest one held from the same origin (late updates
-inside the window are kept and weighed by staleness); at most max_pending_per_origin
+more than step_window behind the newest one accepted from the same origin (late
+updates inside the window are kept and weighed by staleness); at most max_pending_per_origin
 updates per origin and max_pending in all wait for the next apply, and masked
 updates wait for at most max_masked_steps distinct steps (ResourceExhausted).
 """
@@ -86,7 +86,7 @@ class InboxLimits:
     """Bounds of what a peer holds between applies (see the module docstring)."""
 
     max_round: int | None = None  # the run's configured steps; None: no upper bound
-    step_window: int = 64  # steps an update may be behind its origin's newest one held
+    step_window: int = 64  # steps an update may be behind its origin's newest one accepted
     max_pending_per_origin: int = 32
     max_pending: int = 1024
     max_masked_steps: int = 32
@@ -161,7 +161,7 @@ class Peer:
         self._masked: dict[int, list[tuple[Update, float]]] = {}  # by step, until the group is whole
         self._masked_age: dict[int, int] = {}  # applies a step's masked updates have waited
         self._held: Counter[str] = Counter()  # updates held per origin, plain and masked
-        self._newest: OrderedDict[str, int] = OrderedDict()  # newest step held per origin (bounded)
+        self._newest: OrderedDict[str, int] = OrderedDict()  # newest step accepted per origin (bounded)
         self._seen: deque[str] = deque(maxlen=100_000)
         self._seen_set: set[str] = set()
         self._history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
@@ -224,7 +224,7 @@ class Peer:
         newest = self._newest.get(h.origin)
         if newest is not None and h.round < newest - lim.step_window:
             raise ResourceExhausted(f"step {h.round} of {h.origin} is more than {lim.step_window} steps "
-                                    f"behind its newest one held ({newest})")
+                                    f"behind its newest one accepted ({newest})")
         if self._held[h.origin] >= lim.max_pending_per_origin:
             raise ResourceExhausted(f"{h.origin} already has {lim.max_pending_per_origin} updates waiting "
                                     "for the next apply")
@@ -314,6 +314,11 @@ class Peer:
         for name, t in state.items():
             if t.shape != own[name].shape or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise UpdateRejected(f"the neighbour's '{name}' has the wrong shape or dtype, or NaN/inf")
+        # A member could serve finite but huge weights (3e38): bound how far one average may move us.
+        gap = l2_norm({n: state[n].to(torch.float64) - own[n].detach().cpu().to(torch.float64) for n in own})
+        if not gap <= self.max_update_norm:
+            raise UpdateRejected(f"the neighbour's model is {gap:.3g} (L2) from ours, over the bound "
+                                 f"{self.max_update_norm:g}")
         with torch.no_grad():
             for name, t in own.items():
                 t.lerp_(state[name].to(device=t.device, dtype=t.dtype), weight)

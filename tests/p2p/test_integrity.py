@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from p2p.defences import parse_defence
-from p2p.errors import ResourceExhausted, TransportError
+from p2p.errors import ResourceExhausted, TransportError, UpdateRejected
 from p2p.peer import InboxLimits, Peer
 from p2p.secagg import create_group
 from p2p.staleness import parse_staleness
@@ -190,3 +190,12 @@ def test_bad_limits_are_refused() -> None:
         InboxLimits(max_pending=0)
     with pytest.raises(ValueError, match="inbox limits"):
         InboxLimits(max_round=0)
+
+
+def test_a_neighbours_model_with_huge_finite_weights_is_not_mixed_in(digits_data, lenet) -> None:
+    peer = _peer(digits_data, lenet)
+    v0, own = peer.model_at(None)
+    with pytest.raises(UpdateRejected, match="over the bound"):
+        peer.mix({n: torch.full_like(t, 3e38) for n, t in own.items()}, 0.5)
+    assert peer.version == v0 and _same(_weights(peer), own)
+    assert peer.mix({n: t + 0.01 for n, t in own.items()}, 0.5) == v0 + 1  # an honest neighbour still mixes
