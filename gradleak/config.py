@@ -124,6 +124,9 @@ class GossipConfig:
     timeout_s: float = 10.0  # deadline of every RPC
     chunk_bytes: int = 1 << 20  # payload bytes per streamed chunk
     tls: bool = False  # mutual TLS on every gossip link (a private CA is made per run)
+    # Plaintext gossip on a non-loopback --host lets anyone on the network read and forge
+    # updates (nobody is authenticated): refused unless this is set.
+    insecure: bool = False
 
     def validate(self) -> None:
         from p2p.staleness import parse_staleness
@@ -248,10 +251,17 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every section; return self so calls chain."""
+        from p2p.identity import is_loopback_host
+
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         for section in (self.data, self.peers, self.gossip, self.attack, self.telemetry):
             section.validate()
+        if not self.gossip.tls and not self.gossip.insecure and not is_loopback_host(self.telemetry.host):
+            raise ConfigError(
+                f"plaintext gossip on --host {self.telemetry.host} lets anyone on the network read and forge "
+                "updates: add --tls on (or --insecure to accept that)"
+            )
         if self.gossip.fanout > self.peers.honest:
             raise ConfigError(
                 f"fanout {self.gossip.fanout} exceeds the {self.peers.honest} other peers"

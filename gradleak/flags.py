@@ -74,6 +74,7 @@ class Flag:
     help: str  # meaning; the default and the choices are appended
     choices: Callable[[], Iterable[str]] | tuple[str, ...] | None = None
     metavar: str = "X"
+    bare: str | None = None  # the value of the flag given without one (e.g. `--insecure`)
 
     @property
     def where(self) -> str:
@@ -132,6 +133,9 @@ FLAGS: dict[str, Flag] = {
                                 "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
     "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),
     "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
+    "--insecure": Flag("gossip", "insecure", _on_off, "allow plaintext gossip on a non-loopback --host "
+                       "(anyone on the network can read and forge updates); bare --insecure means on",
+                       ON_OFF, bare="on"),
     "--attack": Flag("attack", "attacks", _names,
                      "attacks run on every attacked update ('auto': the first of --fallback that "
                      "supports the update)", _attacks_or_auto, metavar="A,A"),
@@ -193,8 +197,9 @@ def add_flags(parser: argparse.ArgumentParser, *, prefix: str = "", skip: Iterab
     base = RunConfig()
     for flag, spec in FLAGS.items():
         if flag not in skip:
+            extra: dict[str, Any] = {} if spec.bare is None else {"nargs": "?", "const": spec.bare}
             parser.add_argument(flag, dest=dest(flag, prefix), metavar=spec.metavar,
-                                help=what + spec.help_line(base))
+                                help=what + spec.help_line(base), **extra)
 
 
 def overlay(args: argparse.Namespace, *, prefix: str = "") -> dict[str, Any]:

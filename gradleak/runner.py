@@ -87,7 +87,11 @@ def cluster_nodes() -> list[tuple[str, Node]]:
 
 
 def run_pki(peer_ids: list[str], host: str) -> dict[str, TlsMaterial]:
-    """A private CA and one certificate per peer, valid for every address a peer may bind."""
+    """A private CA and one certificate per peer, valid for every address a peer may bind.
+
+    Each certificate names its peer (URI SAN gradleak://peer/<id>), so a peer's server
+    knows which member a call comes from and refuses updates sent in another's name.
+    """
     hosts = {"127.0.0.1", "localhost"}
     if host == "auto":
         hosts |= {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
@@ -309,6 +313,7 @@ class Testbed:
                 period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,
                 secagg_wait=gc.secagg_wait if gc.sync == "async" else 0,
                 mix_every=gc.mix_every, mix_weight=gc.mix_weight, lockstep=gc.sync == "rounds",
+                members=tuple(ids), insecure=gc.insecure,  # the malicious peer is a member too
             ))
         return specs
 

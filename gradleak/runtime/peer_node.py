@@ -27,6 +27,7 @@ from p2p.clock import PeerClock
 from p2p.defences import parse_defence
 from p2p.errors import TransportError, UpdateRejected
 from p2p.identity import Caller
+from p2p.membership import membership_for
 from p2p.peer import Applied, Batch, Peer
 from p2p.secagg import SecureAggregation
 from p2p.staleness import parse_staleness
@@ -75,6 +76,8 @@ class PeerSpec:
     mix_every: int = 0  # every this many steps, average the model with a neighbour's (0: never)
     mix_weight: float = 0.5  # how far toward the neighbour's weights
     lockstep: bool = False  # rounds mode: pull the neighbour's model at our own version (reproducible)
+    members: tuple[str, ...] = ()  # the network's peer ids (p2p.membership); empty: no roster
+    insecure: bool = False  # allow a plaintext server on a non-loopback address
 
 
 class PeerNode:
@@ -93,11 +96,13 @@ class PeerNode:
             keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
             device=str(resolve_device(spec.device)), secagg=spec.secagg,
             staleness=parse_staleness(spec.staleness), secagg_wait=spec.secagg_wait,
+            membership=membership_for(spec.peer_id, spec.members or None,
+                                      spec.tls.cert_pem if spec.tls is not None else None),
         )
         self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes,
-                                   tls=spec.tls)
+                                   tls=spec.tls, insecure=spec.insecure)
         self.server.start()
         self._members: dict[str, str] = {}
         self._clients: dict[str, GossipClient] = {}
