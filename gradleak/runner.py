@@ -212,6 +212,7 @@ class Testbed:
         self._host_options: list[dict[str, Any]] = []
         self._host_rows: list[list[dict[str, Any]]] = []
         self._incarnations: list[int] = []
+        self._found_dead: dict[int, str] = {}  # hosts a poll found dead -> why
         self._dead: set[int] = set()  # hosts lost and not (yet, or ever) re-created
         self._attacker_status: dict[str, Any] = {}  # the last one read: kept if the attacker is lost
         self._attacker_row: dict[str, Any] | None = None
@@ -400,9 +401,11 @@ class Testbed:
             if self.stop_requested.wait(1.0):
                 self._check()
             rows = self._poll()
-            for k, reason in self._newly_dead():
+            lost = self._newly_dead()
+            for k, reason in lost:
                 self._restart_host(k, reason)
-                rows = self._rows()
+            if lost:
+                continue  # the restarted peers' rows come with the next poll
             errors = [f"{r['peer_id']}: {r['error']}" for r in rows if r["error"]]
             if errors:
                 raise RuntimeError("peer loop failed: " + "; ".join(errors))
@@ -449,7 +452,7 @@ class Testbed:
                     raise ActorLost(f"{who} was lost: {_one_line(answer)}")
         for k, answer in enumerate(got[:-2]):
             if isinstance(answer, ray.exceptions.ActorDiedError):
-                self._host_rows[k] = [{**r, "lost": _one_line(answer)} for r in self._host_rows[k]]
+                self._found_dead.setdefault(k, _one_line(answer))
             elif not isinstance(answer, Exception):  # unavailable for a moment: the last rows stand
                 self._host_rows[k] = answer
         if not isinstance(got[-2], Exception):
@@ -470,11 +473,7 @@ class Testbed:
     # -- faults ------------------------------------------------------------------------
     def _newly_dead(self) -> list[tuple[int, str]]:
         """Hosts the last poll found dead that are not handled yet, with why."""
-        out = []
-        for k, rows in enumerate(self._host_rows):
-            if k not in self._dead and rows and "lost" in rows[0]:
-                out.append((k, rows[0]["lost"]))
-        return out
+        return [(k, why) for k, why in sorted(self._found_dead.items()) if k not in self._dead]
 
     def _restart_host(self, k: int, reason: str) -> None:
         """Record host k's loss; re-create it (within max_restarts) and let its peers rejoin.
@@ -521,6 +520,7 @@ class Testbed:
         loss.rejoin = dict(zip(peers, done, strict=True))
         loss.rejoined_at = time.time()
         self._dead.discard(k)
+        self._found_dead.pop(k, None)
         self._host_rows[k] = []
         self.evaluator.count_fault.remote(restarted=len(peers))
         self._write_targets()

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from p2p.transport import GossipClient
 from .test_live import _marked_processes, _Run
 
 pytestmark = pytest.mark.integration
-STEPS, PERIOD_S = 150, 0.1
+STEPS, PERIOD_S = 250, 0.1  # 25 s: the rejoined peer has steps left after a slow restart (8-12 s here)
 
 
 def _kill_when(bed: Testbed, host: int, at_step: int, killed: dict) -> None:
@@ -60,7 +61,7 @@ def test_a_killed_peer_host_is_restarted_and_rejoins_from_a_neighbour(ray_sessio
         victim = next(a for a in bed.addresses if a["peer_id"] == "peer-1")
         with GossipClient(victim["gossip"], timeout_s=10) as client:
             init = client.get_model(0)[1]
-        killer = threading.Thread(target=_kill_when, args=(bed, 1, 20, killed), daemon=True)
+        killer = threading.Thread(target=_kill_when, args=(bed, 1, 10, killed), daemon=True)
         killer.start()
         bed.run_network()
         killer.join(5)
@@ -77,6 +78,9 @@ def test_a_killed_peer_host_is_restarted_and_rejoins_from_a_neighbour(ray_sessio
             source = theirs.get_model(rejoin["source_version"])[1]
         assert all(torch.equal(adopted[k], source[k]) for k in adopted)
         assert not all(torch.equal(adopted[k], init[k]) for k in adopted)
+        with urllib.request.urlopen(bed.metrics_url, timeout=10) as page:
+            metrics = page.read().decode()
+        assert "gradleak_peers_lost_total 1.0" in metrics and "gradleak_peer_restarts_total 1.0" in metrics
         bed.finish(0.0)
     finally:
         bed.shutdown()
