@@ -58,6 +58,7 @@ class PeerConfig:
     # honest peers' device: cpu | cuda | auto; unset: cuda when num_gpus > 0, else cpu
     device: str | None = None
     num_gpus: float = 0.0  # Ray GPU request per honest peer
+    max_restarts: int = 3  # lost peer hosts re-created per run (async mode); then a loss ends the run
 
     @property
     def effective_device(self) -> str:
@@ -72,6 +73,8 @@ class PeerConfig:
 
         if not 2 <= self.honest <= 256:
             raise ConfigError(f"honest peers must be in 2..256, got {self.honest}")
+        if not 0 <= self.max_restarts <= 100:
+            raise ConfigError(f"max restarts must be in 0..100, got {self.max_restarts}")
         if not self.batch_sizes or any(not 1 <= b <= 4096 for b in self.batch_sizes):
             raise ConfigError(f"batch sizes must be in 1..4096, got {list(self.batch_sizes)}")
         if not self.defences:

@@ -132,6 +132,8 @@ FLAGS: dict[str, Flag] = {
     "--peers-per-process": Flag("peers", "per_process", int,
                                 "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
     "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),
+    "--max-restarts": Flag("peers", "max_restarts", int, "lost peer processes re-created per run "
+                           "(async mode; 0: a loss ends the run)", metavar="N"),
     "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
     "--insecure": Flag("gossip", "insecure", _on_off, "allow plaintext gossip on a non-loopback --host "
                        "(anyone on the network can read and forge updates); bare --insecure means on",

@@ -331,6 +331,21 @@ class Peer:
             pred = self.model(torch.from_numpy(images).to(self.device)).argmax(dim=1).cpu().numpy()
         return float((pred == labels).mean())
 
+    def adopt(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Take a neighbour's weights as this peer's, numbered `version` (a restarted peer rejoining).
+
+        The weights are copied exactly and checked as in `mix`; the history before is
+        dropped, so a pull at an older version gets NOT_FOUND rather than other weights.
+        """
+        if version < self.version:
+            raise ValueError(f"version {version} is below this peer's {self.version}")
+        self.mix(state, 1.0)  # validates; lerp with weight 1 returns the end point exactly
+        with self._lock:
+            adopted = self._history[self.version]
+            self._history.clear()
+            self.version = version
+            self._history[version] = adopted
+
     def _snapshot(self) -> None:
         state = {n: t.detach().cpu().clone() for n, t in self.model.state_dict().items()}
         self._history[self.version] = state
