@@ -58,6 +58,7 @@ class PeerConfig:
     # honest peers' device: cpu | cuda | auto; unset: cuda when num_gpus > 0, else cpu
     device: str | None = None
     num_gpus: float = 0.0  # Ray GPU request per honest peer
+    max_restarts: int = 3  # lost peer hosts re-created per run (async mode); then a loss ends the run
 
     @property
     def effective_device(self) -> str:
@@ -72,6 +73,8 @@ class PeerConfig:
 
         if not 2 <= self.honest <= 256:
             raise ConfigError(f"honest peers must be in 2..256, got {self.honest}")
+        if not 0 <= self.max_restarts <= 100:
+            raise ConfigError(f"max restarts must be in 0..100, got {self.max_restarts}")
         if not self.batch_sizes or any(not 1 <= b <= 4096 for b in self.batch_sizes):
             raise ConfigError(f"batch sizes must be in 1..4096, got {list(self.batch_sizes)}")
         if not self.defences:
@@ -133,6 +136,9 @@ class GossipConfig:
     inbox_per_origin: int = 32  # updates one origin may have waiting for the next apply
     inbox_total: int = 1024  # updates waiting in all
     inbox_masked_steps: int = 32  # distinct steps whose masked updates may wait for their group
+    # Plaintext gossip on a non-loopback --host lets anyone on the network read and forge
+    # updates (nobody is authenticated): refused unless this is set.
+    insecure: bool = False
 
     def validate(self) -> None:
         from p2p.aggregate import parse_aggregate
@@ -267,10 +273,17 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every section; return self so calls chain."""
+        from p2p.identity import is_loopback_host
+
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         for section in (self.data, self.peers, self.gossip, self.attack, self.telemetry):
             section.validate()
+        if not self.gossip.tls and not self.gossip.insecure and not is_loopback_host(self.telemetry.host):
+            raise ConfigError(
+                f"plaintext gossip on --host {self.telemetry.host} lets anyone on the network read and forge "
+                "updates: add --tls on (or --insecure to accept that)"
+            )
         if self.gossip.fanout > self.peers.honest:
             raise ConfigError(
                 f"fanout {self.gossip.fanout} exceeds the {self.peers.honest} other peers"

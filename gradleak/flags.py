@@ -74,6 +74,7 @@ class Flag:
     help: str  # meaning; the default and the choices are appended
     choices: Callable[[], Iterable[str]] | tuple[str, ...] | None = None
     metavar: str = "X"
+    bare: str | None = None  # the value of the flag given without one (e.g. `--insecure`)
 
     @property
     def where(self) -> str:
@@ -145,7 +146,12 @@ FLAGS: dict[str, Flag] = {
                           "all (more: RESOURCE_EXHAUSTED)", metavar="N"),
     "--inbox-masked-steps": Flag("gossip", "inbox_masked_steps", int, "distinct steps whose masked "
                                  "updates may wait for their group", metavar="N"),
+    "--max-restarts": Flag("peers", "max_restarts", int, "lost peer processes re-created per run "
+                           "(async mode; 0: a loss ends the run)", metavar="N"),
     "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
+    "--insecure": Flag("gossip", "insecure", _on_off, "allow plaintext gossip on a non-loopback --host "
+                       "(anyone on the network can read and forge updates); bare --insecure means on",
+                       ON_OFF, bare="on"),
     "--attack": Flag("attack", "attacks", _names,
                      "attacks run on every attacked update ('auto': the first of --fallback that "
                      "supports the update)", _attacks_or_auto, metavar="A,A"),
@@ -207,8 +213,9 @@ def add_flags(parser: argparse.ArgumentParser, *, prefix: str = "", skip: Iterab
     base = RunConfig()
     for flag, spec in FLAGS.items():
         if flag not in skip:
+            extra: dict[str, Any] = {} if spec.bare is None else {"nargs": "?", "const": spec.bare}
             parser.add_argument(flag, dest=dest(flag, prefix), metavar=spec.metavar,
-                                help=what + spec.help_line(base))
+                                help=what + spec.help_line(base), **extra)
 
 
 def overlay(args: argparse.Namespace, *, prefix: str = "") -> dict[str, Any]:

@@ -16,7 +16,18 @@ sum unmask. A step's masked updates wait up to `secagg_wait` applies for the res
 of the group (0 in lock-step rounds, where all arrive before the apply); then the
 group's contribution to that step is dropped and counted in `secagg_stats` (no
 dropout recovery). Group members must therefore send their update to every other
-member. Updates from outside the group aggregate as before.
+member. Updates from outside the group aggregate as before. A whole group whose sum
+unmasks outside what its members' weights allow (a foreign or forged masked update:
+p2p.secagg.check_sum) is never counted as unmasked: it is dropped and counted in
+`secagg_stats["corrupt_rounds"]`.
+
+Identity (p2p.membership, the rules in full): every received update is checked against
+its authenticated caller before anything else: under mutual TLS the caller must be a
+member whose certificate names it, and the header's sender must be that caller; always,
+origin must equal sender (no relaying), the receiver itself is no origin, and an origin
+delivers one update per local step. Under mutual TLS GetModel answers members only. A
+masked update is accepted only from a member of this peer's group, so an outsider
+cannot take a member's masked slot.
 
 Integrity. An update's numbers are bounded before they touch state: num_samples in
 1..max_samples (the run's largest batch size), mixing weight in (0, 1], finite
@@ -35,6 +46,7 @@ updates wait for at most max_masked_steps distinct steps (ResourceExhausted).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -48,11 +60,20 @@ from torch import nn
 
 from p2p.aggregate import Aggregator, Contribution, l2_norm, parse_aggregate
 from p2p.defences import Defence
-from p2p.errors import DuplicateUpdate, ResourceExhausted, UpdateRejected, VersionNotFound
+from p2p.errors import (
+    DuplicateUpdate,
+    PermissionDenied,
+    ResourceExhausted,
+    UpdateRejected,
+    VersionNotFound,
+)
 from p2p.identity import Caller
-from p2p.secagg import SecureAggregation, is_secagg
+from p2p.membership import Membership, StepSlots
+from p2p.secagg import CorruptSum, SecureAggregation, is_secagg
 from p2p.staleness import Staleness, parse_staleness
 from p2p.update import Update, UpdateHeader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,7 +141,7 @@ class Peer:
         self, peer_id: str, model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
         batch_size: int, defence: Defence, lr: float, keep_versions: int, seed: int,
         optimizer: str = "adam", device: str = "cpu", secagg: SecureAggregation | None = None,
-        staleness: Staleness | None = None, secagg_wait: int = 0,
+        staleness: Staleness | None = None, secagg_wait: int = 0, membership: Membership | None = None,
         aggregate: Aggregator | None = None, max_update_norm: float = MAX_UPDATE_NORM,
         max_samples: int = MAX_SAMPLES, inbox: InboxLimits | None = None,
     ) -> None:
@@ -131,6 +152,10 @@ class Peer:
         if not max_update_norm > 0 or max_samples < batch_size:
             raise ValueError(f"max_update_norm must be > 0 and max_samples >= the batch size {batch_size}, "
                              f"got {max_update_norm}, {max_samples}")
+        if membership is not None and membership.peer_id != peer_id:
+            raise ValueError(f"membership of {membership.peer_id!r} given to peer {peer_id!r}")
+        # Who may push and pull (p2p.membership); by default plaintext rules, no roster.
+        self.membership = membership or Membership(peer_id)
         self.peer_id = peer_id
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -138,8 +163,9 @@ class Peer:
         self.defence = defence
         self.secagg = secagg
         self.secagg_wait = secagg_wait
-        # steps whose group sum was unmasked / dropped for a missing member
-        self.secagg_stats = {"unmasked_rounds": 0, "dropped_rounds": 0, "dropped_updates": 0}
+        # steps whose group sum was unmasked / dropped for a missing member / refused as out of range
+        self.secagg_stats = {"unmasked_rounds": 0, "dropped_rounds": 0, "dropped_updates": 0,
+                             "corrupt_rounds": 0, "corrupt_updates": 0}
         self.staleness = staleness or parse_staleness("poly:0.5")
         self.aggregator = aggregate or parse_aggregate("mean")
         self.max_update_norm = float(max_update_norm)
@@ -162,6 +188,8 @@ class Peer:
         self._masked_age: dict[int, int] = {}  # applies a step's masked updates have waited
         self._held: Counter[str] = Counter()  # updates held per origin, plain and masked
         self._newest: OrderedDict[str, int] = OrderedDict()  # newest step accepted per origin (bounded)
+        self._sums: dict[int, dict[str, torch.Tensor]] = {}  # range-checked group sums, by step
+        self._slots = StepSlots()  # (origin, step) pairs already delivered: one update each
         self._seen: deque[str] = deque(maxlen=100_000)
         self._seen_set: set[str] = set()
         self._history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
@@ -203,19 +231,22 @@ class Peer:
                       received_at: float | None = None) -> None:
         """Validate a received update from caller and file it for the next apply; bad ones change nothing.
 
-        However late it is, a valid update is kept: the staleness rule weighs it.
+        Who sends is checked first (p2p.membership: Unauthenticated, PermissionDenied),
+        then what (UpdateRejected), then that it is new: its id, and its origin's slot
+        for its step (DuplicateUpdate). However late it is, a valid update is kept: the
+        staleness rule weighs it.
         """
-        self._validate(update)
         h = update.header
+        self.membership.check_update(h, caller)
+        self._validate(update)
         with self._lock:
             if h.update_id in self._seen_set:
-                raise DuplicateUpdate(f"update {h.update_id} already received")
-            if is_secagg(h.defence) and any(
-                u.header.origin == h.origin for u, _t in self._masked.get(h.round, [])
-            ):
-                raise UpdateRejected(f"a masked update of {h.origin} for step {h.round} is already held")
+                raise DuplicateUpdate(f"update {h.update_id[:80]} already received")
+            if (h.origin, h.round) in self._slots:
+                raise DuplicateUpdate(f"{h.origin} already delivered its update for step {h.round}")
             self._admit(h)
             self._remember(h.update_id)
+            self._slots.take(h.origin, h.round)
             self._file(update, time.time() if received_at is None else received_at)
 
     def _admit(self, h: UpdateHeader) -> None:
@@ -335,8 +366,11 @@ class Peer:
             whole = self.secagg is not None and sorted(u.header.origin for u, _t in group) == list(
                 self.secagg.group)
             age = self._masked_age.get(step, 0)
-            if whole:
+            if whole and self._sum_in_range(step, group):
                 ripe.append(group)
+            elif whole:
+                self.secagg_stats["corrupt_rounds"] += 1
+                self.secagg_stats["corrupt_updates"] += len(group)
             elif age < self.secagg_wait:
                 self._masked_age[step] = age + 1
                 continue
@@ -347,6 +381,19 @@ class Peer:
             self._masked_age.pop(step, None)
         return ripe
 
+    def _sum_in_range(self, step: int, group: list[tuple[Update, float]]) -> bool:
+        """Unmask a whole group and keep its sum for `_unmask`, unless it is out of range."""
+        assert self.secagg is not None
+        group.sort(key=lambda item: item[0].header.origin)
+        summed = self.secagg.unmask([u.tensors for u, _t in group])
+        try:
+            self.secagg.check_sum(summed, [u.header.num_samples * u.header.mixing_weight for u, _t in group])
+        except CorruptSum as exc:
+            log.warning("peer %s refused the masked sum of step %d: %s", self.peer_id, step, exc)
+            return False
+        self._sums[step] = summed
+        return True
+
     def _unmask(self, group: list[tuple[Update, float]]) -> tuple[dict[str, torch.Tensor], float, list[Applied]]:
         """The unmasked group sum, the members' total weight, and their Applied rows.
 
@@ -355,17 +402,17 @@ class Peer:
         the masks cancel only in the unweighted sum).
         """
         assert self.secagg is not None  # _ripe_masked returns groups only with keys
-        group.sort(key=lambda item: item[0].header.origin)
         self.secagg_stats["unmasked_rounds"] += 1
         rows, weight = [], 0.0
         for u, received_at in group:
             w = u.header.num_samples * u.header.mixing_weight
             rows.append(Applied(u.header, received_at, max(0, self.version - u.header.model_version), w))
             weight += w
-        return self.secagg.unmask([u.tensors for u, _t in group]), weight, rows
+        return self._sums.pop(group[0][0].header.round), weight, rows
 
     def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
-        """Weights at `version` (None = latest) from the kept history."""
+        """Weights at `version` (None = latest) from the kept history; under mutual TLS to members only."""
+        self.membership.check_reader(caller)
         with self._lock:
             v = self.version if version is None else version
             if v not in self._history:
@@ -380,6 +427,21 @@ class Peer:
         with torch.no_grad():
             pred = self.model(torch.from_numpy(images).to(self.device)).argmax(dim=1).cpu().numpy()
         return float((pred == labels).mean())
+
+    def adopt(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Take a neighbour's weights as this peer's, numbered `version` (a restarted peer rejoining).
+
+        The weights are copied exactly and checked as in `mix`; the history before is
+        dropped, so a pull at an older version gets NOT_FOUND rather than other weights.
+        """
+        if version < self.version:
+            raise ValueError(f"version {version} is below this peer's {self.version}")
+        self.mix(state, 1.0)  # validates; lerp with weight 1 returns the end point exactly
+        with self._lock:
+            adopted = self._history[self.version]
+            self._history.clear()
+            self.version = version
+            self._history[version] = adopted
 
     def _snapshot(self) -> None:
         state = {n: t.detach().cpu().clone() for n, t in self.model.state_dict().items()}
@@ -442,4 +504,5 @@ class Peer:
         if h.defence != sa.name and not h.defence.endswith("+" + sa.name):
             raise UpdateRejected(f"masked update says '{h.defence}', this peer's group is {sa.name}")
         if h.origin not in sa.group or h.origin == self.peer_id:
-            raise UpdateRejected(f"masked update from {h.origin}, not another member of {list(sa.group)}")
+            # A who, not a what: no outsider may take a member's masked slot.
+            raise PermissionDenied(f"masked update from {h.origin[:64]!r}, not another member of {list(sa.group)}")

@@ -35,7 +35,7 @@ from p2p.errors import (
     UpdateRejected,
     VersionNotFound,
 )
-from p2p.identity import Caller, caller_of
+from p2p.identity import Caller, caller_of, is_loopback_host
 from p2p.proto import gossip_pb2_grpc
 from p2p.update import Update
 
@@ -179,7 +179,11 @@ class GossipServer:
         workers: int = 4,
         chunk_bytes: int = 1 << 20,
         tls: TlsMaterial | None = None,
+        insecure: bool = False,
     ) -> None:
+        if tls is None and not insecure and not is_loopback_host(host):
+            # Refused before anything binds: plaintext lets anyone who reaches it read and forge updates.
+            raise ValueError(f"plaintext gossip on non-loopback address {host}: give TLS material, or insecure=True")
         self._host = host
         self._port = port
         self._tls = tls

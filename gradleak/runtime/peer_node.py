@@ -10,6 +10,7 @@ p2p/peer.py, the wire in p2p/transport.py. Ray hosting is in gradleak/runtime/ho
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -22,12 +23,14 @@ import torch
 
 from gradleak.core.devices import resolve_device
 from gradleak.core.models import create_model, init_model
+from gradleak.runtime.faults import rejoin_version, resume_step
 from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
 from p2p.aggregate import parse_aggregate
 from p2p.clock import PeerClock
 from p2p.defences import parse_defence
 from p2p.errors import TransportError, UpdateRejected
 from p2p.identity import Caller
+from p2p.membership import membership_for
 from p2p.peer import MAX_SAMPLES, MAX_UPDATE_NORM, Applied, Batch, InboxLimits, Peer
 from p2p.secagg import SecureAggregation
 from p2p.staleness import parse_staleness
@@ -80,6 +83,8 @@ class PeerSpec:
     max_update_norm: float = MAX_UPDATE_NORM  # L2 bound of an update and of an aggregate
     max_samples: int = MAX_SAMPLES  # the run's largest batch size: larger num_samples are refused
     inbox: InboxLimits = field(default_factory=InboxLimits)  # what may wait between applies (max_round: the run's steps)
+    members: tuple[str, ...] = ()  # the network's peer ids (p2p.membership); empty: no roster
+    insecure: bool = False  # allow a plaintext server on a non-loopback address
 
 
 class PeerNode:
@@ -100,14 +105,18 @@ class PeerNode:
             staleness=parse_staleness(spec.staleness), secagg_wait=spec.secagg_wait,
             aggregate=parse_aggregate(spec.aggregate), max_update_norm=spec.max_update_norm,
             max_samples=spec.max_samples, inbox=spec.inbox,
+            membership=membership_for(spec.peer_id, spec.members or None,
+                                      spec.tls.cert_pem if spec.tls is not None else None),
         )
         self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes,
-                                   tls=spec.tls)
+                                   tls=spec.tls, insecure=spec.insecure)
         self.server.start()
         self._members: dict[str, str] = {}
         self._clients: dict[str, GossipClient] = {}
+        self._retired: list[GossipClient] = []  # clients of replaced addresses, closed at stop
+        self.incarnation = 0  # +1 each time the driver re-creates this peer after its host was lost
         self._rng = random.Random(spec.seed)
         self._mix_rng = random.Random(spec.seed + 7919)  # apart from the targets' stream
         self._lock = threading.Lock()
@@ -150,9 +159,21 @@ class PeerNode:
                 "gossip": self.server.address, "metrics": self.exporter.address,
                 "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""}
 
+    def pid(self) -> int:
+        """This process's id (a fault test kills it)."""
+        return os.getpid()
+
     def set_members(self, members: dict[str, str]) -> None:
-        """The address book: peer id -> gossip address, self included."""
-        self._members = dict(members)
+        """The address book: peer id -> gossip address, self included.
+
+        A peer whose address changed (restarted after its host was lost) is redialled at the
+        next send. The old client is retired, not closed: a send on it from the loop thread
+        may be under way, and fails on the dead address as a counted failure.
+        """
+        with self._lock:
+            for peer_id in [p for p in self._clients if members.get(p) != self._members.get(p)]:
+                self._retired.append(self._clients.pop(peer_id))
+            self._members = dict(members)
 
     def step(self, round_: int) -> dict[str, int]:
         """Local gradient on a private batch, truth to the evaluator, update to `fanout` peers."""
@@ -208,6 +229,7 @@ class PeerNode:
         ray.get(self.evaluator.register_truth.remote(
             update.header.update_id, batch.images, batch.labels,
             origin=self.spec.peer_id, round=update.header.round, defence=update.header.defence,
+            model_version=update.header.model_version, incarnation=self.incarnation,
         ))
 
     def apply(self, evaluate: bool = False) -> dict[str, Any]:
@@ -258,18 +280,52 @@ class PeerNode:
         return self.accuracy
 
     # -- its own clock (async mode) ----------------------------------------------------
-    def start_loop(self, steps: int, start_at: float, eval_every: int) -> None:
-        """Run `steps` local steps on this peer's clock from wall time `start_at`, in a thread."""
+    def start_loop(self, steps: int, start_at: float, eval_every: int, first_step: int = 1) -> None:
+        """Run local steps first_step..steps on this peer's clock from wall time `start_at`, in a thread."""
         if self._loop is not None:
             raise RuntimeError(f"peer {self.spec.peer_id} already runs its loop")
         clock = PeerClock(self.spec.period_s, self.spec.jitter, self.spec.seed, start_at)
-        self._loop = threading.Thread(target=self._run_loop, args=(steps, clock, eval_every),
+        for _ in range(first_step - 1):  # the schedule of the steps before is not ours to keep
+            clock.next_due()
+        self._loop = threading.Thread(target=self._run_loop, args=(steps, clock, eval_every, first_step),
                                       name=f"loop-{self.spec.peer_id}", daemon=True)
         self._loop.start()
 
-    def _run_loop(self, steps: int, clock: PeerClock, eval_every: int) -> None:
+    def rejoin(self, sources: list[str], shipped: dict[str, int] | None, incarnation: int,
+               steps: int, start_at: float, eval_every: int) -> dict[str, Any]:
+        """Continue a lost peer's part: the network's current model, then the rest of its steps.
+
+        The model comes from the first of `sources` (live peers, neighbours first) that
+        answers a GetModel; with none, the peer goes on from its initial weights, and says
+        so. shipped: the evaluator's last step and model version of the dead incarnation
+        (faults.resume_step and faults.rejoin_version say why both matter).
+        """
+        self.incarnation = incarnation
+        shipped_version = shipped["model_version"] if shipped and shipped["model_version"] >= 0 else None
+        source: str | None = None
+        source_version = None
+        for candidate in sources:
+            try:
+                source_version, state = self.client(candidate).get_model(None)
+                self.peer.adopt(state, rejoin_version(source_version, shipped_version))
+            except (TransportError, UpdateRejected) as exc:
+                log.warning("peer %s could not rejoin from %s: %s", self.spec.peer_id, candidate, exc)
+                continue
+            source = candidate
+            break
+        after = shipped["step"] if shipped else 0
+        clock = PeerClock(self.spec.period_s, self.spec.jitter, self.spec.seed, start_at)
+        first = resume_step(clock, after, time.time())
+        self.steps_done = first - 1
+        self.evaluate()
+        self.start_loop(steps, start_at, eval_every, first)
+        return {"source": source, "source_version": source_version, "version": self.peer.version,
+                "after_step": after, "first_step": first, "steps_lost": first - after - 1,
+                "accuracy": self.accuracy}
+
+    def _run_loop(self, steps: int, clock: PeerClock, eval_every: int, first_step: int = 1) -> None:
         try:
-            for step in range(1, steps + 1):
+            for step in range(first_step, steps + 1):
                 if self._stop.wait(max(0.0, clock.next_due() - time.time())):
                     return
                 self.step(step)
@@ -310,5 +366,5 @@ class PeerNode:
         except Exception as exc:  # noqa: BLE001 - an evaluator already gone must not block stopping
             log.warning("peer %s could not hand over its last update rows: %s", self.spec.peer_id, exc)
         self.server.stop(grace=0.5)
-        for c in self._clients.values():
+        for c in [*self._clients.values(), *self._retired]:
             c.close()

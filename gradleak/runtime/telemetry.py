@@ -95,6 +95,11 @@ class Metrics:
         self.update_lag = Histogram(
             "gradleak_gossip_update_lag_versions", "Local steps a receiver was ahead of an update's weights.",
             buckets=LAG_BUCKETS, registry=r)
+        # The driver's fault record, on the evaluator's exporter (the run's endpoint).
+        self.peers_lost = Counter(
+            "gradleak_peers_lost_total", "Honest peers whose host process was lost mid-run.", registry=r)
+        self.peer_restarts = Counter(
+            "gradleak_peer_restarts_total", "Lost honest peers restarted and rejoined.", registry=r)
 
 
 def resolve_host(host: str) -> str:

@@ -13,19 +13,19 @@ from p2p.tls import make_test_pki
 from p2p.transport import GossipClient
 
 
-def _spec(pid: str, digits_data, tls=None, secagg=None) -> PeerSpec:
+def _spec(pid: str, digits_data, tls=None, secagg=None, members=()) -> PeerSpec:
     return PeerSpec(
         peer_id=pid, role="honest", shard_images=digits_data.images[:40], shard_labels=digits_data.labels[:40],
         test_images=digits_data.images[40:60], test_labels=digits_data.labels[40:60], input_shape=(1, 16, 16),
         num_classes=10, model="lenet", batch_size=2, defence="none", lr=0.01, optimizer="adam", seed=1,
-        model_seed=0, fanout=1, tls=tls, secagg=secagg,
+        model_seed=0, fanout=1, tls=tls, secagg=secagg, members=members,
     )
 
 
 def test_nodes_gossip_over_tls_and_refuse_plaintext(digits_data) -> None:
     _ca, material = make_test_pki(peers=["a", "b"])
-    a = PeerNode(_spec("a", digits_data, material["a"]))
-    b = PeerNode(_spec("b", digits_data, material["b"]))
+    a = PeerNode(_spec("a", digits_data, material["a"], members=("a", "b")))
+    b = PeerNode(_spec("b", digits_data, material["b"], members=("a", "b")))
     try:
         book = {"a": a.server.address, "b": b.server.address}
         a.set_members(book)
@@ -34,6 +34,7 @@ def test_nodes_gossip_over_tls_and_refuse_plaintext(digits_data) -> None:
         assert sent["sent"] == 1 and sent["failed"] == 0 and sent["bytes"] > 0
         assert b.step(1)["sent"] == 1
         assert b.apply()["applied"] == 2  # its own update + a's, received over TLS
+        assert a.mix()  # a member's pull over TLS is served
         with GossipClient(b.server.address, timeout_s=3) as plain, pytest.raises(TransportError) as err:
             plain.get_model()
         assert err.value.code == "UNAVAILABLE"
