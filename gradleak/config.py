@@ -50,6 +50,7 @@ class PeerConfig:
     optimizer: str = "adam"  # local optimiser applying the aggregated gradient: adam | sgd
     lr: float = 0.005  # its learning rate
     keep_versions: int = 256  # past weight versions kept for GetModel pulls
+    keep_mb: float = 64.0  # ... and at most this many MB of them per peer (the newest always stays)
     eval_every: int = 10  # rounds between held-out accuracy measurements
     num_cpus: float = 0.25  # Ray CPU share per peer process (fractional so many fit)
     per_process: int = 0  # honest peers hosted by one Ray actor process; 0 = as many as fit
@@ -90,6 +91,8 @@ class PeerConfig:
         _positive("lr", self.lr)
         if self.keep_versions < 1 or self.eval_every < 1 or self.threads < 1:
             raise ConfigError("keep_versions, eval_every and threads must be >= 1")
+        if not 0 < self.keep_mb < float("inf"):
+            raise ConfigError(f"keep_mb must be a positive number of MB, got {self.keep_mb}")
         if self.device is not None:
             _known("peer device", self.device, ("auto", "cpu", "cuda"))
         if self.num_gpus < 0:

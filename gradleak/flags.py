@@ -111,6 +111,10 @@ FLAGS: dict[str, Flag] = {
     "--optimizer": Flag("peers", "optimizer", str, "local optimiser that applies the aggregate",
                         ("adam", "sgd")),
     "--lr": Flag("peers", "lr", float, "its learning rate"),
+    "--keep-versions": Flag("peers", "keep_versions", int, "past weight versions each peer keeps for "
+                            "model pulls", metavar="N"),
+    "--keep-mb": Flag("peers", "keep_mb", float, "... and at most this many MB of them (the newest "
+                      "always stays)", metavar="MB"),
     "--peer-device": Flag("peers", "device", str, "honest peers' torch device (unset: cuda with "
                           "--peer-gpus, else cpu)", DEVICES),
     "--peer-gpus": Flag("peers", "num_gpus", float, "Ray GPUs per honest peer"),

@@ -347,7 +347,7 @@ class Testbed:
                 batch_size=min(pc.batch_sizes) if malicious else pc.batch_sizes[i % len(pc.batch_sizes)],
                 defence="none" if malicious else pc.defences[i % len(pc.defences)],
                 lr=pc.lr, optimizer=pc.optimizer, init=pc.init, seed=cfg.seed * 1000 + i + 1, model_seed=cfg.seed,
-                keep_versions=pc.keep_versions, fanout=gc.fanout, topology=gc.topology,
+                keep_versions=pc.keep_versions, keep_bytes=int(pc.keep_mb * (1 << 20)), fanout=gc.fanout, topology=gc.topology,
                 timeout_s=gc.timeout_s, chunk_bytes=gc.chunk_bytes, host=cfg.telemetry.host,
                 threads=pc.threads, device="cpu" if malicious else pc.effective_device,
                 period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,

@@ -95,6 +95,11 @@ class Applied:
 
 
 OPTIMIZERS = ("adam", "sgd")
+KEEP_BYTES = 64 << 20  # weight history per peer: 1,700 LeNet versions, one ResNet-18
+
+
+def _state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 # Honest LeNet updates of the default run have L2 norms up to ~13 (benchmarks/update_norms.py);
 # 1e4 leaves room for noise defences (gauss:S adds ~S x 97 on the 16x16 LeNet) and keeps
 # any accepted update, and so any mean of them, many orders below float32 overflow.
@@ -144,6 +149,7 @@ class Peer:
         staleness: Staleness | None = None, secagg_wait: int = 0, membership: Membership | None = None,
         aggregate: Aggregator | None = None, max_update_norm: float = MAX_UPDATE_NORM,
         max_samples: int = MAX_SAMPLES, inbox: InboxLimits | None = None,
+        keep_bytes: int = KEEP_BYTES,
     ) -> None:
         if batch_size > len(labels):
             raise ValueError(f"batch size {batch_size} exceeds the shard's {len(labels)} samples")
@@ -193,7 +199,12 @@ class Peer:
         self._seen: deque[str] = deque(maxlen=100_000)
         self._seen_set: set[str] = set()
         self._history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        if keep_versions < 1 or keep_bytes < 1:
+            raise ValueError(f"keep_versions and keep_bytes must be >= 1, got {keep_versions}, {keep_bytes}")
         self._keep = keep_versions
+        # History is bounded by bytes too: 256 versions of a ResNet-18 would be ~11 GiB.
+        self._keep_bytes = keep_bytes
+        self._history_bytes = 0
         self.version = 0
         self._snapshot()
 
@@ -442,12 +453,22 @@ class Peer:
             self._history.clear()
             self.version = version
             self._history[version] = adopted
+            self._history_bytes = _state_bytes(adopted)
 
     def _snapshot(self) -> None:
         state = {n: t.detach().cpu().clone() for n, t in self.model.state_dict().items()}
         self._history[self.version] = state
-        while len(self._history) > self._keep:
-            self._history.popitem(last=False)
+        self._history_bytes += _state_bytes(state)
+        # The newest version always stays, whatever its size.
+        while len(self._history) > 1 and (len(self._history) > self._keep
+                                          or self._history_bytes > self._keep_bytes):
+            _v, old = self._history.popitem(last=False)
+            self._history_bytes -= _state_bytes(old)
+
+    def history(self) -> tuple[int, int]:
+        """(versions held, their bytes): what GetModel pulls can still be served from."""
+        with self._lock:
+            return len(self._history), self._history_bytes
 
     def _remember(self, update_id: str) -> None:
         if len(self._seen) == self._seen.maxlen:

@@ -63,6 +63,7 @@ class PeerSpec:
     model_seed: int  # shared by all peers: everyone starts from the same weights
     init: str = "sigmoid"  # model init (gradleak.core.models.INITS), drawn from model_seed
     keep_versions: int = 256
+    keep_bytes: int = 64 << 20
     fanout: int = 2
     topology: str = "complete"
     timeout_s: float = 10.0
@@ -100,7 +101,7 @@ class PeerNode:
         self.peer = Peer(
             spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
-            keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
+            keep_versions=spec.keep_versions, keep_bytes=spec.keep_bytes, seed=spec.seed, optimizer=spec.optimizer,
             device=str(resolve_device(spec.device)), secagg=spec.secagg,
             staleness=parse_staleness(spec.staleness), secagg_wait=spec.secagg_wait,
             aggregate=parse_aggregate(spec.aggregate), max_update_norm=spec.max_update_norm,
