@@ -273,6 +273,10 @@ class Peer:
             weight += w
         return self.secagg.unmask([u.tensors for u, _t in group]), weight, rows
 
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        """The model's parameters {name: shape}: the server checks every update's frames against it."""
+        return {n: tuple(s) for n, s in self._shapes.items()}
+
     def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         """Weights at `version` (None = latest) from the kept history."""
         with self._lock:
