@@ -80,10 +80,13 @@ class UpdateHandler(Protocol):
             VersionNotFound: when that version is not (or no longer) held.
         """
 
-    # Optional: a handler that has it gets every update checked against it, frame by
-    # frame, before anything is allocated, and its size limit derived from it.
-    def schema(self) -> dict[str, tuple[int, ...]]:
-        """The model's parameters, {name: shape}, which every update must match."""
+    def schema(self) -> dict[str, tuple[int, ...]] | None:
+        """The model's parameters, {name: shape}, which every update must match.
+
+        The server checks each update's header against it before anything is
+        allocated, and derives its size and frame limits from it. None (or a handler
+        without this method, as in older tests) leaves structural checks only.
+        """
 
 
 def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -130,9 +133,10 @@ def _clip(details: str) -> str:
 def _schema_of(handler: UpdateHandler) -> codec.Schema | None:
     """The handler's {name: shape}, or None for a handler without a schema."""
     get = getattr(handler, "schema", None)
-    if get is None:
+    schema = get() if get is not None else None
+    if schema is None:
         return None
-    return {name: tuple(shape) for name, shape in get().items()}
+    return {name: tuple(shape) for name, shape in schema.items()}
 
 
 class _GossipServicer:
@@ -419,6 +423,8 @@ class GossipClient:
     With tls, the channel presents tls's certificate and accepts only a server whose
     certificate is issued by tls's CA for the dialled host, or for server_name when
     given (for dialling an address the certificate does not name, e.g. via a proxy).
+    With schema (the puller's own {name: shape}), a pulled model must be exactly those
+    tensors, checked before anything is allocated: the server may be the attacker.
     """
 
     def __init__(
@@ -431,12 +437,14 @@ class GossipClient:
         max_model_bytes: int = 256 << 20,
         tls: TlsMaterial | None = None,
         server_name: str | None = None,
+        schema: codec.Schema | None = None,
     ) -> None:
         if server_name is not None and tls is None:
             raise ValueError("server_name needs tls: a plaintext channel verifies no name")
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._max_model_bytes = max_model_bytes
+        self._schema = schema
         options: list[tuple[str, int | str]] = [*_size_options(max_message_bytes)]
         if tls is None:
             self._hint = f"plaintext channel to {address}; a peer that requires TLS closes it"
@@ -491,7 +499,7 @@ class GossipClient:
 
         def fetch() -> tuple[str, int, dict[str, torch.Tensor]]:
             frames = self._stub.GetModel(codec.model_request(version), timeout=self._timeout_s)
-            return codec.model_from_frames(frames, max_bytes=self._max_model_bytes)
+            return codec.model_from_frames(frames, max_bytes=self._max_model_bytes, schema=self._schema)
 
         _, got, state = _call(fetch, self._hint)
         return got, state

@@ -398,3 +398,17 @@ def test_header_of_300k_tensor_specs_is_refused_before_parsing(
     assert took < 1.0
     assert victim.peak() - base < 16 * MiB + len(raw)  # the received frame itself
     assert_serving(victim.address, pki_materials["peer-1"])
+
+
+def test_a_pulled_model_off_the_pullers_schema_is_refused() -> None:
+    # The server a peer pulls from may be the malicious member: its weights are checked
+    # against the puller's own schema from the header on, before any chunk is read.
+    server = serve(SchemaHandler({"w": (1000,)}))
+    try:
+        for schema, message in (({"w": (4,)}, "shape"), ({"v": (1000,)}, "not a parameter")):
+            with GossipClient(server.address, schema=schema) as client, pytest.raises(MalformedMessage, match=message):
+                client.get_model()
+        with GossipClient(server.address, schema={"w": (1000,)}) as client:
+            assert client.get_model()[1]["w"].shape == (1000,)
+    finally:
+        server.stop(0)
