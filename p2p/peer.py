@@ -421,6 +421,10 @@ class Peer:
             weight += w
         return self._sums.pop(group[0][0].header.round), weight, rows
 
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        """The model's parameters {name: shape}: the server checks every update's frames against it."""
+        return {n: tuple(s) for n, s in self._shapes.items()}
+
     def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         """Weights at `version` (None = latest) from the kept history; under mutual TLS to members only."""
         self.membership.check_reader(caller)

@@ -153,6 +153,10 @@ class PeerNode:
         result: tuple[int, dict[str, torch.Tensor]] = self.handler.model_at(version, caller)
         return result
 
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        result: dict[str, tuple[int, ...]] = self.handler.schema()
+        return result
+
     # -- driven by the runner --------------------------------------------------------
     def addresses(self) -> dict[str, str]:
         return {"peer_id": self.spec.peer_id, "role": self.spec.role, "defence": self.peer.defence_name,
