@@ -46,6 +46,7 @@ from gradleak.runtime.malicious_node import MaliciousActor
 from gradleak.runtime.peer_node import PeerSpec
 from gradleak.runtime.record import RunRecord
 from gradleak.runtime.summary import accuracy_timeline
+from p2p.defences import parse_defence
 from p2p.peer import InboxLimits
 from p2p.secagg import create_group
 from p2p.tls import TlsMaterial, make_test_pki
@@ -186,6 +187,15 @@ def fit(cfg: RunConfig) -> Plan:
     return plan([n for _id, n in cluster_nodes()], honest=pc.honest, per_process=pc.per_process,
                 host_cpus=pc.num_cpus, attacker_cpus=pc.num_cpus, attacker_gpus=ac.num_gpus,
                 peer_gpus=pc.num_gpus, attacker_resource=ac.resource)
+
+
+def header_defences(defences: tuple[str, ...], secagg: str | None) -> tuple[str, ...]:
+    """The defence names the run's updates carry in their headers (p2p.peer.Peer.defence_name)."""
+    names = []
+    for d in defences:
+        base = parse_defence(d).name
+        names.append(base if secagg is None else secagg if base == "none" else f"{base}+{secagg}")
+    return tuple(dict.fromkeys(names))
 
 
 class Testbed:
@@ -335,6 +345,7 @@ class Testbed:
         ids = [f"peer-{i}" for i in range(pc.honest)] + ["mallory"]
         tls = run_pki(ids, cfg.telemetry.host) if gc.tls else {}
         groups = create_group(ids, seed=cfg.seed) if pc.secagg else {}
+        known = header_defences((*pc.defences, "none"), next(iter(groups.values())).name if groups else None)
         specs = []
         for i, shard in enumerate(shards):
             malicious = i == pc.honest
@@ -358,6 +369,7 @@ class Testbed:
                                   max_pending_per_origin=gc.inbox_per_origin, max_pending=gc.inbox_total,
                                   max_masked_steps=gc.inbox_masked_steps),
                 members=tuple(ids), insecure=gc.insecure,  # the malicious peer is a member too
+                known_defences=known, known_batch_sizes=tuple(sorted(set(pc.batch_sizes))),
             ))
         return specs
 

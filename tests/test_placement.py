@@ -40,3 +40,4 @@ def test_gpus_and_the_attacker_resource_must_exist() -> None:
         plan(cluster, honest=9, per_process=1, host_cpus=0.25, attacker_cpus=0.25, attacker_resource="attacker")
     with pytest.raises(FitError, match="--peer-gpus|GPUs"):
         plan(TWO_CPUS, honest=2, per_process=1, host_cpus=0.25, attacker_cpus=0.25, peer_gpus=1)
+

@@ -86,6 +86,10 @@ class PeerSpec:
     inbox: InboxLimits = field(default_factory=InboxLimits)  # what may wait between applies (max_round: the run's steps)
     members: tuple[str, ...] = ()  # the network's peer ids (p2p.membership); empty: no roster
     insecure: bool = False  # allow a plaintext server on a non-loopback address
+    # The run's defence names as headers carry them, and its batch sizes: the only metric
+    # label values (anything else a header says is recorded as `other`). Empty: learn a few.
+    known_defences: tuple[str, ...] = ()
+    known_batch_sizes: tuple[int, ...] = ()
 
 
 class PeerNode:
@@ -97,6 +101,8 @@ class PeerNode:
         self.evaluator = evaluator  # Ray handle of the evaluator, or None
         self.host = resolve_host(spec.host)
         self.metrics = Metrics()
+        if spec.known_defences:
+            self.metrics.known(defences=spec.known_defences, batch_sizes=spec.known_batch_sizes or None)
         self.exporter = start_exporter(self.metrics, host=self.host, port=0)
         self.peer = Peer(
             spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
@@ -358,6 +364,7 @@ class PeerNode:
                 self._clients[peer_id] = GossipClient(
                     self._members[peer_id], timeout_s=self.spec.timeout_s,
                     chunk_bytes=self.spec.chunk_bytes, tls=self.spec.tls,
+                    schema=self.peer.schema(),  # a pulled model must be exactly ours in shape
                 )
             return self._clients[peer_id]
 

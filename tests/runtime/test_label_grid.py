@@ -42,10 +42,30 @@ def test_unknown_defences_in_headers_add_a_bounded_number_of_series(digits_data)
     try:
         with GossipClient(node.server.address, timeout_s=5) as client:
             for i in range(300):
-                header = UpdateHeader(f"m/{i}", "mallory", "mallory", 1, 0, 2, f"defence-{i}", 1.0, time.time())
+                # 300 senders, one update each: the per-step and per-origin rules refuse repeats.
+                header = UpdateHeader(f"m{i}/r1", f"m{i}", f"m{i}", 1, 0, 2, f"defence-{i}", 1.0, time.time())
                 client.push_update(Update(header, {n: torch.zeros(s) for n, s in shapes.items()}))
     finally:
         node.stop()
     got = series(node.metrics.received) | series(node.metrics.received_bytes)
     assert len(got) == LEARNED_VALUES + 1  # the first values seen, then `other` only
     assert (OTHER,) in got
+
+
+def test_header_defences_are_the_names_peers_put_in_headers() -> None:
+    # The metric label grid is fixed to these: a name that differs from what the peers
+    # send would file every honest update under `other`.
+    import numpy as np
+    import torch
+
+    from gradleak.runner import header_defences
+    from p2p.defences import parse_defence
+    from p2p.peer import Peer
+    from p2p.secagg import create_group
+
+    assert header_defences(("prune:0.3", "none", "prune:0.3"), None) == ("prune:0.3", "none")
+    groups = create_group(["a", "b"], seed=0)
+    for d in ("none", "prune:0.3+fp16"):
+        peer = Peer("a", torch.nn.Linear(4, 2), np.zeros((4, 4), np.float32), np.zeros(4, np.int64),
+                    batch_size=1, defence=parse_defence(d), lr=0.1, keep_versions=1, seed=0, secagg=groups["a"])
+        assert peer.defence_name in header_defences((d,), groups["a"].name)
