@@ -14,11 +14,19 @@
 #
 # Each packet leaving a peer's namespace crosses one netem (its own link's egress), so
 # DELAY_MS is one-way latency per hop and LOSS_PCT the share of packets dropped per hop.
+#
+# NETNS_LINKS=switch instead joins the namespaces by TAP devices to a userspace switch
+# (deploy/netns/lossy_switch.py, in the hub namespace) that delays and drops frames the
+# same way, per hop and seeded (NETNS_SEED): for kernels without sch_netem. Its frame
+# counts go to ${NETNS_STATE}/${PREFIX}-switch.ready.stats when it stops (`down`).
 set -euo pipefail
 
 PREFIX="${NETNS_PREFIX:-glnet}"
 SUBNET="${NETNS_SUBNET:-10.77.0}"
 HUB="${PREFIX}-hub"
+LINKS="${NETNS_LINKS:-veth}"
+STATE="${NETNS_STATE:-${TMPDIR:-/tmp}}"
+READY="$STATE/${PREFIX}-switch.ready"
 PYTHON="${PYTHON:-}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # The project's virtual environment (make's .venv) unless PYTHON says otherwise.
@@ -37,6 +45,8 @@ up() {
   [[ "$loss" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { say "LOSS_PCT must be a number, got $loss"; exit 2; }
   down
   ip netns add "$HUB"
+  if [[ "$LINKS" == switch ]]; then up_switch "$n" "$delay" "$loss"; return; fi
+  [[ "$LINKS" == veth ]] || { say "NETNS_LINKS must be veth or switch, got $LINKS"; exit 2; }
   ip -n "$HUB" link add br0 type bridge
   ip -n "$HUB" link set br0 up
   local i
@@ -56,13 +66,36 @@ up() {
   say "$n peer namespaces ${PREFIX}-p0..$((n - 1)) on ${SUBNET}.0/24, delay ${delay} ms, loss ${loss}% per hop"
 }
 
+up_switch() {
+  local n="$1" delay="$2" loss="$3" i names=()
+  for ((i = 0; i < n; i++)); do ip netns add "$(ns "$i")"; names+=("$(ns "$i")"); done
+  rm -f "$READY" "$READY.stats"
+  ip netns exec "$HUB" "$PYTHON" "$ROOT/deploy/netns/lossy_switch.py" --delay-ms "$delay" --loss-pct "$loss" \
+    --seed "${NETNS_SEED:-0}" --ready "$READY" "${names[@]}" >"$STATE/${PREFIX}-switch.log" 2>&1 &
+  for ((i = 0; i < 100; i++)); do [[ -e "$READY" ]] && break; sleep 0.1; done
+  [[ -e "$READY" ]] || { say "the switch did not start: $(cat "$STATE/${PREFIX}-switch.log")"; down; exit 1; }
+  for ((i = 0; i < n; i++)); do
+    local p; p="$(ns "$i")"
+    ip -n "$p" addr add "$(addr "$i")/24" dev eth0
+    ip -n "$p" link set eth0 up
+    ip -n "$p" link set lo up
+  done
+  say "$n peer namespaces ${PREFIX}-p0..$((n - 1)) on ${SUBNET}.0/24 through a userspace switch, delay ${delay} ms, loss ${loss}% per hop"
+}
+
 down() {
   local p
+  # The switch writes its frame counts on SIGTERM: give it a moment before the kill below.
+  if ip netns list 2>/dev/null | grep -q "^${HUB}\b"; then
+    ip netns pids "$HUB" 2>/dev/null | xargs -r kill -TERM 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do [[ -z "$(ip netns pids "$HUB" 2>/dev/null)" ]] && break; sleep 0.1; done
+  fi
   for p in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${PREFIX}-(hub|p[0-9]+)$" || true); do
     # A process left inside would keep the namespace's links alive: end it first.
     ip netns pids "$p" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
     ip netns del "$p" 2>/dev/null || true
   done
+  if [[ -e "$READY.stats" ]]; then say "switch frames: $(cat "$READY.stats")"; fi
 }
 
 check() {
@@ -73,6 +106,11 @@ check() {
   if ! out="$(ip netns add "$probe" 2>&1)"; then echo "ip netns add is not permitted here: $out"; return 1; fi
   if ! out="$(ip -n "$probe" link add eth0 type veth peer name eth1 2>&1)"; then
     ip netns del "$probe"; echo "veth pairs are not permitted here: $out"; return 1
+  fi
+  if [[ "$LINKS" == switch ]]; then
+    ip netns del "$probe"
+    [[ -c /dev/net/tun ]] || { echo "no /dev/net/tun: the userspace switch needs TAP devices"; return 1; }
+    return 0
   fi
   if ! out="$(ip netns exec "$probe" tc qdisc add dev eth0 root netem delay 1ms loss 1% 2>&1)"; then
     ip netns del "$probe"; echo "tc netem does not work here (the kernel has no sch_netem?): $out"; return 1
@@ -146,5 +184,5 @@ case "$cmd" in
   exec) i="$1"; shift; exec ip netns exec "$(ns "$i")" "$@" ;;
   check) check ;;
   run) run "$@" ;;
-  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,23p' "$0" >&2; exit 2 ;;
 esac
