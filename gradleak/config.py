@@ -50,6 +50,7 @@ class PeerConfig:
     optimizer: str = "adam"  # local optimiser applying the aggregated gradient: adam | sgd
     lr: float = 0.005  # its learning rate
     keep_versions: int = 256  # past weight versions kept for GetModel pulls
+    keep_mb: float = 64.0  # ... and at most this many MB of them per peer (the newest always stays)
     eval_every: int = 10  # rounds between held-out accuracy measurements
     num_cpus: float = 0.25  # Ray CPU share per peer process (fractional so many fit)
     per_process: int = 0  # honest peers hosted by one Ray actor process; 0 = as many as fit
@@ -58,6 +59,7 @@ class PeerConfig:
     # honest peers' device: cpu | cuda | auto; unset: cuda when num_gpus > 0, else cpu
     device: str | None = None
     num_gpus: float = 0.0  # Ray GPU request per honest peer
+    max_restarts: int = 3  # lost peer hosts re-created per run (async mode); then a loss ends the run
 
     @property
     def effective_device(self) -> str:
@@ -72,6 +74,8 @@ class PeerConfig:
 
         if not 2 <= self.honest <= 256:
             raise ConfigError(f"honest peers must be in 2..256, got {self.honest}")
+        if not 0 <= self.max_restarts <= 100:
+            raise ConfigError(f"max restarts must be in 0..100, got {self.max_restarts}")
         if not self.batch_sizes or any(not 1 <= b <= 4096 for b in self.batch_sizes):
             raise ConfigError(f"batch sizes must be in 1..4096, got {list(self.batch_sizes)}")
         if not self.defences:
@@ -87,6 +91,8 @@ class PeerConfig:
         _positive("lr", self.lr)
         if self.keep_versions < 1 or self.eval_every < 1 or self.threads < 1:
             raise ConfigError("keep_versions, eval_every and threads must be >= 1")
+        if not 0 < self.keep_mb < float("inf"):
+            raise ConfigError(f"keep_mb must be a positive number of MB, got {self.keep_mb}")
         if self.device is not None:
             _known("peer device", self.device, ("auto", "cpu", "cuda"))
         if self.num_gpus < 0:
@@ -124,8 +130,21 @@ class GossipConfig:
     timeout_s: float = 10.0  # deadline of every RPC
     chunk_bytes: int = 1 << 20  # payload bytes per streamed chunk
     tls: bool = False  # mutual TLS on every gossip link (a private CA is made per run)
+    # How a peer combines one apply's updates: mean | median | trimmed:F | clip:C (p2p.aggregate).
+    aggregate: str = "mean"
+    # L2 bound of one update and of an aggregate (a step over it is refused, the model kept);
+    # honest default-run updates reach ~13 at most (benchmarks/update_norms.py).
+    max_update_norm: float = 1e4
+    step_window: int = 64  # steps an update may lag its origin's newest one accepted (else refused)
+    inbox_per_origin: int = 32  # updates one origin may have waiting for the next apply
+    inbox_total: int = 1024  # updates waiting in all
+    inbox_masked_steps: int = 32  # distinct steps whose masked updates may wait for their group
+    # Plaintext gossip on a non-loopback --host lets anyone on the network read and forge
+    # updates (nobody is authenticated): refused unless this is set.
+    insecure: bool = False
 
     def validate(self) -> None:
+        from p2p.aggregate import parse_aggregate
         from p2p.staleness import parse_staleness
         from p2p.topology import TOPOLOGIES
 
@@ -150,6 +169,15 @@ class GossipConfig:
         _positive("timeout_s", self.timeout_s)
         if not 1024 <= self.chunk_bytes <= 4 << 20:
             raise ConfigError(f"chunk_bytes must be in 1 KiB..4 MiB, got {self.chunk_bytes}")
+        try:
+            parse_aggregate(self.aggregate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.max_update_norm > 0:  # inf allowed: then only non-finite aggregates are refused
+            raise ConfigError(f"max_update_norm must be > 0, got {self.max_update_norm}")
+        for name in ("step_window", "inbox_per_origin", "inbox_total", "inbox_masked_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -248,10 +276,17 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every section; return self so calls chain."""
+        from p2p.identity import is_loopback_host
+
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         for section in (self.data, self.peers, self.gossip, self.attack, self.telemetry):
             section.validate()
+        if not self.gossip.tls and not self.gossip.insecure and not is_loopback_host(self.telemetry.host):
+            raise ConfigError(
+                f"plaintext gossip on --host {self.telemetry.host} lets anyone on the network read and forge "
+                "updates: add --tls on (or --insecure to accept that)"
+            )
         if self.gossip.fanout > self.peers.honest:
             raise ConfigError(
                 f"fanout {self.gossip.fanout} exceeds the {self.peers.honest} other peers"

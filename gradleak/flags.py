@@ -74,6 +74,7 @@ class Flag:
     help: str  # meaning; the default and the choices are appended
     choices: Callable[[], Iterable[str]] | tuple[str, ...] | None = None
     metavar: str = "X"
+    bare: str | None = None  # the value of the flag given without one (e.g. `--insecure`)
 
     @property
     def where(self) -> str:
@@ -110,6 +111,10 @@ FLAGS: dict[str, Flag] = {
     "--optimizer": Flag("peers", "optimizer", str, "local optimiser that applies the aggregate",
                         ("adam", "sgd")),
     "--lr": Flag("peers", "lr", float, "its learning rate"),
+    "--keep-versions": Flag("peers", "keep_versions", int, "past weight versions each peer keeps for "
+                            "model pulls", metavar="N"),
+    "--keep-mb": Flag("peers", "keep_mb", float, "... and at most this many MB of them (the newest "
+                      "always stays)", metavar="MB"),
     "--peer-device": Flag("peers", "device", str, "honest peers' torch device (unset: cuda with "
                           "--peer-gpus, else cpu)", DEVICES),
     "--peer-gpus": Flag("peers", "num_gpus", float, "Ray GPUs per honest peer"),
@@ -131,7 +136,26 @@ FLAGS: dict[str, Flag] = {
     "--peers-per-process": Flag("peers", "per_process", int,
                                 "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
     "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),
+    "--aggregate": Flag("gossip", "aggregate", str, "how a peer combines the updates of a step: mean "
+                        "(weighted), median or trimmed:F (coordinate-wise, F of the votes cut at each "
+                        "end), clip:C (each update's L2 norm clipped to C, then the mean)", metavar="RULE"),
+    "--max-update-norm": Flag("gossip", "max_update_norm", float, "L2 bound of a received update "
+                              "(larger: refused) and of a step's aggregate (larger or not finite: the "
+                              "step is refused, the model kept)", metavar="NORM"),
+    "--step-window": Flag("gossip", "step_window", int, "steps an update may lag its origin's newest "
+                          "one accepted (older: RESOURCE_EXHAUSTED)", metavar="N"),
+    "--inbox-per-origin": Flag("gossip", "inbox_per_origin", int, "updates one origin may have waiting "
+                               "for the next apply (more: RESOURCE_EXHAUSTED)", metavar="N"),
+    "--inbox-total": Flag("gossip", "inbox_total", int, "updates that may wait for the next apply in "
+                          "all (more: RESOURCE_EXHAUSTED)", metavar="N"),
+    "--inbox-masked-steps": Flag("gossip", "inbox_masked_steps", int, "distinct steps whose masked "
+                                 "updates may wait for their group", metavar="N"),
+    "--max-restarts": Flag("peers", "max_restarts", int, "lost peer processes re-created per run "
+                           "(async mode; 0: a loss ends the run)", metavar="N"),
     "--tls": Flag("gossip", "tls", _on_off, "mutual TLS on every gossip link (a CA per run)", ON_OFF),
+    "--insecure": Flag("gossip", "insecure", _on_off, "allow plaintext gossip on a non-loopback --host "
+                       "(anyone on the network can read and forge updates); bare --insecure means on",
+                       ON_OFF, bare="on"),
     "--attack": Flag("attack", "attacks", _names,
                      "attacks run on every attacked update ('auto': the first of --fallback that "
                      "supports the update)", _attacks_or_auto, metavar="A,A"),
@@ -193,8 +217,9 @@ def add_flags(parser: argparse.ArgumentParser, *, prefix: str = "", skip: Iterab
     base = RunConfig()
     for flag, spec in FLAGS.items():
         if flag not in skip:
+            extra: dict[str, Any] = {} if spec.bare is None else {"nargs": "?", "const": spec.bare}
             parser.add_argument(flag, dest=dest(flag, prefix), metavar=spec.metavar,
-                                help=what + spec.help_line(base))
+                                help=what + spec.help_line(base), **extra)
 
 
 def overlay(args: argparse.Namespace, *, prefix: str = "") -> dict[str, Any]:

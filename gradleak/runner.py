@@ -7,10 +7,17 @@ Ray started here) or against a cluster (`ray_address` in the config or RAY_ADDRE
 
 Every wait here is sliced (`_get`), so a stop request (Ctrl-C, SIGTERM) is seen
 within a fraction of a second, during start-up too.
+
+Faults (async mode): a peer host found dead at a watch poll is recorded, re-created
+and its peers rejoin (new addresses to everyone, the current model from a live
+neighbour, the rest of their steps; gradleak.runtime.faults has the rules). A lost
+attacker or evaluator ends the run: what was recorded is kept, the summary names the
+lost actor, and `run` raises ActorLost (the CLI: one line, exit 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,22 +38,41 @@ from attacker.api import AttackConfig
 from gradleak.config import RunConfig
 from gradleak.data import Dataset, load_dataset, split
 from gradleak.placement import FitError, Node, Plan, plan
+from gradleak.runtime.evaluation import summarise
 from gradleak.runtime.evaluator_node import EvaluatorActor
+from gradleak.runtime.faults import FaultLog, rejoin_sources
 from gradleak.runtime.host import PeerHostActor
 from gradleak.runtime.malicious_node import MaliciousActor
 from gradleak.runtime.peer_node import PeerSpec
 from gradleak.runtime.record import RunRecord
 from gradleak.runtime.summary import accuracy_timeline
+from p2p.peer import InboxLimits
 from p2p.secagg import create_group
 from p2p.tls import TlsMaterial, make_test_pki
 
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0  # actors not up by then: the cluster is busy or short
+RESEED = 1_000_003  # a restarted peer's seed moves by this per incarnation: it draws other batches
+ATTACKER, EVALUATOR = "the attacker (mallory)", "the evaluator"
 
 
 class Interrupted(Exception):
     """A stop was requested (Ctrl-C, SIGTERM) while the run was starting or running."""
+
+
+class ActorLost(ConnectionError):
+    """An actor the run cannot go on without (the attacker, the evaluator) is gone.
+
+    A ConnectionError, so the CLI reports it in one line with exit status 1. Raised by
+    `run` after the summary of what was recorded until then is written.
+    """
+
+
+def _one_line(exc: BaseException) -> str:
+    """Ray's death reports run over many lines: the first that says something."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 @dataclass
@@ -87,7 +113,11 @@ def cluster_nodes() -> list[tuple[str, Node]]:
 
 
 def run_pki(peer_ids: list[str], host: str) -> dict[str, TlsMaterial]:
-    """A private CA and one certificate per peer, valid for every address a peer may bind."""
+    """A private CA and one certificate per peer, valid for every address a peer may bind.
+
+    Each certificate names its peer (URI SAN gradleak://peer/<id>), so a peer's server
+    knows which member a call comes from and refuses updates sent in another's name.
+    """
     hosts = {"127.0.0.1", "localhost"}
     if host == "auto":
         hosts |= {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
@@ -182,6 +212,17 @@ class Testbed:
         self._messages = self._bytes = 0
         self._accuracy: dict[str, float] = {}
         self._progress_rows: list[dict[str, Any]] = []
+        # Per host: its specs, placement and latest progress rows, so that a lost one can be re-created.
+        self._host_specs: list[list[PeerSpec]] = []
+        self._host_options: list[dict[str, Any]] = []
+        self._host_rows: list[list[dict[str, Any]]] = []
+        self._incarnations: list[int] = []
+        self._found_dead: dict[int, str] = {}  # hosts a poll found dead -> why
+        self._dead: set[int] = set()  # hosts lost and not (yet, or ever) re-created
+        self._attacker_status: dict[str, Any] = {}  # the last one read: kept if the attacker is lost
+        self._attacker_row: dict[str, Any] | None = None
+        self._loop_args: tuple[int, float, int] | None = None  # (steps, start_at, eval_every) of async loops
+        self.faults = FaultLog(cfg.peers.max_restarts)
 
     # -- waiting, always interruptible ---------------------------------------------------
     def request_stop(self, *_signal: Any) -> None:
@@ -259,7 +300,7 @@ class Testbed:
         self._get([n.set_members.remote(book) for n in self.nodes])
         self._write_targets()
         RunRecord(self.run_dir).write_config(cfg.to_dict())
-        status = self._get(self.attacker.status.remote())
+        status = self._attacker_status = self._get(self.attacker.status.remote())
         if a.num_gpus > 0 and status["device"] == "cpu":  # --device auto chose the fallback
             log.warning("the attacker holds %g Ray GPU(s) but torch sees no CUDA device on its node: "
                         "it attacks on the CPU (--device auto)", a.num_gpus)
@@ -277,9 +318,12 @@ class Testbed:
                                                                             soft=False)}
                      if peer_nodes else {})
             group = specs[k * layout.per_process:(k + 1) * layout.per_process]
-            self.hosts.append(PeerHostActor.options(
-                num_cpus=cfg.peers.num_cpus, num_gpus=cfg.peers.num_gpus * len(group), **where,
-            ).remote(group, self.evaluator, cfg.peers.threads))
+            options = {"num_cpus": cfg.peers.num_cpus, "num_gpus": cfg.peers.num_gpus * len(group), **where}
+            self._host_specs.append(group)
+            self._host_options.append(options)
+            self._host_rows.append([])
+            self._incarnations.append(0)
+            self.hosts.append(PeerHostActor.options(**options).remote(group, self.evaluator, cfg.peers.threads))
 
     @property
     def nodes(self) -> list[Any]:
@@ -303,12 +347,17 @@ class Testbed:
                 batch_size=min(pc.batch_sizes) if malicious else pc.batch_sizes[i % len(pc.batch_sizes)],
                 defence="none" if malicious else pc.defences[i % len(pc.defences)],
                 lr=pc.lr, optimizer=pc.optimizer, init=pc.init, seed=cfg.seed * 1000 + i + 1, model_seed=cfg.seed,
-                keep_versions=pc.keep_versions, fanout=gc.fanout, topology=gc.topology,
+                keep_versions=pc.keep_versions, keep_bytes=int(pc.keep_mb * (1 << 20)), fanout=gc.fanout, topology=gc.topology,
                 timeout_s=gc.timeout_s, chunk_bytes=gc.chunk_bytes, host=cfg.telemetry.host,
                 threads=pc.threads, device="cpu" if malicious else pc.effective_device,
                 period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,
                 secagg_wait=gc.secagg_wait if gc.sync == "async" else 0,
                 mix_every=gc.mix_every, mix_weight=gc.mix_weight, lockstep=gc.sync == "rounds",
+                aggregate=gc.aggregate, max_update_norm=gc.max_update_norm, max_samples=max(pc.batch_sizes),
+                inbox=InboxLimits(max_round=gc.rounds, step_window=gc.step_window,
+                                  max_pending_per_origin=gc.inbox_per_origin, max_pending=gc.inbox_total,
+                                  max_masked_steps=gc.inbox_masked_steps),
+                members=tuple(ids), insecure=gc.insecure,  # the malicious peer is a member too
             ))
         return specs
 
@@ -354,6 +403,7 @@ class Testbed:
         gc, pc = self.cfg.gossip, self.cfg.peers
         self._evaluate_start()
         start_at = time.time() + 0.5  # every loop's clock starts together
+        self._loop_args = (gc.rounds, start_at, pc.eval_every)
         self._get([h.start_loops.remote(gc.rounds, start_at, pc.eval_every) for h in self.hosts]
                   + [self.attacker.start_loop.remote(gc.rounds, start_at, pc.eval_every)])
         shown = 0
@@ -361,6 +411,11 @@ class Testbed:
             if self.stop_requested.wait(1.0):
                 self._check()
             rows = self._poll()
+            lost = self._newly_dead()
+            for k, reason in lost:
+                self._restart_host(k, reason)
+            if lost:
+                continue  # the restarted peers' rows come with the next poll
             errors = [f"{r['peer_id']}: {r['error']}" for r in rows if r["error"]]
             if errors:
                 raise RuntimeError("peer loop failed: " + "; ".join(errors))
@@ -372,10 +427,51 @@ class Testbed:
             if not any(r["running"] for r in rows):
                 return
 
-    def _poll(self) -> list[dict[str, Any]]:
-        """Every peer's progress; keeps the totals and the latest accuracies."""
-        got = self._get([h.progress.remote() for h in self.hosts] + [self.attacker.progress.remote()], 30.0)
-        rows = [r for group in got[:-1] for r in group] + [got[-1]]
+    def _get_each(self, refs: list[Any], timeout: float, what: str = "actors") -> list[Any]:
+        """Like _get, but an actor's failure comes back in its place (the exception) instead of raising."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check()
+            _ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=0.25)
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not answer within {timeout:.0f} s: the cluster is busy "
+                                   "or short of resources")
+        out: list[Any] = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as exc:
+                out.append(exc)
+        return out
+
+    def _poll(self, strict: bool = True) -> list[dict[str, Any]]:
+        """Every peer's progress; keeps the totals and the latest accuracies.
+
+        A host found dead is noted for `_newly_dead` (its last rows stand in); a dead
+        attacker or evaluator raises ActorLost (with strict; finish() polls without).
+        """
+        refs = [h.progress.remote() for h in self.hosts] + [self.attacker.progress.remote(),
+                                                            self.evaluator.counts.remote()]
+        got = self._get_each(refs, 30.0, "the peers")
+        for who, answer in ((EVALUATOR, got[-1]), (ATTACKER, got[-2])):
+            if isinstance(answer, ray.exceptions.ActorDiedError):
+                self.faults.lost_actor = self.faults.lost_actor or who
+                if strict:
+                    raise ActorLost(f"{who} was lost: {_one_line(answer)}")
+        for k, answer in enumerate(got[:-2]):
+            if isinstance(answer, ray.exceptions.ActorDiedError):
+                self._found_dead.setdefault(k, _one_line(answer))
+            elif not isinstance(answer, Exception):  # unavailable for a moment: the last rows stand
+                self._host_rows[k] = answer
+        if not isinstance(got[-2], Exception):
+            self._attacker_row = got[-2]
+        return self._rows()
+
+    def _rows(self) -> list[dict[str, Any]]:
+        attacker = self._attacker_row
+        rows = [r for group in self._host_rows for r in group] + ([attacker] if attacker else [])
         self._progress_rows = rows
         if self.cfg.gossip.sync == "async":
             self._messages = sum(r["sent"] for r in rows)
@@ -384,16 +480,97 @@ class Testbed:
                           if r["role"] == "honest" and r["accuracy"] is not None}
         return rows
 
+    # -- faults ------------------------------------------------------------------------
+    def _newly_dead(self) -> list[tuple[int, str]]:
+        """Hosts the last poll found dead that are not handled yet, with why."""
+        return [(k, why) for k, why in sorted(self._found_dead.items()) if k not in self._dead]
+
+    def _restart_host(self, k: int, reason: str) -> None:
+        """Record host k's loss; re-create it (within max_restarts) and let its peers rejoin.
+
+        Beyond the limit, or when the restart fails, its peers stay lost and the others go on.
+        """
+        peers = [s.peer_id for s in self._host_specs[k]]
+        self._dead.add(k)
+        loss = self.faults.lost(k, peers, reason, {r["peer_id"]: r["steps"] for r in self._host_rows[k]})
+        self._host_rows[k] = [{**r, "running": False} for r in self._host_rows[k]]
+        self.evaluator.count_fault.remote(lost=len(peers))
+        ray.kill(self.hosts[k])
+        if not self.faults.may_restart() or self._loop_args is None:
+            loss.error = f"not restarted: {self.faults.max_restarts} restart(s) allowed (--max-restarts)"
+            self.progress(f"lost {', '.join(peers)}: {reason}; {loss.error}")
+            return
+        self.progress(f"lost {', '.join(peers)}: {reason}; restarting")
+        self._incarnations[k] += 1
+        incarnation = self._incarnations[k]
+        specs = [dataclasses.replace(s, seed=s.seed + RESEED * incarnation) for s in self._host_specs[k]]
+        try:
+            host: Any = PeerHostActor.options(**self._host_options[k]).remote(specs, self.evaluator,
+                                                                         self.cfg.peers.threads)
+            self.hosts[k] = host
+            fresh = self._get(host.addresses.remote(), START_TIMEOUT_S, "the restarted peers")
+            loss.restarted_at = time.time()
+            by_id = {a["peer_id"]: a for a in fresh}
+            self.addresses = [by_id.get(a["peer_id"], a) for a in self.addresses]
+            book = {a["peer_id"]: a["gossip"] for a in self.addresses}
+            live = [n for j, n in enumerate(self.hosts) if j not in self._dead] + [host, self.attacker]
+            self._get_each([n.set_members.remote(book) for n in live], 30.0)  # the others redial
+            shipped = self._get([self.evaluator.last_shipped.remote(p) for p in peers])
+            honest = [a["peer_id"] for a in self.addresses if a["role"] == "honest" and a["peer_id"] not in
+                      {p for j in self._dead for p in (s.peer_id for s in self._host_specs[j])}]
+            plans = [{"sources": rejoin_sources(p, list(book), honest, self.cfg.gossip.topology),
+                      "shipped": sh, "incarnation": incarnation} for p, sh in zip(peers, shipped, strict=True)]
+            steps, start_at, eval_every = self._loop_args
+            done = self._get(host.rejoin.remote(plans, steps, start_at, eval_every), START_TIMEOUT_S,
+                             "the restarted peers")
+        except (ray.exceptions.RayActorError, TimeoutError) as exc:
+            loss.error = f"restart failed: {_one_line(exc)}"
+            self.progress(f"could not restart {', '.join(peers)}: {loss.error}")
+            return
+        loss.rejoin = dict(zip(peers, done, strict=True))
+        loss.rejoined_at = time.time()
+        self._dead.discard(k)
+        self._found_dead.pop(k, None)
+        self._host_rows[k] = []
+        self.evaluator.count_fault.remote(restarted=len(peers))
+        self._write_targets()
+        self.progress(f"restarted {', '.join(peers)} in {loss.rejoined_at - loss.lost_at:.1f} s: " + "; ".join(
+            f"{p} from {d['source'] or 'its initial weights'} (version {d['version']}), step {d['first_step']}"
+            for p, d in loss.rejoin.items()))
+
+    def lost_actor(self, exc: BaseException) -> ActorLost:
+        """Which actor a RayActorError from a call came from, as an ActorLost (pings each, 5 s)."""
+        named = [(EVALUATOR, self.evaluator), (ATTACKER, self.attacker)] + [
+            (f"the peer host of {', '.join(s.peer_id for s in self._host_specs[k])}", h)
+            for k, h in enumerate(self.hosts)]
+        refs = [a.pid.remote() for _w, a in named]
+        ray.wait(refs, num_returns=len(refs), timeout=5)
+        for (who, _a), ref in zip(named, refs, strict=True):
+            try:
+                ray.get(ref, timeout=0.1)
+            except ray.exceptions.RayActorError:
+                if who in (EVALUATOR, ATTACKER):
+                    self.faults.lost_actor = self.faults.lost_actor or who
+                return ActorLost(f"{who} was lost: {_one_line(exc)}")
+            except ray.exceptions.GetTimeoutError:
+                continue
+        return ActorLost(f"an actor was lost: {_one_line(exc)}")
+
     def _status_line(self, step: int) -> str:
         counts = self._get(self.evaluator.counts.remote())
-        status = self._get(self.attacker.status.remote())
+        status = self._attacker_status = self._get(self.attacker.status.remote())
         acc = sum(self._accuracy.values()) / max(1, len(self._accuracy))
         psnr = counts["mean_psnr"]
         received = status.get("received", status.get("captured", 0) + status.get("dropped", 0))
         return (f"step {step}/{self.cfg.gossip.rounds} | updates sent {self._messages} | honest accuracy "
                 f"{acc:.2f} | attacker received {received}, attacked {status.get('attacked', 0)} | "
                 f"reconstructions {counts['reconstructions']} | mean PSNR "
-                f"{'-' if psnr is None else f'{psnr:.1f} dB'}")
+                f"{'-' if psnr is None else f'{psnr:.1f} dB'}{self._refused_note()}")
+
+    def _refused_note(self) -> str:
+        """' | refused steps N' once some peer refused an aggregate (poisoned or over the norm bound)."""
+        n = sum(r.get("refused_steps", 0) for r in self._progress_rows)
+        return f" | refused steps {n}" if n else ""
 
     def drain(self) -> bool:
         """Give the attacker up to drain_timeout_s to finish what it holds."""
@@ -406,10 +583,17 @@ class Testbed:
         return False
 
     # -- finish --------------------------------------------------------------------------
-    def finish(self, seconds: float, interrupted: bool = False) -> RunResult:
-        """Write summary and grid, gather the figures; actors keep serving until shutdown()."""
+    def finish(self, seconds: float, interrupted: bool = False, reason: str | None = None) -> RunResult:
+        """Write summary and grid, gather the figures; actors keep serving until shutdown().
+
+        reason: why the run ended early (a lost actor). Without the attacker its last
+        status read stands; without the evaluator the driver writes the summary from
+        reconstructions.jsonl (every row is on disk as soon as it is scored).
+        """
         extra: dict[str, Any] = {"started_at": self.started_at, "ended_at": time.time(),
                                  "interrupted": interrupted, "seconds": seconds, "sync": self.cfg.gossip.sync}
+        if reason:
+            extra["reason"] = reason
         if self.evaluator is None or self.attacker is None:
             RunRecord(self.run_dir).write_summary([], extra)  # stopped before the network existed
             return RunResult(self.run_dir, self.metrics_url, [], {"reconstructions": 0}, {}, {}, seconds,
@@ -417,20 +601,43 @@ class Testbed:
         wait = 10.0 if interrupted else 60.0
         self.stop_requested.clear()  # the finish itself must not be interrupted by the same request
         try:
-            self._get([h.flush.remote() for h in self.hosts], wait)
-            self._poll()
+            live = [h for k, h in enumerate(self.hosts) if k not in self._dead]
+            self._get_each([h.flush.remote() for h in live], wait)
+            self._poll(strict=False)
         except (ray.exceptions.RayError, TimeoutError) as exc:
             log.warning("collecting the peers' last rows failed: %s", exc)
-        attacker = self._get(self.attacker.status.remote(), wait)
+        attacker = self._attacker_status
+        if self.faults.lost_actor != ATTACKER:
+            try:
+                attacker = self._get(self.attacker.status.remote(), wait)
+            except ray.exceptions.RayActorError:
+                self.faults.lost_actor = self.faults.lost_actor or ATTACKER
+        if self.faults.lost_actor == ATTACKER:
+            attacker = {**attacker, "lost": True}
         honest_rows = [r for r in self._progress_rows if r["role"] == "honest"]
         accuracy = [(r["batch_size"], r["defence"], r["accuracy"]) for r in honest_rows if r["accuracy"] is not None]
         extra["devices"] = {"attacker": attacker.get("device"), "honest": sorted(
             {x["device"] for x in self.addresses if x.get("role") == "honest" and x.get("device")})}
         extra.update({"messages": self._messages, "wire_bytes": self._bytes, "attacker": attacker,
                       "honest_accuracy": self._accuracy, "accuracy": accuracy_timeline(honest_rows),
-                      "steps": {r["peer_id"]: r["steps"] for r in self._progress_rows}})
-        summary = self._get(self.evaluator.finish.remote(accuracy, extra), wait)
-        counts = self._get(self.evaluator.counts.remote(), wait)
+                      "steps": {r["peer_id"]: r["steps"] for r in self._progress_rows},
+                      "aggregate": self.cfg.gossip.aggregate,
+                      "refused_steps": {r["peer_id"]: r.get("refused_steps", 0) for r in self._progress_rows}})
+        extra["faults"] = self.faults.to_dict(extra["steps"])
+        summary: list[dict[str, Any]] = []
+        if self.faults.lost_actor != EVALUATOR:
+            try:
+                summary = self._get(self.evaluator.finish.remote(accuracy, extra), wait)
+                counts = self._get(self.evaluator.counts.remote(), wait)
+            except ray.exceptions.RayActorError:
+                self.faults.lost_actor = self.faults.lost_actor or EVALUATOR
+                extra["faults"] = self.faults.to_dict(extra["steps"])
+        if self.faults.lost_actor == EVALUATOR:
+            record = RunRecord(self.run_dir)
+            rows = record.rows()
+            summary = summarise(rows)
+            record.write_summary(summary, extra)
+            counts = {"reconstructions": len(rows)}
         return RunResult(self.run_dir, self.metrics_url, summary, counts, attacker, dict(self._accuracy),
                          seconds, self._messages, self._bytes, interrupted, extra)
 
@@ -460,6 +667,7 @@ def run(cfg: RunConfig, progress: Progress = print, *, handle_signals: bool = Fa
     t0 = time.monotonic()
     bed = Testbed(cfg, progress, handle_signals=handle_signals)
     interrupted = False
+    lost: ActorLost | None = None
     try:
         try:
             bed.start()
@@ -468,13 +676,23 @@ def run(cfg: RunConfig, progress: Progress = print, *, handle_signals: bool = Fa
         except Interrupted:
             interrupted = True
             progress("stopping: writing what was recorded")
+        except ActorLost as exc:
+            lost = exc
+        except ray.exceptions.RayActorError as exc:  # a call on an actor that died since the last poll
+            if bed.evaluator is None or bed.attacker is None:
+                raise
+            lost = bed.lost_actor(exc)
         except FitError:
             if not any(bed.run_dir.iterdir()):
                 bed.run_dir.rmdir()  # nothing ran: leave no empty run behind
             raise
+        if lost is not None:
+            progress(f"stopping: {lost}; writing what was recorded")
+            bed.finish(time.monotonic() - t0, True, str(lost))
+            raise ActorLost(f"{lost}; the record in {bed.run_dir} holds what came before")
         return bed.finish(time.monotonic() - t0, interrupted)
     finally:
         bed.shutdown()
 
 
-__all__ = ["FitError", "Interrupted", "RunResult", "Testbed", "run"]
+__all__ = ["ActorLost", "FitError", "Interrupted", "RunResult", "Testbed", "run"]

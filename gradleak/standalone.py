@@ -46,7 +46,8 @@ PEER_FLAGS = (
     "--rounds", "--fanout", "--topology", "--period", "--jitter", "--staleness", "--mix-every",
     "--mix-weight", "--attack", "--fallback", "--attack-budget", "--max-age", "--max-iters",
     "--queue-size", "--max-batch-size", "--device", "--dataset", "--data-root", "--image-size",
-    "--limit", "--seed", "--out",
+    "--limit", "--seed", "--out", "--keep-versions", "--keep-mb", "--aggregate", "--max-update-norm",
+    "--step-window", "--inbox-per-origin", "--inbox-total", "--inbox-masked-steps", "--insecure",
 )
 ROLES = ("honest", "malicious")
 STATUS_EVERY_S = 1.0
@@ -64,7 +65,6 @@ class PeerArgs:
     listen: str
     roster: str
     tls_dir: str | None = None
-    insecure: bool = False
     role: str = "honest"
     shard: str | None = None  # "I/N"; default: the peer's place in the roster / its size
     metrics_port: int = 0
@@ -80,8 +80,6 @@ def add_peer_parser(subparsers: Any) -> None:
     p.add_argument("--roster", required=True, metavar="FILE",
                    help='JSON roster of the members: {"peers": [{"id": ..., "address": "HOST:PORT"}, ...]}')
     p.add_argument("--tls-dir", metavar="DIR", help="mutual TLS material: DIR/ca.pem, cert.pem, key.pem")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow plaintext gossip on an address other than loopback")
     p.add_argument("--role", default="honest", choices=ROLES, help="honest (default) or malicious (attacks "
                    "what it receives, reports coverage)")
     p.add_argument("--shard", metavar="I/N", help="take private shard I of N of the dataset (default: the "
@@ -97,8 +95,7 @@ def add_peer_parser(subparsers: Any) -> None:
 
 def peer_args(args: argparse.Namespace) -> PeerArgs:
     return PeerArgs(peer_id=args.peer_id, listen=args.listen, roster=args.roster, tls_dir=args.tls_dir,
-                    insecure=args.insecure, role=args.role, shard=args.shard,
-                    metrics_port=args.metrics_port, wait_s=args.wait)
+                    role=args.role, shard=args.shard, metrics_port=args.metrics_port, wait_s=args.wait)
 
 
 def config_of(args: argparse.Namespace) -> RunConfig:
@@ -121,15 +118,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if ":" in host:  # "::1:5001" could be an address without a port
         raise PeerError(f"bad --listen {text[:80]!r}: an IPv6 host goes in brackets, [::1]:PORT")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_shard(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -156,6 +144,7 @@ class Plan:
 
 def check(args: PeerArgs, cfg: RunConfig) -> Plan:
     """Every check that needs no data: PeerError (one line) on the first that fails."""
+    from p2p.identity import is_loopback_host
     from p2p.roster import RosterError, check_peer_id, load_roster
 
     try:
@@ -173,9 +162,10 @@ def check(args: PeerArgs, cfg: RunConfig) -> Plan:
     if int(listed.rpartition(":")[2]) != port:
         raise PeerError(f"--listen {args.listen} and the roster's {listed} for {args.peer_id} differ in "
                         "port: the other members would dial the wrong one")
-    if args.tls_dir and args.insecure:
+    insecure = cfg.gossip.insecure  # --insecure, shared with `gradleak run`
+    if args.tls_dir and insecure:
         raise PeerError("--insecure (plaintext) and --tls-dir (mutual TLS) exclude each other")
-    if not args.tls_dir and not args.insecure and not is_loopback(host):
+    if not args.tls_dir and not insecure and not is_loopback_host(host):
         raise PeerError(f"plaintext gossip on {host}, which is not a loopback address: give --tls-dir, "
                         "or --insecure to accept that anyone on the network can read and forge updates")
     if not 0 <= args.metrics_port <= 65535:
@@ -191,12 +181,17 @@ def check(args: PeerArgs, cfg: RunConfig) -> Plan:
         raise PeerError(str(exc)) from None
     tls = None
     if args.tls_dir:
+        from p2p.identity import cert_peer_id
         from p2p.tls import TlsError, load_tls
 
         try:
             tls = load_tls(args.tls_dir)
         except TlsError as exc:
             raise PeerError(str(exc)) from None
+        named = cert_peer_id(tls.cert_pem)
+        if named != args.peer_id:  # every other member would refuse its updates
+            raise PeerError(f"{args.tls_dir}/cert.pem names peer {named!r}, not {args.peer_id} "
+                            f"(want a URI SAN gradleak://peer/{args.peer_id})")
     return Plan(args, cfg, roster, host, port, shard, tls)
 
 
@@ -206,6 +201,7 @@ def build_spec(plan: Plan) -> PeerSpec:
     batch size / defence / period in turn), with this process's address and TLS."""
     from gradleak.data import load_dataset, split
     from gradleak.runtime.peer_node import PeerSpec
+    from p2p.peer import InboxLimits
 
     cfg, pc, gc, d = plan.cfg, plan.cfg.peers, plan.cfg.gossip, plan.cfg.data
     i, n = plan.shard
@@ -224,12 +220,19 @@ def build_spec(plan: Plan) -> PeerSpec:
         batch_size=min(pc.batch_sizes) if malicious else pc.batch_sizes[i % len(pc.batch_sizes)],
         defence="none" if malicious else pc.defences[i % len(pc.defences)],
         lr=pc.lr, optimizer=pc.optimizer, init=pc.init, seed=cfg.seed * 1000 + i + 1, model_seed=cfg.seed,
-        keep_versions=pc.keep_versions, fanout=gc.fanout, topology=gc.topology,
+        keep_versions=pc.keep_versions, keep_bytes=int(pc.keep_mb * (1 << 20)), fanout=gc.fanout,
+        topology=gc.topology,
         timeout_s=gc.timeout_s, chunk_bytes=gc.chunk_bytes, host=plan.host, port=plan.port,
         metrics_port=plan.args.metrics_port, threads=pc.threads,
         device="cpu" if malicious else pc.effective_device,
         period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,
         mix_every=gc.mix_every, mix_weight=gc.mix_weight,
+        aggregate=gc.aggregate, max_update_norm=gc.max_update_norm, max_samples=max(pc.batch_sizes),
+        inbox=InboxLimits(max_round=gc.rounds, step_window=gc.step_window,
+                          max_pending_per_origin=gc.inbox_per_origin, max_pending=gc.inbox_total,
+                          max_masked_steps=gc.inbox_masked_steps),
+        # Only the roster's members may push (and, under TLS, pull), the attacker among them.
+        members=tuple(plan.roster), insecure=gc.insecure,
     )
 
 
@@ -239,8 +242,6 @@ def start_node(plan: Plan, spec: PeerSpec) -> PeerNode:
     from gradleak.runtime.malicious_node import MaliciousNode
     from gradleak.runtime.peer_node import PeerNode
 
-    # TODO(identity, issue 11 item 2): pass plan.roster's member ids to the node (the same
-    # constructor parameter the Ray runtime uses) once the server checks callers against them.
     try:
         if spec.role == "malicious":
             a = plan.cfg.attack
@@ -250,7 +251,7 @@ def start_node(plan: Plan, spec: PeerSpec) -> PeerNode:
                 queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
                 attack_threads=a.threads)
         return PeerNode(spec)
-    except OSError as exc:  # address in use, not an address of this host
+    except (OSError, ValueError) as exc:  # address in use or not this host's; TLS naming another peer
         raise PeerError(str(exc)) from None
 
 

@@ -40,15 +40,15 @@ SPEC_FILE = "sweep.yaml"
 TARGETS_FILE = "prometheus_targets.json"
 RECONSTRUCTIONS_FILE = "reconstructions.jsonl"
 
-AXES = ("batch_size", "defence", "attack", "seed", "peers", "fanout", "topology")
+AXES = ("batch_size", "defence", "attack", "seed", "peers", "fanout", "topology", "aggregate")
 # cell.json keys in schema order; columns may be added, never renamed.
 CELL_COLUMNS = (
     "cell_id", *AXES, "honest_accuracy", "honest_accuracy_min", "messages", "bytes_sent",
     "reconstructions", "mean_psnr", "share_psnr_30", "mean_ssim", "label_accuracy", "captured",
-    "dropped", "attacker_share", "seconds", "run_dir", "defence_params",
+    "dropped", "attacker_share", "seconds", "run_dir", "defence_params", "refused_steps",
 )
 # Axes a reconstruction row gets from its cell (batch_size, defence, attack it has already).
-ROW_AXES = ("cell_id", "seed", "peers", "fanout", "topology")
+ROW_AXES = ("cell_id", "seed", "peers", "fanout", "topology", "aggregate")
 RECONSTRUCTION_COLUMNS = (
     *ROW_AXES, "update_id", "origin", "round", "batch_size", "defence", "attack", "psnr", "ssim",
     "mean_psnr", "mean_ssim", "label_accuracy", "seconds",
@@ -58,11 +58,11 @@ RECONSTRUCTION_COLUMNS = (
 SPEC_AXES = {
     "batch_sizes": "peers.batch_sizes", "defences": "peers.defences", "attacks": "attack.attacks",
     "seeds": "seed", "peers": "peers.honest", "fanouts": "gossip.fanout",
-    "topologies": "gossip.topology",
+    "topologies": "gossip.topology", "aggregates": "gossip.aggregate",
 }
 # Fields each cell sets itself, so sweep.yaml's base leaves them out.
 CELL_FIELDS = {"": ("seed", "out_dir", "ray_address"), "peers": ("honest", "batch_sizes", "defences"),
-               "gossip": ("fanout", "topology"), "attack": ("attacks",), "telemetry": ("metrics_port",)}
+               "gossip": ("fanout", "topology", "aggregate"), "attack": ("attacks",), "telemetry": ("metrics_port",)}
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,18 @@ class Cell:
     peers: int  # honest peers
     fanout: int
     topology: str
+    aggregate: str = "mean"  # canonical rule (p2p.aggregate), e.g. "trimmed:0.2"
 
     @property
     def cell_id(self) -> str:
-        """Deterministic and filesystem-safe, e.g. bs1-prune_0.3-idlg-s0-p4-f2-complete."""
+        """Deterministic and filesystem-safe, e.g. bs1-prune_0.3-idlg-s0-p4-f2-complete.
+
+        A rule other than mean is appended (-median, -trimmed_0.2), so the ids of stores
+        made before the aggregate axis existed stay as they were.
+        """
+        rule = "" if self.aggregate == "mean" else f"-{_safe(self.aggregate)}"
         return (f"bs{self.batch_size}-{_safe(self.defence)}-{_safe(self.attack)}-s{self.seed}"
-                f"-p{self.peers}-f{self.fanout}-{_safe(self.topology)}")
+                f"-p{self.peers}-f{self.fanout}-{_safe(self.topology)}{rule}")
 
     def axes(self) -> dict[str, Any]:
         return {"cell_id": self.cell_id, **dataclasses.asdict(self)}
@@ -91,7 +97,7 @@ class Cell:
         return r(base, seed=self.seed, out_dir=str(cell_dir(root, self.cell_id)),
                  peers=r(base.peers, honest=self.peers, batch_sizes=(self.batch_size,),
                          defences=(defence,), secagg=secagg),
-                 gossip=r(base.gossip, fanout=self.fanout, topology=self.topology),
+                 gossip=r(base.gossip, fanout=self.fanout, topology=self.topology, aggregate=self.aggregate),
                  attack=r(base.attack, attacks=(self.attack,)),
                  telemetry=r(base.telemetry, metrics_port=0))
 
@@ -112,11 +118,12 @@ class SweepSpec:
     fanouts: tuple[int, ...]
     topologies: tuple[str, ...]
     base: RunConfig
+    aggregates: tuple[str, ...] = ("mean",)
 
     def cells(self) -> list[Cell]:
-        """The cross product, in axis order (batch size slowest, topology fastest)."""
+        """The cross product, in axis order (batch size slowest, aggregation rule fastest)."""
         axes = (self.batch_sizes, self.defences, self.attacks, self.seeds, self.peers,
-                self.fanouts, self.topologies)
+                self.fanouts, self.topologies, self.aggregates)
         return [Cell(*combo) for combo in itertools.product(*axes)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +157,7 @@ def make_spec(raw: dict[str, Any], base: RunConfig) -> SweepSpec:
         attacks=_names("attacks", values["attacks"]), seeds=_ints("seeds", seeds),
         peers=_ints("peers", values["peers"]), fanouts=_ints("fanouts", values["fanouts"]),
         topologies=_names("topologies", values["topologies"]), base=base,
+        aggregates=tuple(dict.fromkeys(_aggregate(a) for a in _names("aggregates", values["aggregates"]))),
     )
     cells = spec.cells()
     for cell in cells:  # every cell must be a valid run before anything starts
@@ -212,6 +220,15 @@ def _defence(spec: str) -> str:
     if not secagg:
         return name
     return SECAGG if name == "none" else f"{name}+{SECAGG}"
+
+
+def _aggregate(spec: str) -> str:
+    from p2p.aggregate import parse_aggregate
+
+    try:
+        return parse_aggregate(spec).name
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def defence_params(spec: str) -> dict[str, Any]:

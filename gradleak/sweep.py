@@ -1,7 +1,10 @@
 """`gradleak sweep`: the cross product of run settings, one testbed run per cell, into a store.
 
-A cell is one combination (batch_size, defence, attack, seed, peers, fanout, topology):
-all honest peers use that batch size and defence, the malicious peer runs that attack.
+A cell is one combination (batch_size, defence, attack, seed, peers, fanout, topology,
+aggregate): all honest peers use that batch size, defence and aggregation rule, the
+malicious peer runs that attack. The aggregate axis (`--aggregate mean,median,trimmed:0.2`)
+measures what a robust rule costs in leakage and accuracy (and `refused_steps` what a
+poisoned step cost).
 Cells run as Ray tasks (each starts its own Testbed actors), at most `--parallel` at a
 time and only as many as the cluster's resources hold at once. See gradleak/store.py
 for the directory layout and why an interrupted sweep loses no finished cell.
@@ -34,10 +37,11 @@ AXIS_FLAGS: dict[str, tuple[str, ...]] = {
     "batch_sizes": ("--batch-sizes", "--batch-size"), "defences": ("--defences", "--defence"),
     "attacks": ("--attacks", "--attack"), "seeds": ("--seeds",), "peers": ("--peers",),
     "fanouts": ("--fanout", "--fanouts"), "topologies": ("--topology", "--topologies"),
+    "aggregates": ("--aggregate", "--aggregates"),
 }
 # `gradleak run` flags a sweep takes as axes (or sets per cell) instead of as base fields.
 NOT_BASE = {"--peers", "--batch-size", "--defence", "--attack", "--fanout", "--topology",
-            "--seed", "--out", "--metrics-port"}
+            "--seed", "--out", "--metrics-port", "--aggregate"}
 
 
 # -- running cells -------------------------------------------------------------------
@@ -72,6 +76,7 @@ def run_cell(cell: Cell, cfg: RunConfig, root: str) -> dict[str, Any]:
         "seconds": round(time.monotonic() - t0, 3),
         "run_dir": os.path.relpath(result.run_dir, root),
         "defence_params": defence_params(cell.defence),
+        "refused_steps": sum((result.extra.get("refused_steps") or {}).values()),
     }
 
 

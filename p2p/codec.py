@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2
 
 from p2p.errors import MalformedMessage
 from p2p.proto import gossip_pb2 as pb
@@ -51,6 +52,20 @@ _SPARSE_MODES = ("auto", "never", "always")
 _MAX_NDIM = 64  # far deeper than any real parameter; bounds the work per spec
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_BYTES = 256 << 20
+# Without a schema the header is still bounded: far more tensors than any model here
+# has, names and header strings far longer than any real one.
+MAX_TENSORS = 4096
+MAX_NAME_BYTES = 256
+MAX_TEXT_BYTES = 256  # update_id, origin, sender, defence
+# What an update's tensors may be: floating gradients, or int64 ring elements when masked.
+UPDATE_DTYPES: frozenset[torch.dtype] = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64}
+)
+# The most wire bytes one element can cost: an 8-byte value plus an 8-byte sparse index.
+_MAX_WIRE_PER_ELEMENT = 16
+_MARGIN_BYTES = 64 << 10
+# A schema: the receiver's parameters, {name: shape}; updates must match it exactly.
+Schema = Mapping[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,38 @@ class _Spec:
     def index_size(self) -> int:
         """Bytes per sparse flat index: uint32 while every index fits, else int64."""
         return 4 if self.numel <= 1 << 32 else 8
+
+
+def max_update_bytes(schema: Schema) -> int:
+    """The largest update a receiver with this schema must take: every element at the
+    widest allowed dtype (8 bytes) plus a sparse index (up to 8 bytes), and a margin."""
+    return _MAX_WIRE_PER_ELEMENT * sum(math.prod(shape) for shape in schema.values()) + _MARGIN_BYTES
+
+
+def max_header_bytes(schema: Schema | None) -> int:
+    """The largest serialized header frame worth parsing for this schema (or any, for None).
+
+    Per spec: tags and varints (about 48 bytes), the name, 10 bytes per dimension; plus
+    the header's own strings (each at most MAX_TEXT_BYTES) and numbers.
+    """
+    fixed = 4 * (MAX_TEXT_BYTES + 4) + 1024
+    if schema is None:
+        return fixed + MAX_TENSORS * (48 + MAX_NAME_BYTES + 10 * _MAX_NDIM)
+    return fixed + sum(48 + len(n.encode()) + 10 * len(shape) for n, shape in schema.items())
+
+
+def max_update_frames(schema: Schema, min_chunk_bytes: int) -> int:
+    """The most frames an update for this schema needs when every chunk but a tensor's
+    last carries at least min_chunk_bytes: the header plus each tensor's chunks."""
+    step = max(1, min_chunk_bytes)
+    return 1 + sum(
+        -(-_MAX_WIRE_PER_ELEMENT * math.prod(shape) // step) for shape in schema.values()
+    )
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    """An attacker-sized string shortened for an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 # ----------------------------------------------------------------------- encoding
@@ -212,6 +259,11 @@ def parse_model_request(data: bytes) -> int | None:
     return request.version if request.HasField("version") else None
 
 
+def parse_health_request(data: bytes) -> health_pb2.HealthCheckRequest:
+    """Parse a serialized health HealthCheckRequest; raise MalformedMessage on bad bytes."""
+    return _parse(health_pb2.HealthCheckRequest, data)
+
+
 def _parse(cls: type[_M], data: bytes) -> _M:
     """Parse bytes as a message of cls, mapping protobuf errors to MalformedMessage."""
     message = cls()
@@ -224,7 +276,9 @@ def _parse(cls: type[_M], data: bytes) -> _M:
 
 def _check_spec(spec: pb.TensorSpec, dense_only: bool) -> _Spec:
     """Validate one TensorSpec against itself and return its decoded form."""
-    where = f"tensor {spec.name!r}"
+    where = f"tensor {_clip(spec.name)!r}"
+    if len(spec.name.encode()) > MAX_NAME_BYTES:
+        raise MalformedMessage(f"{where}: name longer than {MAX_NAME_BYTES} bytes")
     if spec.dtype not in _FROM_WIRE:
         raise MalformedMessage(f"{where}: unknown or unspecified dtype {spec.dtype}")
     if spec.layout not in (pb.LAYOUT_DENSE, pb.LAYOUT_SPARSE):
@@ -251,9 +305,35 @@ def _check_spec(spec: pb.TensorSpec, dense_only: bool) -> _Spec:
     return out
 
 
-def _check_specs(raw: Iterable[pb.TensorSpec], max_bytes: int, dense_only: bool) -> list[_Spec]:
-    """Validate every spec, the uniqueness of names and the size limit."""
-    specs = [_check_spec(s, dense_only) for s in raw]
+def _check_specs(
+    raw: Sequence[pb.TensorSpec],
+    max_bytes: int,
+    dense_only: bool,
+    schema: Schema | None = None,
+    dtypes: frozenset[torch.dtype] | None = None,
+) -> list[_Spec]:
+    """Validate every spec, the uniqueness of names and the size limit; with a schema,
+    also the count, names and shapes against it, and the dtypes against dtypes.
+
+    Counts come first, so a header of a million specs costs one comparison.
+    """
+    if schema is not None and len(raw) != len(schema):
+        raise MalformedMessage(f"header declares {len(raw)} tensors, the model has {len(schema)}")
+    if len(raw) > MAX_TENSORS:
+        raise MalformedMessage(f"header declares {len(raw)} tensors, limit {MAX_TENSORS}")
+    specs = []
+    for s in raw:
+        if schema is not None and s.name not in schema:
+            raise MalformedMessage(f"tensor {_clip(s.name)!r} is not a parameter of the model")
+        spec = _check_spec(s, dense_only)
+        if schema is not None and spec.shape != tuple(schema[spec.name]):
+            raise MalformedMessage(
+                f"tensor {spec.name!r} has shape {list(spec.shape)[:8]}, the model's is "
+                f"{list(schema[spec.name])}"
+            )
+        if dtypes is not None and spec.dtype not in dtypes:
+            raise MalformedMessage(f"tensor {spec.name!r}: dtype {spec.dtype} is not allowed here")
+        specs.append(spec)
     names = [s.name for s in specs]
     if any(not n for n in names):
         raise MalformedMessage("tensor names must be non-empty")
@@ -272,8 +352,9 @@ def _check_specs(raw: Iterable[pb.TensorSpec], max_bytes: int, dense_only: bool)
 class _Assembler:
     """Collects chunks into preallocated per-tensor buffers, strictly in order."""
 
-    def __init__(self, specs: list[_Spec]) -> None:
+    def __init__(self, specs: list[_Spec], min_chunk_bytes: int = 0) -> None:
         self.specs = specs
+        self.min_chunk_bytes = min_chunk_bytes
         # torch owns this memory, so decoded tensors are writable and need no copy.
         self.buffers = [torch.empty(s.byte_length, dtype=torch.uint8) for s in specs]
         self.filled = [0] * len(specs)
@@ -294,6 +375,12 @@ class _Assembler:
         if end > self.specs[i].byte_length:
             raise MalformedMessage(
                 f"tensor {name!r} payload exceeds byte_length {self.specs[i].byte_length}"
+            )
+        # Tiny chunks multiply the per-frame work; only a tensor's last may be short.
+        if size < self.min_chunk_bytes and end != self.specs[i].byte_length:
+            raise MalformedMessage(
+                f"chunk of {size} bytes for tensor {name!r}: below the minimum "
+                f"{self.min_chunk_bytes}, and not the tensor's last"
             )
         self.buffers[i].numpy()[self.filled[i] : end] = np.frombuffer(chunk.data, np.uint8)
         self.filled[i] = end
@@ -336,13 +423,22 @@ def _first(frames: Iterator[_F]) -> _F:
 
 def _read_chunks(
     frames: Iterator[pb.UpdateFrame] | Iterator[pb.ModelFrame],
-    specs: Iterable[pb.TensorSpec],
+    specs: Sequence[pb.TensorSpec],
     max_bytes: int,
     dense_only: bool,
+    *,
+    schema: Schema | None = None,
+    dtypes: frozenset[torch.dtype] | None = None,
+    max_frames: int | None = None,
+    min_chunk_bytes: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Validate the declared specs, then read the remaining (chunk) frames into tensors."""
-    assembler = _Assembler(_check_specs(specs, max_bytes, dense_only))
+    assembler = _Assembler(_check_specs(specs, max_bytes, dense_only, schema, dtypes), min_chunk_bytes)
+    count = 1  # the header
     for frame in frames:
+        count += 1
+        if max_frames is not None and count > max_frames:
+            raise MalformedMessage(f"more than {max_frames} frames in one message")
         kind = frame.WhichOneof("kind")
         if kind != "chunk":
             raise MalformedMessage(f"expected a chunk frame, got {kind or 'an empty frame'}")
@@ -351,21 +447,41 @@ def _read_chunks(
 
 
 def update_from_frames(
-    frames: Iterable[pb.UpdateFrame], *, max_bytes: int = DEFAULT_MAX_BYTES
+    frames: Iterable[pb.UpdateFrame],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    schema: Schema | None = None,
+    dtypes: frozenset[torch.dtype] | None = None,
+    max_frames: int | None = None,
+    min_chunk_bytes: int = 0,
 ) -> Update:
     """Decode an update from its frames, strictly.
 
-    Sparse tensors come back dense (zeros elsewhere) in their dtype.
+    Sparse tensors come back dense (zeros elsewhere) in their dtype. Everything the
+    header declares is checked before any tensor memory is allocated.
+
+    Args:
+        max_bytes: the most payload bytes, and the most decoded bytes.
+        schema: the receiver's {name: shape}; the tensors must be exactly these.
+        dtypes: the dtypes allowed (UPDATE_DTYPES for a peer); None allows any known.
+        max_frames: the most frames, header included; None for no count limit.
+        min_chunk_bytes: the least payload of a chunk that does not end its tensor.
 
     Raises:
-        MalformedMessage: on any violation of the format in gossip.proto, or when the
-            payload or the decoded tensors would exceed max_bytes.
+        MalformedMessage: on any violation of the format in gossip.proto or of the
+            limits above.
     """
     it = iter(frames)
     h = _first(it).header
     if not h.update_id:  # the evaluator joins ground truth on it
         raise MalformedMessage("update_id must be non-empty")
-    tensors = _read_chunks(it, h.tensors, max_bytes, dense_only=False)
+    for field in ("update_id", "origin", "sender", "defence"):
+        if len(getattr(h, field).encode()) > MAX_TEXT_BYTES:
+            raise MalformedMessage(f"header {field} longer than {MAX_TEXT_BYTES} bytes")
+    tensors = _read_chunks(
+        it, h.tensors, max_bytes, dense_only=False, schema=schema, dtypes=dtypes,
+        max_frames=max_frames, min_chunk_bytes=min_chunk_bytes,
+    )
     header = UpdateHeader(
         update_id=h.update_id,
         origin=h.origin,
@@ -381,14 +497,21 @@ def update_from_frames(
 
 
 def model_from_frames(
-    frames: Iterable[pb.ModelFrame], *, max_bytes: int = DEFAULT_MAX_BYTES
+    frames: Iterable[pb.ModelFrame],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    schema: Schema | None = None,
 ) -> tuple[str, int, dict[str, torch.Tensor]]:
     """Decode model weights from their frames; return (peer_id, version, state).
 
+    With a schema, the weights must be exactly its names and shapes (checked before
+    any allocation), so a hostile server cannot make a puller allocate more.
+
     Raises:
-        MalformedMessage: on any format violation, a SPARSE tensor, or over max_bytes.
+        MalformedMessage: on any format violation, a SPARSE tensor, over max_bytes, or
+            off the schema.
     """
     it = iter(frames)
     h = _first(it).header
-    state = _read_chunks(it, h.tensors, max_bytes, dense_only=True)
+    state = _read_chunks(it, h.tensors, max_bytes, dense_only=True, schema=schema)
     return h.peer_id, h.model_version, state

@@ -30,6 +30,14 @@ Testbed simplifications (what a deployment does instead):
 Fixed point: precision 2**-frac_bits (6e-8 at the default 24), range per member
 |w * x| < 2**(63 - frac_bits) / group_size (about 1.8e11 for 3 members); the decoded
 float64 sum is exact while |sum| < 2**(53 - frac_bits) = 2**29.
+
+Range check: a member masks only values |x| <= value_bound (2**24 by default, far above
+the gradients and noise scales the testbed uses), so an honest group's sum lies within
+sum_i(w_i) * value_bound. A sum outside it did not come from the group's true updates:
+a missing or foreign masked update (its masks do not cancel, and every decoded entry
+is then uniform on about +-2**39), or a member sending values beyond the bound to wrap
+the int64 ring. `check_sum` refuses such a sum (CorruptSum); the peer counts it and
+applies nothing of it.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ import numpy as np
 import torch
 
 FRAC_BITS = 24  # fixed-point fraction bits: step 2**-24 ~ 6e-8, float32's resolution near 1
+# Largest |entry| a member masks (~1.7e7; gradients and the defences' noise are orders below).
+# A sum beyond its weights x this is corrupt; detection needs sum(weights) < 2**15.
+VALUE_BOUND = 2.0**24
 _DOMAIN = b"gradleak/secagg/v1/"
 _P = 2**255 - 19  # Curve25519's field prime
 _A24 = 121665  # (486662 - 2) / 4, RFC 7748
@@ -221,6 +232,10 @@ def unmask_sum(
 # ------------------------------------------------------------------ the member object
 
 
+class CorruptSum(ValueError):
+    """Raised when a group sum unmasks outside what its members' weights allow."""
+
+
 def is_secagg(defence: str) -> bool:
     """True when a header's defence name says the update is masked (last step secagg:G)."""
     return defence.rsplit("+", 1)[-1].startswith(NAME + ":")
@@ -231,7 +246,7 @@ class SecureAggregation:
 
     def __init__(
         self, member: str, private_key: bytes, public_keys: Mapping[str, bytes], *,
-        frac_bits: int = FRAC_BITS,
+        frac_bits: int = FRAC_BITS, value_bound: float = VALUE_BOUND,
     ) -> None:
         if member not in public_keys:
             raise ValueError(f"member {member!r} must be among the group's public keys")
@@ -241,7 +256,10 @@ class SecureAggregation:
             raise ValueError("a secure-aggregation group needs at least 2 members")
         if not 0 <= frac_bits <= 52:
             raise ValueError(f"frac_bits must be in 0..52, got {frac_bits}")
+        if not 0.0 < value_bound < float("inf"):
+            raise ValueError(f"value_bound must be positive and finite, got {value_bound}")
         self.member = member
+        self.value_bound = value_bound
         self.group: tuple[str, ...] = tuple(sorted(public_keys))
         self.frac_bits = frac_bits
         self._secrets = {
@@ -264,7 +282,17 @@ class SecureAggregation:
         return mask_update(zeros, member=self.member, seeds=seed, frac_bits=self.frac_bits)
 
     def mask(self, tensors: Mapping[str, torch.Tensor], round_: int, *, weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """This member's masked, pre-weighted update for `round_`."""
+        """This member's masked, pre-weighted update for `round_`.
+
+        Raises:
+            ValueError: for an entry beyond value_bound: every receiver would refuse
+                the group's sum as corrupt.
+        """
+        for name, t in tensors.items():
+            peak = float(t.detach().abs().max()) if t.numel() else 0.0
+            if not peak <= self.value_bound:
+                raise ValueError(f"'{name}' holds |x| = {peak:.3g}, beyond the secure-aggregation "
+                                 f"bound {self.value_bound:.3g}")
         return mask_update(tensors, member=self.member, seeds=self.seeds(round_), weight=weight,
                            frac_bits=self.frac_bits)
 
@@ -274,13 +302,36 @@ class SecureAggregation:
             raise ValueError(f"unmasking needs all {len(self.group)} members' updates, got {len(masked)}")
         return unmask_sum(masked, frac_bits=self.frac_bits)
 
+    def check_sum(self, summed: Mapping[str, torch.Tensor], weights: Sequence[float]) -> None:
+        """Refuse an unmasked sum no honest group with these weights can produce.
+
+        Args:
+            summed: what `unmask` returned (float64).
+            weights: every member's weight (samples x mixing weight) as its header says.
+
+        Raises:
+            CorruptSum: when an entry exceeds sum(weights) x value_bound (plus the
+                members' rounding), or a weight is not positive and finite.
+        """
+        if len(weights) != len(self.group) or not all(0.0 < w < float("inf") for w in weights):
+            raise CorruptSum(f"want {len(self.group)} positive finite weights, got {list(weights)[:8]}")
+        limit = sum(weights) * self.value_bound + len(self.group) * 2.0 ** -self.frac_bits
+        bad = total = 0
+        for t in summed.values():
+            bad += int((t.abs() > limit).sum())
+            total += t.numel()
+        if bad:
+            raise CorruptSum(f"{bad} of {total} entries of the unmasked sum exceed {limit:.3g} "
+                             "(a foreign or missing masked update, or a wrapped ring)")
+
 
 def create_group(
-    members: Iterable[str], *, seed: int, frac_bits: int = FRAC_BITS
+    members: Iterable[str], *, seed: int, frac_bits: int = FRAC_BITS, value_bound: float = VALUE_BOUND,
 ) -> dict[str, SecureAggregation]:
     """Key-agree a group in-process: each member gets its own private key and everyone's
     public key (the only thing a real deployment would exchange)."""
     ids = sorted(set(members))
     private = {m: derive_private_key(seed=seed, peer_id=m) for m in ids}
     public = {m: public_key(k) for m, k in private.items()}
-    return {m: SecureAggregation(m, private[m], public, frac_bits=frac_bits) for m in ids}
+    return {m: SecureAggregation(m, private[m], public, frac_bits=frac_bits, value_bound=value_bound)
+            for m in ids}

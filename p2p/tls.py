@@ -34,6 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from p2p.identity import peer_uri
+from p2p.roster import check_peer_id
+
 CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
@@ -192,9 +195,13 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
-    """IP-address SANs for IP literals, DNS-name SANs for everything else."""
+def _san(hosts: Iterable[str], peer_id: str | None) -> x509.SubjectAlternativeName:
+    """The peer's URI SAN (its identity, p2p.identity; none for peer_id None), then
+    IP-address SANs for IP literals and DNS-name SANs for every other host (what TLS
+    checks the dialled host by)."""
     names: list[x509.GeneralName] = []
+    if peer_id is not None:
+        names.append(x509.UniformResourceIdentifier(peer_uri(peer_id)))
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
@@ -216,18 +223,24 @@ def make_test_pki(
     peers: Sequence[str] = ("peer",),
     *,
     days: int = 7,
+    unnamed: Sequence[str] = (),
 ) -> tuple[bytes, dict[str, TlsMaterial]]:
     """Generate a private CA and one certificate per peer, in memory (ECDSA P-256).
 
-    Each peer certificate has common name peer_id, the given hosts as subject
-    alternative names (IP SANs for IP literals) and is valid as server and client. The
-    CA's private key is discarded, so no further certificate can be issued under it.
+    Each peer certificate has common name peer_id, a URI subject alternative name
+    `gradleak://peer/<peer_id>` that names the peer (the identity a server binds to the
+    caller's updates, p2p.identity), the given hosts as further SANs (IP SANs for IP
+    literals) and is valid as server and client. The CA's private key is discarded, so
+    no further certificate can be issued under it. Peers listed in `unnamed` get a
+    certificate without the URI SAN: the CA vouches for it, but it names no peer (for
+    tests of a caller that is encrypted yet authenticates nobody).
 
     Returns:
         (CA certificate PEM, {peer_id: TlsMaterial}).
 
     Raises:
-        ValueError: for no hosts, no peers, a repeated or empty peer id, or days < 1.
+        ValueError: for no hosts, no peers, a repeated peer id, one that is not 1-64
+            letters, digits, '_', '.', '-' (p2p.roster.check_peer_id), or days < 1.
     """
     if not hosts:
         raise ValueError("make_test_pki needs at least one host")
@@ -235,6 +248,8 @@ def make_test_pki(
         raise ValueError(f"peer ids must be non-empty and unique, got {list(peers)}")
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
+    if not set(unnamed) <= set(peers):
+        raise ValueError(f"unnamed {sorted(set(unnamed) - set(peers))} are not among the peers")
     now = dt.datetime.now(dt.UTC)
     start, end = now - _CLOCK_SKEW, now + dt.timedelta(days=days)
 
@@ -272,8 +287,7 @@ def make_test_pki(
 
     materials: dict[str, TlsMaterial] = {}
     for peer_id in peers:
-        if len(peer_id) > 64:  # the X.509 upper bound of a common name
-            raise ValueError(f"peer id longer than 64 characters: {peer_id!r}")
+        check_peer_id(peer_id)  # also within X.509's 64-character bound of a common name
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
@@ -304,7 +318,7 @@ def make_test_pki(
                 ),
                 critical=False,
             )
-            .add_extension(_san(hosts), critical=False)
+            .add_extension(_san(hosts, None if peer_id in unnamed else peer_id), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )

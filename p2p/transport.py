@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from p2p import codec
 from p2p.errors import (
@@ -35,7 +37,8 @@ from p2p.errors import (
     UpdateRejected,
     VersionNotFound,
 )
-from p2p.identity import Caller, caller_of
+from p2p.guard import Admission, Limits, StreamExpired, Ticket, Watchdog
+from p2p.identity import Caller, caller_of, is_loopback_host
 from p2p.proto import gossip_pb2_grpc
 from p2p.update import Update
 
@@ -56,6 +59,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 _HEALTH_SERVICES = ("", codec.SERVICE_NAME)
+_HEALTH_NAME = "grpc.health.v1.Health"
+_MAX_DETAILS = 512  # error details echo attacker-chosen names: keep them short
 
 
 class UpdateHandler(Protocol):
@@ -73,6 +78,14 @@ class UpdateHandler(Protocol):
 
         Raises:
             VersionNotFound: when that version is not (or no longer) held.
+        """
+
+    def schema(self) -> dict[str, tuple[int, ...]] | None:
+        """The model's parameters, {name: shape}, which every update must match.
+
+        The server checks each update's header against it before anything is
+        allocated, and derives its size and frame limits from it. None (or a handler
+        without this method, as in older tests) leaves structural checks only.
         """
 
 
@@ -98,74 +111,213 @@ def _guarded(context: grpc.ServicerContext, what: str, fn: Callable[[], _T]) -> 
         return fn()
     except Exception as exc:  # every failure must become a status, never a crash
         code = _status_of(exc)
-        if not context.is_active():  # the client cancelled or its deadline passed
+        # The client cancelled, its deadline passed, or the watchdog ended the call.
+        if isinstance(exc, StreamExpired) or not context.is_active():
             code, details = grpc.StatusCode.CANCELLED, f"{what}: the call ended early"
         elif code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", what)
             details = f"{what}: internal error ({type(exc).__name__})"
         else:
             details = f"{what}: {type(exc).__name__}: {exc}"
-    context.abort(code, details)
+    context.abort(code, _clip(details))
     raise AssertionError("unreachable: context.abort raises")
 
 
+def _clip(details: str) -> str:
+    """Error details no longer than _MAX_DETAILS characters."""
+    if len(details) <= _MAX_DETAILS:
+        return details
+    return f"{details[:_MAX_DETAILS]}... ({len(details)} characters)"
+
+
+def _schema_of(handler: UpdateHandler) -> codec.Schema | None:
+    """The handler's {name: shape}, or None for a handler without a schema."""
+    get = getattr(handler, "schema", None)
+    schema = get() if get is not None else None
+    if schema is None:
+        return None
+    return {name: tuple(shape) for name, shape in schema.items()}
+
+
 class _GossipServicer:
-    """Translates RPCs into handler calls; requests arrive as raw bytes."""
+    """Translates RPCs into handler calls; requests arrive as raw bytes.
+
+    Every call is admitted (or refused at once) before it reads anything, and watched
+    until its last frame; only a complete, checked update reaches the handler.
+    """
 
     def __init__(
-        self, handler: UpdateHandler, peer_id: str, max_update_bytes: int, chunk_bytes: int
+        self, handler: UpdateHandler, peer_id: str, chunk_bytes: int, limits: Limits,
+        watchdog: Watchdog, max_update_bytes: int | None,
     ) -> None:
         self._handler = handler
         self._peer_id = peer_id
-        self._max_update_bytes = max_update_bytes
         self._chunk_bytes = chunk_bytes
+        self._limits = limits
+        self._watchdog = watchdog
+        self._admission = Admission(limits.max_calls, limits.max_calls_per_caller, "gossip")
+        self._schema = _schema_of(handler)
+        self._dtypes = codec.UPDATE_DTYPES if self._schema is not None else None
+        if max_update_bytes is not None:
+            self._max_update_bytes = max_update_bytes
+        elif self._schema is not None:
+            self._max_update_bytes = codec.max_update_bytes(self._schema)
+        else:
+            self._max_update_bytes = codec.DEFAULT_MAX_BYTES
+        self._max_frames = limits.max_frames
+        if self._max_frames is None and self._schema is not None:
+            self._max_frames = codec.max_update_frames(self._schema, limits.min_chunk_bytes)
+        self._max_header_bytes = codec.max_header_bytes(self._schema)
+
+    @property
+    def max_update_bytes(self) -> int:
+        return self._max_update_bytes
+
+    @property
+    def in_progress(self) -> int:
+        return self._admission.in_progress
+
+    def _watch(self, context: grpc.ServicerContext, what: str) -> AbstractContextManager[Ticket]:
+        return self._watchdog.watch(context, what, self._limits.idle_s, self._limits.total_s)
 
     def push_update(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         """Decode the streamed update, then (and only then) hand it to the handler."""
         received = [0]
+        caller = caller_of(context)
 
-        def frames() -> Iterator[codec.UpdateFrame]:
+        def frames(ticket: Ticket) -> Iterator[codec.UpdateFrame]:
+            first = True
             for raw in requests:
+                ticket.touch()
                 received[0] += len(raw)
+                if first and len(raw) > self._max_header_bytes:
+                    raise MalformedMessage(
+                        f"header frame of {len(raw)} bytes, limit {self._max_header_bytes} for this model"
+                    )
+                first = False
                 yield codec.parse_update_frame(raw)
+            ticket.touch()  # a cancelled call also ends the stream: never use what it sent
 
         def run() -> str:
-            update = codec.update_from_frames(frames(), max_bytes=self._max_update_bytes)
-            self._handler.accept_update(update, received[0], caller_of(context))
+            # The handler's work counts against the caps too, not only the frames'.
+            with self._admission.admit(caller.key):
+                with self._watch(context, "PushUpdate") as ticket:
+                    update = codec.update_from_frames(
+                        frames(ticket), max_bytes=self._max_update_bytes, schema=self._schema,
+                        dtypes=self._dtypes, max_frames=self._max_frames,
+                        min_chunk_bytes=self._limits.min_chunk_bytes,
+                    )
+                ticket.touch()  # raises if the watchdog won the race to the end of the stream
+                self._handler.accept_update(update, received[0], caller)
             return update.header.update_id
 
         update_id = _guarded(context, "PushUpdate", run)
         return codec.push_ack(update_id, received[0]).SerializeToString()
 
-    def get_model(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Stream the handler's weights at the requested version."""
+    def get_model(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Stream the handler's weights at the requested version.
 
-        def run() -> Iterator[codec.ModelFrame]:
-            version, state = self._handler.model_at(codec.parse_model_request(request), caller_of(context))
-            frames = codec.model_to_frames(
-                self._peer_id, version, state, chunk_bytes=self._chunk_bytes
-            )
-            # The header frame encodes every tensor, so anything that can fail fails
-            # here, inside the guard; the chunks after it are plain slices.
-            first = next(frames)
-            return itertools.chain((first,), frames)
+        The request is read as a stream (the wire is the same for one message), so a
+        caller that never sends it holds an admitted, watched call, not a bare thread.
+        """
+        caller = caller_of(context)
+        _guarded(context, "GetModel", lambda: self._admission.acquire(caller.key))
+        try:
+            with self._watch(context, "GetModel") as ticket:
 
-        for frame in _guarded(context, "GetModel", run):
-            yield frame.SerializeToString()
+                def run() -> Iterator[codec.ModelFrame]:
+                    request = _one_request(requests, ticket)
+                    version, state = self._handler.model_at(codec.parse_model_request(request), caller)
+                    frames = codec.model_to_frames(
+                        self._peer_id, version, state, chunk_bytes=self._chunk_bytes
+                    )
+                    # The header frame encodes every tensor, so anything that can fail fails
+                    # here, inside the guard; the chunks after it are plain slices.
+                    first = next(frames)
+                    return itertools.chain((first,), frames)
+
+                for frame in _guarded(context, "GetModel", run):
+                    ticket.touch()  # a reader that stops reading stalls here: watched too
+                    yield frame.SerializeToString()
+        finally:
+            self._admission.release(caller.key)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Register both RPCs without deserializers, so bad bytes map to INVALID_ARGUMENT."""
+        """Register both RPCs without deserializers, so bad bytes map to INVALID_ARGUMENT.
+
+        Both read their requests as streams: a unary request is read by gRPC in a
+        server thread before any handler code runs, where no limit could reach it.
+        """
         return grpc.method_handlers_generic_handler(
             codec.SERVICE_NAME,
             {
                 "PushUpdate": grpc.stream_unary_rpc_method_handler(self.push_update),
-                "GetModel": grpc.unary_stream_rpc_method_handler(self.get_model),
+                "GetModel": grpc.stream_stream_rpc_method_handler(self.get_model),
             },
         )
 
 
+def _one_request(requests: Iterator[bytes], ticket: Ticket) -> bytes:
+    """The single request message of a call read as a stream."""
+    first = next(requests, None)
+    ticket.touch()
+    if first is None:
+        raise MalformedMessage("the call sent no request message")
+    if next(requests, None) is not None:
+        raise MalformedMessage("the call sent more than one request message")
+    ticket.touch()
+    return first
+
+
+class _Health:
+    """The standard health service's Check, on a budget of its own.
+
+    Read as a stream and watched like the gossip calls, so that stalled checks cannot
+    hold its threads; Watch (a stream that lasts as long as the client likes) is not
+    offered and answers UNIMPLEMENTED.
+    """
+
+    def __init__(self, limits: Limits, watchdog: Watchdog) -> None:
+        self._limits = limits
+        self._watchdog = watchdog
+        self._admission = Admission(limits.max_health_calls, limits.max_health_calls, "health")
+        self._lock = threading.Lock()
+        self._status: dict[str, health_pb2.HealthCheckResponse.ServingStatus] = {}
+
+    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        with self._lock:
+            self._status[service] = status
+
+    def check(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        def run() -> health_pb2.HealthCheckResponse.ServingStatus | None:
+            limit = self._limits.health_s
+            with self._admission.admit(""), self._watchdog.watch(context, "Check", limit, limit) as t:
+                raw = _one_request(requests, t)
+            request = codec.parse_health_request(raw)
+            with self._lock:
+                return self._status.get(request.service)
+
+        status = _guarded(context, "Check", run)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "Check: unknown service")
+        return health_pb2.HealthCheckResponse(status=status).SerializeToString()
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            _HEALTH_NAME, {"Check": grpc.stream_unary_rpc_method_handler(self.check)}
+        )
+
+
 class GossipServer:
-    """A peer's gRPC endpoint: PushUpdate, GetModel and the standard health service."""
+    """A peer's gRPC endpoint: PushUpdate, GetModel and the standard health Check.
+
+    What one caller can make it do is bounded by limits (p2p.guard.Limits: concurrent
+    calls in all and per caller, idle and total time per call, chunk sizes and frame
+    counts); an update is checked against the handler's schema() when it has one, and
+    max_update_bytes is derived from that schema unless given. Every call runs in a
+    thread of its own, sized so that health checks and honest calls still get one
+    while the caps are full; past twice that, gRPC itself refuses calls.
+    """
 
     def __init__(
         self,
@@ -175,22 +327,43 @@ class GossipServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_message_bytes: int = 8 << 20,
-        max_update_bytes: int = 256 << 20,
-        workers: int = 4,
+        max_update_bytes: int | None = None,
         chunk_bytes: int = 1 << 20,
         tls: TlsMaterial | None = None,
+        insecure: bool = False,
+        limits: Limits | None = None,
     ) -> None:
+        if tls is None and not insecure and not is_loopback_host(host):
+            # Refused before anything binds: plaintext lets anyone who reaches it read and forge updates.
+            raise ValueError(f"plaintext gossip on non-loopback address {host}: give TLS material, or insecure=True")
         self._host = host
         self._port = port
         self._tls = tls
+        self.limits = limits or Limits()
+        workers = self.limits.workers
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gossip"),
             options=_size_options(max_message_bytes),
+            maximum_concurrent_rpcs=2 * workers,  # a bound on calls queued for a thread
         )
-        servicer = _GossipServicer(handler, peer_id, max_update_bytes, chunk_bytes)
-        self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
-        self._health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._watchdog = Watchdog()
+        self._servicer = _GossipServicer(
+            handler, peer_id, chunk_bytes, self.limits, self._watchdog, max_update_bytes
+        )
+        self._health = _Health(self.limits, self._watchdog)
+        self._server.add_generic_rpc_handlers(
+            (self._servicer.generic_handler(), self._health.generic_handler())
+        )
+
+    @property
+    def max_update_bytes(self) -> int:
+        """The largest update this server takes (derived from the schema unless given)."""
+        return self._servicer.max_update_bytes
+
+    @property
+    def calls_in_progress(self) -> int:
+        """Gossip calls admitted and not yet done."""
+        return self._servicer.in_progress
 
     def start(self) -> int:
         """Bind, start serving and return the bound port.
@@ -209,6 +382,7 @@ class GossipServer:
         if bound == 0:
             raise OSError(f"cannot bind {self._host}:{self._port}")
         self._port = bound
+        self._watchdog.start()
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return bound
@@ -227,6 +401,7 @@ class GossipServer:
         """Report NOT_SERVING, then stop, letting in-flight RPCs finish within grace."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace).wait()
+        self._watchdog.stop()
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         """Set the same status for the whole server and the gossip service."""
@@ -252,6 +427,8 @@ class GossipClient:
     With tls, the channel presents tls's certificate and accepts only a server whose
     certificate is issued by tls's CA for the dialled host, or for server_name when
     given (for dialling an address the certificate does not name, e.g. via a proxy).
+    With schema (the puller's own {name: shape}), a pulled model must be exactly those
+    tensors, checked before anything is allocated: the server may be the attacker.
     """
 
     def __init__(
@@ -264,12 +441,14 @@ class GossipClient:
         max_model_bytes: int = 256 << 20,
         tls: TlsMaterial | None = None,
         server_name: str | None = None,
+        schema: codec.Schema | None = None,
     ) -> None:
         if server_name is not None and tls is None:
             raise ValueError("server_name needs tls: a plaintext channel verifies no name")
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._max_model_bytes = max_model_bytes
+        self._schema = schema
         options: list[tuple[str, int | str]] = [*_size_options(max_message_bytes)]
         if tls is None:
             self._hint = f"plaintext channel to {address}; a peer that requires TLS closes it"
@@ -324,7 +503,7 @@ class GossipClient:
 
         def fetch() -> tuple[str, int, dict[str, torch.Tensor]]:
             frames = self._stub.GetModel(codec.model_request(version), timeout=self._timeout_s)
-            return codec.model_from_frames(frames, max_bytes=self._max_model_bytes)
+            return codec.model_from_frames(frames, max_bytes=self._max_model_bytes, schema=self._schema)
 
         _, got, state = _call(fetch, self._hint)
         return got, state

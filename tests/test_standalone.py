@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from gradleak.cli import main
-from gradleak.standalone import PeerError, is_loopback, parse_listen, parse_shard
+from gradleak.standalone import PeerError, parse_listen, parse_shard
+from p2p.tls import make_test_pki, write_tls
 
 
 def run_cli(argv: list[str]) -> int:
@@ -69,5 +70,13 @@ def test_listen_shard_and_loopback_parsing() -> None:
     for bad in ("1", "-1/3", "3/3", "a/b"):
         with pytest.raises(PeerError):
             parse_shard(bad, (0, 1))
-    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("10.0.0.1") and not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+def test_a_certificate_naming_another_peer_is_refused(roster: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    _ca, material = make_test_pki(hosts=("10.0.0.2",), peers=["a", "b"])
+    tls = write_tls(tmp_path / "tls", material["a"])  # a's certificate, b's roster entry
+    code = run_cli(["peer", "--roster", str(roster), "--peer-id", "b", "--listen", "10.0.0.2:5002",
+                    "--tls-dir", str(tls), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "names peer 'a', not b" in err and len(err.splitlines()) == 1, err

@@ -180,3 +180,16 @@ def test_a_sweep_refuses_batch_sizes_the_attacker_would_skip(tmp_path: Path) -> 
     spec = spec_from_args(_args("--out", str(tmp_path / "sw"), "--batch-sizes", "1,16",
                                 "--max-batch-size", "16"))
     assert sorted({c.batch_size for c in spec.cells()}) == [1, 16]
+
+
+def test_the_aggregate_axis_multiplies_the_cells_and_keeps_old_ids() -> None:
+    spec = spec_from_args(_args("--out", "x", "--aggregate", "mean,median,trimmed:0.20,clip:5"))
+    assert spec.aggregates == ("mean", "median", "trimmed:0.2", "clip:5")
+    cells = spec.cells()
+    assert len(cells) == 4 * len(spec.batch_sizes)
+    assert cells[0].cell_id == "bs1-none-auto-s0-p4-f2-complete"  # mean: the id stores had before the axis
+    assert cells[2].cell_id.endswith("-trimmed_0.2")
+    assert cells[2].config(spec.base, Path("/sw")).gossip.aggregate == "trimmed:0.2"
+    assert spec.to_dict()["aggregates"] == ["mean", "median", "trimmed:0.2", "clip:5"]
+    with pytest.raises(ConfigError, match="trimmed:F cuts"):
+        spec_from_args(_args("--out", "x", "--aggregate", "trimmed:0.5"))

@@ -35,6 +35,7 @@ class Truth:
     round: int
     batch_size: int
     defence: str
+    incarnation: int = 0  # of the origin peer: 0 first, +1 for each restart after its host was lost
 
 
 class Evaluator:
@@ -55,18 +56,30 @@ class Evaluator:
         self._grid_items = grid_items
         self._examples: dict[tuple[int, str, str], tuple[float, np.ndarray, np.ndarray]] = {}
         self._rows: list[dict[str, Any]] = []
+        self._scored: set[tuple[str, str]] = set()  # (update id, attack): one record each
+        self._shipped: dict[str, tuple[int, int]] = {}  # origin -> its last (step, model version) filed
         self.unmatched = 0
+        self.duplicates = 0  # second scores of one (update, attack), refused
 
     def register_truth(
         self, update_id: str, images: np.ndarray, labels: np.ndarray, *,
-        origin: str, round: int, defence: str,
+        origin: str, round: int, defence: str, model_version: int | None = None, incarnation: int = 0,
     ) -> None:
-        """File the private batch behind `update_id` (oldest dropped beyond the cap)."""
+        """File the private batch behind `update_id` (oldest dropped beyond the cap).
+
+        A second truth for an id already held is refused (ValueError): the reconstructions
+        of that update would be scored against another batch. model_version: the weights
+        the update was taken at, kept per origin for `last_shipped`.
+        """
         images = np.asarray(images, dtype=np.float32)
         labels = np.asarray(labels, dtype=np.int64)
         if images.ndim != 4 or labels.shape != (images.shape[0],):
             raise ValueError(f"truth shapes {images.shape} / {labels.shape} are not (B,C,H,W) / (B,)")
-        self._truths[update_id] = Truth(images, labels, origin, round, len(labels), defence)
+        if update_id in self._truths:
+            raise ValueError(f"a truth for update {update_id} is already filed")
+        self._truths[update_id] = Truth(images, labels, origin, round, len(labels), defence, incarnation)
+        step, version = self._shipped.get(origin, (0, -1))
+        self._shipped[origin] = (max(step, round), max(version, -1 if model_version is None else model_version))
         if self._persist:
             if self._files_written < self._keep:
                 _write_truth(self.record.dir, update_id, self._truths[update_id])
@@ -75,6 +88,14 @@ class Evaluator:
                 self._files_refused += 1
         while len(self._truths) > self._keep:
             self._truths.popitem(last=False)
+
+    def last_shipped(self, origin: str) -> dict[str, int] | None:
+        """The last step of `origin` with a truth filed, and the highest model version its
+        updates were taken at (-1: not given); None if it filed none."""
+        if origin not in self._shipped:
+            return None
+        step, version = self._shipped[origin]
+        return {"step": step, "model_version": version}
 
     def score(
         self, update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
@@ -89,14 +110,19 @@ class Evaluator:
         if truth is None:
             self.unmatched += 1  # truth evicted or never filed: nothing to compare against
             return
+        if (update_id, attack) in self._scored:
+            self.duplicates += 1  # one record per update and attack, whoever asks twice
+            return
         images = np.asarray(images, dtype=np.float32)
         if images.shape != truth.images.shape:
             raise ValueError(f"reconstruction shape {images.shape} != truth shape {truth.images.shape}")
         s = score_batch(images, np.asarray(labels), truth.images, truth.labels)
+        self._scored.add((update_id, attack))
         scored_at = time.time()
         row = {
             "update_id": update_id, "origin": truth.origin, "round": truth.round,
             "batch_size": truth.batch_size, "defence": truth.defence, "attack": attack,
+            "incarnation": truth.incarnation,
             "psnr": [clean(v) for v in s["psnr"]], "ssim": [clean(v) for v in s["ssim"]],
             "mean_psnr": clean(s["mean_psnr"]), "mean_ssim": clean(s["mean_ssim"]),
             "mse": clean(float(np.mean(s["mse"]))), "label_accuracy": clean(s["label_accuracy"]),
@@ -134,26 +160,12 @@ class Evaluator:
 
     def summary(self, honest_accuracy: dict[tuple[int, str], float] | None = None) -> list[dict[str, Any]]:
         """One row per (batch size, defence, attack) with the leakage and honest accuracy."""
-        groups: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
-        for row in self._rows:
-            groups[(row["batch_size"], row["defence"], row["attack"])].append(row)
-        out = []
-        for (bs, defence, attack), rows in sorted(groups.items()):
-            psnrs = [p for r in rows for p in r["psnr"] if p is not None]
-            out.append({
-                "batch_size": bs, "defence": defence, "attack": attack, "reconstructions": len(rows),
-                "mean_psnr": _mean(psnrs), "best_psnr": max(psnrs) if psnrs else None,
-                "share_psnr_30": _mean([float(p >= 30.0) for p in psnrs]),
-                "mean_ssim": _mean([q for r in rows for q in r["ssim"] if q is not None]),
-                "label_accuracy": _mean([r["label_accuracy"] for r in rows]),
-                "honest_accuracy": (honest_accuracy or {}).get((bs, defence)),
-            })
-        return out
+        return summarise(self._rows, honest_accuracy)
 
     def write_outputs(self, honest_accuracy: dict[tuple[int, str], float], extra: dict[str, Any]) -> list[dict[str, Any]]:
         """Write summary.json / summary.md and grid.png; return the summary rows."""
         rows = self.summary(honest_accuracy)
-        self.record.write_summary(rows, {**extra, "unmatched": self.unmatched})
+        self.record.write_summary(rows, {**extra, "unmatched": self.unmatched, "duplicates": self.duplicates})
         pairs = [
             (t, r, f"b{bs} {d[:5]} {p:.0f}dB")
             for (bs, d, _a), (p, t, r) in sorted(self._examples.items())
@@ -164,10 +176,32 @@ class Evaluator:
 
     def counts(self) -> dict[str, int]:
         return {"reconstructions": len(self._rows), "truths": len(self._truths), "unmatched": self.unmatched,
+                "duplicates": self.duplicates,
                 "truth_files": self._files_written, "truth_files_refused": self._files_refused}
 
     def mean_psnr(self) -> float | None:
         return _mean([r["mean_psnr"] for r in self._rows if r["mean_psnr"] is not None])
+
+
+def summarise(rows: list[dict[str, Any]],
+              honest_accuracy: dict[tuple[int, str], float] | None = None) -> list[dict[str, Any]]:
+    """Summary rows from reconstruction rows (the evaluator's, or reconstructions.jsonl's
+    when the evaluator was lost and the driver writes the summary)."""
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["batch_size"], row["defence"], row["attack"])].append(row)
+    out = []
+    for (bs, defence, attack), group in sorted(groups.items()):
+        psnrs = [p for r in group for p in r["psnr"] if p is not None]
+        out.append({
+            "batch_size": bs, "defence": defence, "attack": attack, "reconstructions": len(group),
+            "mean_psnr": _mean(psnrs), "best_psnr": max(psnrs) if psnrs else None,
+            "share_psnr_30": _mean([float(p >= 30.0) for p in psnrs]),
+            "mean_ssim": _mean([q for r in group for q in r["ssim"] if q is not None]),
+            "label_accuracy": _mean([r["label_accuracy"] for r in group]),
+            "honest_accuracy": (honest_accuracy or {}).get((bs, defence)),
+        })
+    return out
 
 
 TRUTH_DIR = "truth"

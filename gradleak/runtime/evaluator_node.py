@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,10 @@ class EvaluatorNode:
         self.exporter = start_exporter(self.metrics, host=resolve_host(host), port=metrics_port)
         self.evaluator = Evaluator(RunRecord(run_dir), self.metrics)
 
+    def pid(self) -> int:
+        """This process's id (a fault test kills it)."""
+        return os.getpid()
+
     def metrics_address(self) -> str:
         return self.exporter.address
 
@@ -29,6 +34,14 @@ class EvaluatorNode:
     def score(self, update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
               stats: dict[str, Any], *, received_at: float | None = None, step: int | None = None) -> None:
         self.evaluator.score(update_id, attack, images, labels, stats, received_at=received_at, step=step)
+
+    def last_shipped(self, origin: str) -> dict[str, int] | None:
+        return self.evaluator.last_shipped(origin)
+
+    def count_fault(self, lost: int = 0, restarted: int = 0) -> None:
+        """The driver's fault counters (peers lost, peers restarted) on the run's exporter."""
+        self.metrics.peers_lost.inc(lost)
+        self.metrics.peer_restarts.inc(restarted)
 
     def log_updates(self, rows: list[dict[str, Any]]) -> None:
         self.evaluator.record.append_updates(rows)

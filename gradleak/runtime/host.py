@@ -8,6 +8,7 @@ and a share of a CPU, a peer thread only its model and its steps.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ray
@@ -48,6 +49,16 @@ class PeerHost:
     def start_loops(self, steps: int, start_at: float, eval_every: int) -> None:
         for n in self.nodes:
             n.start_loop(steps, start_at, eval_every)
+
+    def rejoin(self, plans: list[dict[str, Any]], steps: int, start_at: float,
+               eval_every: int) -> list[dict[str, Any]]:
+        """Each hosted peer rejoins by its plan (sources, shipped, incarnation): PeerNode.rejoin."""
+        return [n.rejoin(p["sources"], p["shipped"], p["incarnation"], steps, start_at, eval_every)
+                for n, p in zip(self.nodes, plans, strict=True)]
+
+    def pid(self) -> int:
+        """This process's id (a fault test kills it)."""
+        return os.getpid()
 
     def progress(self) -> list[dict[str, Any]]:
         return [n.progress() for n in self.nodes]

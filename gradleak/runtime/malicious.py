@@ -117,6 +117,9 @@ class MaliciousPeer:
     def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         return self.peer.model_at(version, caller)
 
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        return self.peer.schema()
+
     def _capture(self, update: Update) -> None:
         h = update.header
         payload = Captured(update, time.time())

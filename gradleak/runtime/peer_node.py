@@ -10,10 +10,11 @@ p2p/peer.py, the wire in p2p/transport.py. Ray hosting is in gradleak/runtime/ho
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,15 @@ import torch
 
 from gradleak.core.devices import resolve_device
 from gradleak.core.models import create_model, init_model
+from gradleak.runtime.faults import rejoin_version, resume_step
 from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
+from p2p.aggregate import parse_aggregate
 from p2p.clock import PeerClock
 from p2p.defences import parse_defence
 from p2p.errors import TransportError, UpdateRejected
 from p2p.identity import Caller
-from p2p.peer import Applied, Batch, Peer
+from p2p.membership import membership_for
+from p2p.peer import MAX_SAMPLES, MAX_UPDATE_NORM, Applied, Batch, InboxLimits, Peer
 from p2p.secagg import SecureAggregation
 from p2p.staleness import parse_staleness
 from p2p.tls import TlsMaterial
@@ -59,6 +63,7 @@ class PeerSpec:
     model_seed: int  # shared by all peers: everyone starts from the same weights
     init: str = "sigmoid"  # model init (gradleak.core.models.INITS), drawn from model_seed
     keep_versions: int = 256
+    keep_bytes: int = 64 << 20
     fanout: int = 2
     topology: str = "complete"
     timeout_s: float = 10.0
@@ -77,6 +82,12 @@ class PeerSpec:
     mix_every: int = 0  # every this many steps, average the model with a neighbour's (0: never)
     mix_weight: float = 0.5  # how far toward the neighbour's weights
     lockstep: bool = False  # rounds mode: pull the neighbour's model at our own version (reproducible)
+    aggregate: str = "mean"  # how a step's updates are combined (p2p.aggregate)
+    max_update_norm: float = MAX_UPDATE_NORM  # L2 bound of an update and of an aggregate
+    max_samples: int = MAX_SAMPLES  # the run's largest batch size: larger num_samples are refused
+    inbox: InboxLimits = field(default_factory=InboxLimits)  # what may wait between applies (max_round: the run's steps)
+    members: tuple[str, ...] = ()  # the network's peer ids (p2p.membership); empty: no roster
+    insecure: bool = False  # allow a plaintext server on a non-loopback address
 
 
 class PeerNode:
@@ -92,17 +103,23 @@ class PeerNode:
         self.peer = Peer(
             spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
-            keep_versions=spec.keep_versions, seed=spec.seed, optimizer=spec.optimizer,
+            keep_versions=spec.keep_versions, keep_bytes=spec.keep_bytes, seed=spec.seed, optimizer=spec.optimizer,
             device=str(resolve_device(spec.device)), secagg=spec.secagg,
             staleness=parse_staleness(spec.staleness), secagg_wait=spec.secagg_wait,
+            aggregate=parse_aggregate(spec.aggregate), max_update_norm=spec.max_update_norm,
+            max_samples=spec.max_samples, inbox=spec.inbox,
+            membership=membership_for(spec.peer_id, spec.members or None,
+                                      spec.tls.cert_pem if spec.tls is not None else None),
         )
         self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, port=spec.port,
-                                   chunk_bytes=spec.chunk_bytes, tls=spec.tls)
+                                   chunk_bytes=spec.chunk_bytes, tls=spec.tls, insecure=spec.insecure)
         self.server.start()
         self._members: dict[str, str] = {}
         self._clients: dict[str, GossipClient] = {}
+        self._retired: list[GossipClient] = []  # clients of replaced addresses, closed at stop
+        self.incarnation = 0  # +1 each time the driver re-creates this peer after its host was lost
         self._rng = random.Random(spec.seed)
         self._mix_rng = random.Random(spec.seed + 7919)  # apart from the targets' stream
         self._lock = threading.Lock()
@@ -138,6 +155,10 @@ class PeerNode:
         result: tuple[int, dict[str, torch.Tensor]] = self.handler.model_at(version, caller)
         return result
 
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        result: dict[str, tuple[int, ...]] = self.handler.schema()
+        return result
+
     # -- driven by the runner --------------------------------------------------------
     def addresses(self) -> dict[str, str]:
         return {"peer_id": self.spec.peer_id, "role": self.spec.role, "defence": self.peer.defence_name,
@@ -145,9 +166,21 @@ class PeerNode:
                 "gossip": self.server.address, "metrics": self.exporter.address,
                 "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""}
 
+    def pid(self) -> int:
+        """This process's id (a fault test kills it)."""
+        return os.getpid()
+
     def set_members(self, members: dict[str, str]) -> None:
-        """The address book: peer id -> gossip address, self included."""
-        self._members = dict(members)
+        """The address book: peer id -> gossip address, self included.
+
+        A peer whose address changed (restarted after its host was lost) is redialled at the
+        next send. The old client is retired, not closed: a send on it from the loop thread
+        may be under way, and fails on the dead address as a counted failure.
+        """
+        with self._lock:
+            for peer_id in [p for p in self._clients if members.get(p) != self._members.get(p)]:
+                self._retired.append(self._clients.pop(peer_id))
+            self._members = dict(members)
 
     def step(self, round_: int) -> dict[str, int]:
         """Local gradient on a private batch, truth to the evaluator, update to `fanout` peers."""
@@ -203,11 +236,17 @@ class PeerNode:
         ray.get(self.evaluator.register_truth.remote(
             update.header.update_id, batch.images, batch.labels,
             origin=self.spec.peer_id, round=update.header.round, defence=update.header.defence,
+            model_version=update.header.model_version, incarnation=self.incarnation,
         ))
 
     def apply(self, evaluate: bool = False) -> dict[str, Any]:
         """Aggregate what arrived since the last apply and step; optionally measure accuracy."""
         applied = self.peer.apply_pending()
+        if self.peer.last_refusal is not None:
+            self.metrics.steps_refused.labels(self.peer.last_refusal).inc()
+            log.warning("peer %s refused step %d: aggregate %s (norm %s, bound %g)", self.spec.peer_id,
+                        self.steps_done + 1, self.peer.last_refusal, self.peer.last_norm,
+                        self.peer.max_update_norm)
         self.steps_done += 1
         self.metrics.round.set(self.steps_done)
         self._record(applied)
@@ -248,18 +287,52 @@ class PeerNode:
         return self.accuracy
 
     # -- its own clock (async mode) ----------------------------------------------------
-    def start_loop(self, steps: int, start_at: float, eval_every: int) -> None:
-        """Run `steps` local steps on this peer's clock from wall time `start_at`, in a thread."""
+    def start_loop(self, steps: int, start_at: float, eval_every: int, first_step: int = 1) -> None:
+        """Run local steps first_step..steps on this peer's clock from wall time `start_at`, in a thread."""
         if self._loop is not None:
             raise RuntimeError(f"peer {self.spec.peer_id} already runs its loop")
         clock = PeerClock(self.spec.period_s, self.spec.jitter, self.spec.seed, start_at)
-        self._loop = threading.Thread(target=self._run_loop, args=(steps, clock, eval_every),
+        for _ in range(first_step - 1):  # the schedule of the steps before is not ours to keep
+            clock.next_due()
+        self._loop = threading.Thread(target=self._run_loop, args=(steps, clock, eval_every, first_step),
                                       name=f"loop-{self.spec.peer_id}", daemon=True)
         self._loop.start()
 
-    def _run_loop(self, steps: int, clock: PeerClock, eval_every: int) -> None:
+    def rejoin(self, sources: list[str], shipped: dict[str, int] | None, incarnation: int,
+               steps: int, start_at: float, eval_every: int) -> dict[str, Any]:
+        """Continue a lost peer's part: the network's current model, then the rest of its steps.
+
+        The model comes from the first of `sources` (live peers, neighbours first) that
+        answers a GetModel; with none, the peer goes on from its initial weights, and says
+        so. shipped: the evaluator's last step and model version of the dead incarnation
+        (faults.resume_step and faults.rejoin_version say why both matter).
+        """
+        self.incarnation = incarnation
+        shipped_version = shipped["model_version"] if shipped and shipped["model_version"] >= 0 else None
+        source: str | None = None
+        source_version = None
+        for candidate in sources:
+            try:
+                source_version, state = self.client(candidate).get_model(None)
+                self.peer.adopt(state, rejoin_version(source_version, shipped_version))
+            except (TransportError, UpdateRejected) as exc:
+                log.warning("peer %s could not rejoin from %s: %s", self.spec.peer_id, candidate, exc)
+                continue
+            source = candidate
+            break
+        after = shipped["step"] if shipped else 0
+        clock = PeerClock(self.spec.period_s, self.spec.jitter, self.spec.seed, start_at)
+        first = resume_step(clock, after, time.time())
+        self.steps_done = first - 1
+        self.evaluate()
+        self.start_loop(steps, start_at, eval_every, first)
+        return {"source": source, "source_version": source_version, "version": self.peer.version,
+                "after_step": after, "first_step": first, "steps_lost": first - after - 1,
+                "accuracy": self.accuracy}
+
+    def _run_loop(self, steps: int, clock: PeerClock, eval_every: int, first_step: int = 1) -> None:
         try:
-            for step in range(1, steps + 1):
+            for step in range(first_step, steps + 1):
                 if self._stop.wait(max(0.0, clock.next_due() - time.time())):
                     return
                 self.step(step)
@@ -276,7 +349,8 @@ class PeerNode:
                 "running": running, "error": self.loop_error, "accuracy": self.accuracy,
                 "sent": self.sent, "failed": self.failed, "bytes": self.sent_bytes,
                 "pending": self.peer.pending(), "batch_size": self.spec.batch_size,
-                "defence": self.peer.defence_name, "accuracy_log": list(self.accuracy_log)}
+                "defence": self.peer.defence_name, "accuracy_log": list(self.accuracy_log),
+                "refused_steps": self.peer.aggregate_stats["refused_steps"]}
 
     def client(self, peer_id: str) -> GossipClient:
         with self._lock:
@@ -299,5 +373,5 @@ class PeerNode:
         except Exception as exc:  # noqa: BLE001 - an evaluator already gone must not block stopping
             log.warning("peer %s could not hand over its last update rows: %s", self.spec.peer_id, exc)
         self.server.stop(grace=0.5)
-        for c in self._clients.values():
+        for c in [*self._clients.values(), *self._retired]:
             c.close()

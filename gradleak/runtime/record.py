@@ -59,7 +59,9 @@ class RunRecord:
         path = self.dir / "summary.md"
         parts = [format_table(rows)]
         if extra.get("interrupted"):
-            parts.insert(0, "**Interrupted**: the run was stopped early; these are the figures recorded until then.")
+            why = f" ({extra['reason']})" if extra.get("reason") else ""
+            parts.insert(0, f"**Interrupted**{why}: the run was stopped early; these are the figures recorded "
+                            "until then.")
         if accuracy := format_accuracy(extra.get("accuracy") or {}):
             parts += ["Honest accuracy on the held-out set (mean over the peers of each batch size):", accuracy]
         path.write_text("\n\n".join(parts) + "\n")

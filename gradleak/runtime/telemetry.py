@@ -3,13 +3,19 @@
 Names follow Prometheus conventions: the `gradleak_` prefix, base units, `_total`
 counters, `_ratio` for 0..1. Label values come only from small fixed grids
 (attack, batch_size, defence, reason); per-update detail goes to the run record.
+The defence and batch size of a received update are what its sender wrote in the
+header, so those two labels pass through a `Grid`: the run's configured values, and
+`other` for anything else (a member sending 300 made-up defences adds one series).
 Every process (peer, malicious peer, evaluator) has its own registry and exporter;
 the run writes a file_sd target list so Prometheus finds them all.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -18,12 +24,70 @@ PSNR_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 80, 100)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 LAG_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34)
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OTHER = "other"
+LEARNED_VALUES = 32  # a grid not yet told its values admits this many, first come
+
+
+class Grid:
+    """The values one label may take; any other value is recorded as `other`.
+
+    Given its values (the run's configured defences or batch sizes), the grid is fixed.
+    Until then it admits the first LEARNED_VALUES distinct values, so a process whose
+    run did not say still has a bounded number of series.
+    """
+
+    def __init__(self, values: Iterable[object] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._values: set[str] = set()
+        self._fixed = False
+        if values is not None:
+            self.fix(values)
+
+    def fix(self, values: Iterable[object]) -> None:
+        """From now on only these values (and what was already recorded) are labels."""
+        with self._lock:
+            self._values |= {str(v) for v in values}
+            self._fixed = True
+
+    def __call__(self, value: object) -> str:
+        text = str(value)
+        with self._lock:
+            if text in self._values:
+                return text
+            if self._fixed or len(self._values) >= LEARNED_VALUES:
+                return OTHER
+            self._values.add(text)
+            return text
+
+
+class _OnGrid:
+    """A labelled metric whose grid labels pass through their Grid on `labels(...)`."""
+
+    def __init__(self, metric: Any, grids: dict[str, Grid]) -> None:
+        self._metric = metric
+        # prometheus_client keeps the label names in this (long-stable) attribute.
+        self._grids = [grids.get(name) for name in metric._labelnames]
+
+    def labels(self, *values: object) -> Any:
+        return self._metric.labels(*(
+            g(v) if g is not None else v for g, v in zip(self._grids, values, strict=True)
+        ))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metric, name)
 
 
 class Metrics:
-    """All gradleak metrics on one private registry (one instance per process)."""
+    """All gradleak metrics on one private registry (one instance per process).
 
-    def __init__(self) -> None:
+    defences / batch_sizes: the run's configured values, the only ones used as label
+    values (others become `other`); `known` sets them later.
+    """
+
+    def __init__(
+        self, defences: Iterable[str] | None = None, batch_sizes: Iterable[int] | None = None
+    ) -> None:
+        self.grids = {"defence": Grid(defences), "batch_size": Grid(batch_sizes)}
         r = self.registry = CollectorRegistry()
         # gradleak_device_info{role, device} 1: the torch device this process computes on
         # (role honest or malicious; device cpu, cuda or cuda:N).
@@ -89,9 +153,27 @@ class Metrics:
         self.mixes = Counter(
             "gradleak_gossip_model_mixes_total", "Model averagings with a neighbour, by outcome (mixed, failed).",
             ("outcome",), registry=r)
+        self.steps_refused = Counter(
+            "gradleak_gossip_steps_refused_total", "Applies whose aggregate was refused and the model kept, "
+            "by reason (not_finite, over_norm).", ("reason",), registry=r)
         self.update_lag = Histogram(
             "gradleak_gossip_update_lag_versions", "Local steps a receiver was ahead of an update's weights.",
             buckets=LAG_BUCKETS, registry=r)
+        # The driver's fault record, on the evaluator's exporter (the run's endpoint).
+        self.peers_lost = Counter(
+            "gradleak_peers_lost_total", "Honest peers whose host process was lost mid-run.", registry=r)
+        self.peer_restarts = Counter(
+            "gradleak_peer_restarts_total", "Lost honest peers restarted and rejoined.", registry=r)
+        for name, metric in list(vars(self).items()):
+            if set(getattr(metric, "_labelnames", ())) & set(self.grids):
+                setattr(self, name, _OnGrid(metric, self.grids))
+
+    def known(self, *, defences: Iterable[str] | None = None, batch_sizes: Iterable[int] | None = None) -> None:
+        """Fix the label grids to the run's configured defences and batch sizes."""
+        if defences is not None:
+            self.grids["defence"].fix(defences)
+        if batch_sizes is not None:
+            self.grids["batch_size"].fix(batch_sizes)
 
 
 def resolve_host(host: str) -> str:

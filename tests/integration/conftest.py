@@ -34,7 +34,8 @@ def testbed(ray_session, prometheus, tmp_path_factory: pytest.TempPathFactory):
         # The batch-1 peer is the victim; the larger batches make the shared model learn.
         peers=PeerConfig(honest=3, batch_sizes=(1, 8, 16)),
         # Two clocks: peers step every 0.08 s or 0.12 s, so updates arrive late and are weighed.
-        gossip=GossipConfig(rounds=120, fanout=2, period_s=(0.08, 0.12)),
+        # host auto binds the node IP; plaintext there needs insecure (the test's Ray is this machine).
+        gossip=GossipConfig(rounds=120, fanout=2, period_s=(0.08, 0.12), insecure=True),
         # The attacker asks for the (logical) GPU and the marker resource of the second node;
         # device auto: this machine has no CUDA, so it falls back to the CPU (unset would mean cuda).
         attack=AttackSettings(attacks=("idlg",), max_iters=100, queue_size=8, max_batch_size=1,

@@ -174,3 +174,26 @@ def test_mix_averages_into_a_new_version_and_refuses_bad_models(digits_data, len
     off = {n: float((now[n] - before[n] - 0.5).abs().max()) for n in before}
     assert max(off.values()) < 1e-6, off
     assert all(torch.equal(a.model_at(v0)[1][n], before[n]) for n in before)  # a pull at v0 still works
+
+
+def test_weight_history_respects_its_byte_bound(digits_data, lenet) -> None:
+    # 3 versions' worth of bytes: the history never holds more, however many steps pass,
+    # and the versions it dropped are NOT_FOUND while the newest ones are served.
+    state_bytes = sum(t.numel() * t.element_size() for t in lenet.state_dict().values())
+    peer = _peer(digits_data, lenet, keep_versions=100, keep_bytes=3 * state_bytes)
+    for r in range(1, 9):
+        peer.local_update(r)
+        peer.apply_pending()
+        held, nbytes = peer.history()
+        assert held <= 3 and nbytes <= 3 * state_bytes
+    assert peer.history() == (3, 3 * state_bytes)
+    assert peer.model_at(peer.version - 2)[0] == peer.version - 2
+    with pytest.raises(VersionNotFound):
+        peer.model_at(peer.version - 3)
+
+
+def test_a_model_larger_than_the_byte_bound_still_keeps_its_newest_version(digits_data, lenet) -> None:
+    peer = _peer(digits_data, lenet, keep_bytes=1)
+    peer.local_update(1)
+    peer.apply_pending()
+    assert peer.history()[0] == 1 and peer.model_at(None)[0] == peer.version

@@ -12,7 +12,7 @@ from attacker.api import AttackConfig, Observation, compute_gradients, create_at
 from attacker.metrics import psnr
 from gradleak.core.models import create_model, init_dlg_uniform
 from p2p.defences import Grads, parse_defence
-from p2p.errors import UpdateRejected
+from p2p.errors import DuplicateUpdate, PermissionDenied, UpdateRejected
 from p2p.peer import Peer
 from p2p.secagg import (
     FRAC_BITS,
@@ -220,7 +220,8 @@ def test_missing_member_drops_the_group_and_keeps_plain_updates(digits_data, len
     a.local_update(1)
     a.accept_update(peers["b"].local_update(1)[0])  # m's masked update never arrives
     assert len(a.apply_pending()) == 0
-    assert a.secagg_stats == {"unmasked_rounds": 0, "dropped_rounds": 1, "dropped_updates": 2}
+    assert a.secagg_stats == {"unmasked_rounds": 0, "dropped_rounds": 1, "dropped_updates": 2,
+                              "corrupt_rounds": 0, "corrupt_updates": 0}
     assert all(torch.equal(p, before[n]) for n, p in a.model.named_parameters())
     # A plain update from outside the group still counts that round.
     a.local_update(2)
@@ -245,15 +246,18 @@ def test_masked_tensors_pass_only_as_secagg_updates_of_the_group(digits_data, le
     cases = {
         "no secure-aggregation group": (outsider, good),
         "this peer's group is secagg:3": (peers["a"], _masked_copy(good, defence="secagg:4")),
-        "not another member": (peers["a"], _masked_copy(good, origin="z")),
         "non-float dtype": (peers["a"], _masked_copy(good, defence="none")),
         "must be int64": (peers["a"], Update(good.header, {n: t.float() for n, t in good.tensors.items()})),
     }
     for needle, (peer, update) in cases.items():
         with pytest.raises(UpdateRejected, match=needle):
             peer.accept_update(update)
+    # From outside the group, or in this peer's own name: a who, not a what.
+    for origin in ("z", "a"):
+        with pytest.raises(PermissionDenied, match="not another member|this peer"):
+            peers["a"].accept_update(_masked_copy(good, origin=origin, sender=origin))
     peers["a"].accept_update(good)
-    with pytest.raises(UpdateRejected, match="already held"):
+    with pytest.raises(DuplicateUpdate, match="already delivered its update for step 1"):
         peers["a"].accept_update(_masked_copy(good, update_id="b/r1-again"))
     chained = Peer("a", copy.deepcopy(lenet), digits_data.images[:20], digits_data.labels[:20],
                    batch_size=2, defence=parse_defence("prune:0.3"), lr=0.1, keep_versions=2, seed=0,

@@ -9,7 +9,7 @@ from attacker.api import Attack, Observation, Reconstruction
 from gradleak.runtime.malicious import MaliciousPeer
 from p2p.defences import parse_defence
 from p2p.errors import UpdateRejected, VersionNotFound
-from p2p.peer import Peer
+from p2p.peer import InboxLimits, Peer
 from p2p.update import Update, UpdateHeader
 
 
@@ -29,8 +29,10 @@ class _Gate(Attack):
 
 
 def _setup(digits_data, lenet, queue_size=2, attack=None, **kw):
+    # The burst test files 100 updates of one origin before any apply: above the default cap.
     peer = Peer("m", lenet, digits_data.images[:50], digits_data.labels[:50], batch_size=1,
-                defence=parse_defence("none"), lr=0.1, keep_versions=8, seed=0)
+                defence=parse_defence("none"), lr=0.1, keep_versions=8, seed=0,
+                inbox=InboxLimits(max_pending_per_origin=128))
     gate = attack or _Gate()
     reports, fetched = [], []
 

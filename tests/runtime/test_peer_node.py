@@ -13,19 +13,19 @@ from p2p.tls import make_test_pki
 from p2p.transport import GossipClient
 
 
-def _spec(pid: str, digits_data, tls=None, secagg=None) -> PeerSpec:
+def _spec(pid: str, digits_data, tls=None, secagg=None, members=()) -> PeerSpec:
     return PeerSpec(
         peer_id=pid, role="honest", shard_images=digits_data.images[:40], shard_labels=digits_data.labels[:40],
         test_images=digits_data.images[40:60], test_labels=digits_data.labels[40:60], input_shape=(1, 16, 16),
         num_classes=10, model="lenet", batch_size=2, defence="none", lr=0.01, optimizer="adam", seed=1,
-        model_seed=0, fanout=1, tls=tls, secagg=secagg,
+        model_seed=0, fanout=1, tls=tls, secagg=secagg, members=members,
     )
 
 
 def test_nodes_gossip_over_tls_and_refuse_plaintext(digits_data) -> None:
     _ca, material = make_test_pki(peers=["a", "b"])
-    a = PeerNode(_spec("a", digits_data, material["a"]))
-    b = PeerNode(_spec("b", digits_data, material["b"]))
+    a = PeerNode(_spec("a", digits_data, material["a"], members=("a", "b")))
+    b = PeerNode(_spec("b", digits_data, material["b"], members=("a", "b")))
     try:
         book = {"a": a.server.address, "b": b.server.address}
         a.set_members(book)
@@ -34,6 +34,7 @@ def test_nodes_gossip_over_tls_and_refuse_plaintext(digits_data) -> None:
         assert sent["sent"] == 1 and sent["failed"] == 0 and sent["bytes"] > 0
         assert b.step(1)["sent"] == 1
         assert b.apply()["applied"] == 2  # its own update + a's, received over TLS
+        assert a.mix()  # a member's pull over TLS is served
         with GossipClient(b.server.address, timeout_s=3) as plain, pytest.raises(TransportError) as err:
             plain.get_model()
         assert err.value.code == "UNAVAILABLE"
@@ -67,3 +68,29 @@ def test_secure_aggregation_group_over_grpc(digits_data) -> None:
     finally:
         for n in nodes.values():
             n.stop()
+
+
+def test_a_refused_step_is_counted_in_prometheus_and_the_progress(digits_data) -> None:
+    import dataclasses
+
+    node = PeerNode(dataclasses.replace(_spec("a", digits_data), max_update_norm=1e-3, optimizer="sgd"))
+    try:
+        before = node.peer.model_at(None)[1]
+        node.peer.local_update(1)  # its own gradient alone is over a bound of 1e-3
+        node.apply()
+        value = node.metrics.registry.get_sample_value("gradleak_gossip_steps_refused_total",
+                                                       {"reason": "over_norm"})
+        assert value == 1.0 and node.progress()["refused_steps"] == 1
+        after = node.peer.model_at(None)[1]
+        assert all(bool((before[n] == after[n]).all()) for n in before)
+    finally:
+        node.stop()
+
+
+def test_aggregation_and_inbox_settings_parse_and_bad_ones_say_why() -> None:
+    cfg = from_dict({"gossip": {"aggregate": "trimmed:0.2", "max_update_norm": 50.0}}).validate()
+    assert cfg.gossip.aggregate == "trimmed:0.2" and cfg.to_dict()["gossip"]["max_update_norm"] == 50.0
+    for bad, why in ({"aggregate": "trimmed:0.7"}, "0 < F < 0.5"), ({"aggregate": "avg"}, "unknown aggregation"), \
+            ({"max_update_norm": 0.0}, "max_update_norm"), ({"inbox_per_origin": 0}, "inbox_per_origin"):
+        with pytest.raises(ConfigError, match=why):
+            from_dict({"gossip": bad}).validate()

@@ -1,0 +1,152 @@
+"""How close does a PushUpdate come to the wire? gRPC gossip against raw loopback TCP, same run.
+
+One process, loopback only. For each update (dense float32 of LeNet size and of ResNet-18
+size, and ResNet-18 sparse top-k at 1% and 10%) over plaintext and mutual TLS: one-way
+push throughput (MB/s of the dense update) and latency (p50 of a push, ack included), bytes
+on the wire, and, for sparse updates, wire bytes per kept value. The baseline is a raw TCP
+socket moving the same number of dense bytes (sendall, recv_into a buffer, 8-byte ack).
+
+    .venv/bin/python benchmarks/transport.py              # all cases, ~1 minute
+    .venv/bin/python benchmarks/transport.py --quick      # fewer repetitions
+
+Target (issue 12): the 45 MB dense update at least 50% of raw TCP's throughput; sparse
+bytes on the wire proportional to k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from gradleak.core.models import create_model
+from p2p.tls import make_test_pki
+from p2p.transport import GossipClient, GossipServer
+from p2p.update import Update, UpdateHeader
+
+
+class Sink:
+    """A handler that only counts: the cost measured is the transport's, not the peer's."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+        self.count = 0
+
+    def schema(self) -> dict[str, tuple[int, ...]]:
+        return self.shapes
+
+    def accept_update(self, update: Update, wire_bytes: int, caller: object = None) -> None:
+        self.count += 1
+
+    def model_at(self, version: int | None, caller: object = None) -> tuple[int, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def model_update(model: str, image_size: int, in_channels: int, keep: float | None) -> Update:
+    """A gradient-shaped float32 update of model; with keep, all but the largest keep share zeroed."""
+    net = create_model(model, in_channels=in_channels, num_classes=10, image_size=image_size)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, p in net.named_parameters():
+        t = torch.randn(p.shape, generator=g)
+        if keep is not None:
+            flat = t.reshape(-1)
+            k = max(1, int(flat.numel() * keep))
+            cut = flat.abs().kthvalue(flat.numel() - k + 1).values
+            t = torch.where(t.abs() >= cut, t, torch.zeros(()))
+        tensors[name] = t
+    return Update(UpdateHeader("u", "h1", "h1", 1, 0, 1), tensors)
+
+
+def tcp_baseline(nbytes: int, reps: int) -> list[float]:
+    """Seconds per one-way transfer of nbytes over a raw loopback socket, ack included."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    buf = bytearray(nbytes)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        view = memoryview(buf)
+        with conn:
+            for _ in range(reps):
+                got = 0
+                while got < nbytes:
+                    got += conn.recv_into(view[got:], nbytes - got)
+                conn.sendall(b"ack-ack!")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    payload = os.urandom(nbytes)
+    times = []
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            c.sendall(payload)
+            c.recv(8, socket.MSG_WAITALL)
+            times.append(time.perf_counter() - t0)
+    t.join()
+    srv.close()
+    return times
+
+
+def grpc_push(update: Update, tls: bool, reps: int) -> tuple[list[float], int]:
+    """Seconds per push of update and the bytes one push puts on the wire."""
+    shapes = {n: tuple(t.shape) for n, t in update.tensors.items()}
+    materials = make_test_pki(peers=("sink", "h1"))[1] if tls else {}
+    size = sum(t.numel() * 4 for t in update.tensors.values())
+    server = GossipServer(Sink(shapes), "sink", tls=materials.get("sink"), max_update_bytes=2 * size + (1 << 20))
+    port = server.start()
+    times, sent = [], 0
+    try:
+        with GossipClient(f"127.0.0.1:{port}", tls=materials.get("h1"), timeout_s=60) as client:
+            for k in range(reps + 1):
+                u = Update(UpdateHeader(f"u{k}", "h1", "h1", k + 1, 0, 1), update.tensors)
+                t0 = time.perf_counter()
+                sent = client.push_update(u)
+                if k:  # the first push also pays for the connection and the handshake
+                    times.append(time.perf_counter() - t0)
+    finally:
+        server.stop(0)
+    return times, sent
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    small_reps, big_reps = (50, 3) if args.quick else (200, 8)
+    cases: list[tuple[str, Callable[[], Update], int]] = [
+        ("lenet 16x16 dense", lambda: model_update("lenet", 16, 1, None), small_reps),
+        ("resnet18 dense", lambda: model_update("resnet18", 32, 3, None), big_reps),
+        ("resnet18 top-10%", lambda: model_update("resnet18", 32, 3, 0.10), big_reps),
+        ("resnet18 top-1%", lambda: model_update("resnet18", 32, 3, 0.01), big_reps),
+    ]
+    print(f"load: os.getloadavg() = {', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(f"{'update':<20} {'link':<9} {'dense MB':>9} {'wire MB':>9} {'B/kept':>7} {'p50 ms':>9} "
+          f"{'MB/s':>8} {'TCP MB/s':>9} {'vs TCP':>7}")
+    for label, make, reps in cases:
+        update = make()
+        dense = sum(t.numel() * 4 for t in update.tensors.values())
+        kept = sum(int((t != 0).sum()) for t in update.tensors.values())
+        tcp = p50(tcp_baseline(dense, reps))
+        for tls in (False, True):
+            times, wire = grpc_push(update, tls, reps)
+            t = p50(times)
+            per_kept = f"{wire / kept:7.2f}" if "top" in label else f"{'-':>7}"
+            print(f"{label:<20} {'TLS' if tls else 'plain':<9} {dense / 1e6:9.3f} {wire / 1e6:9.3f} {per_kept} "
+                  f"{t * 1e3:9.2f} {dense / t / 1e6:8.1f} {dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
