@@ -1,4 +1,5 @@
-"""`gradleak` command line: `gradleak run` starts a testbed from flags and/or a YAML file."""
+"""`gradleak` command line: `gradleak run` starts a testbed from flags and/or a YAML file;
+`gradleak peer` runs one peer of it as a process of its own (gradleak/standalone.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, NoReturn
 from gradleak.config import ConfigError, RunConfig, check_attackable, from_dict, load_yaml
 from gradleak.flags import add_flags, overlay
 from gradleak.report import add_report_parser, run_report_command
+from gradleak.standalone import add_peer_parser, run_peer_command
 from gradleak.sweep import add_sweep_parser, run_sweep_command
 
 
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_parser(sub)
     add_report_parser(sub)
     add_sweep_parser(sub)
+    add_peer_parser(sub)
     run = sub.add_parser("run", help="run the gossip testbed with a live attacker")
     run.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
     add_flags(run)
@@ -166,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_report_command(args)
     if args.command == "sweep":
         return run_sweep_command(args)
+    if args.command == "peer":
+        return run_peer_command(args)
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:

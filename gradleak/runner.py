@@ -46,8 +46,7 @@ from gradleak.runtime.malicious_node import MaliciousActor
 from gradleak.runtime.peer_node import PeerSpec
 from gradleak.runtime.record import RunRecord
 from gradleak.runtime.summary import accuracy_timeline
-from p2p.defences import parse_defence
-from p2p.peer import InboxLimits
+from gradleak.specs import peer_spec
 from p2p.secagg import create_group
 from p2p.tls import TlsMaterial, make_test_pki
 
@@ -187,15 +186,6 @@ def fit(cfg: RunConfig) -> Plan:
     return plan([n for _id, n in cluster_nodes()], honest=pc.honest, per_process=pc.per_process,
                 host_cpus=pc.num_cpus, attacker_cpus=pc.num_cpus, attacker_gpus=ac.num_gpus,
                 peer_gpus=pc.num_gpus, attacker_resource=ac.resource)
-
-
-def header_defences(defences: tuple[str, ...], secagg: str | None) -> tuple[str, ...]:
-    """The defence names the run's updates carry in their headers (p2p.peer.Peer.defence_name)."""
-    names = []
-    for d in defences:
-        base = parse_defence(d).name
-        names.append(base if secagg is None else secagg if base == "none" else f"{base}+{secagg}")
-    return tuple(dict.fromkeys(names))
 
 
 class Testbed:
@@ -345,33 +335,11 @@ class Testbed:
         ids = [f"peer-{i}" for i in range(pc.honest)] + ["mallory"]
         tls = run_pki(ids, cfg.telemetry.host) if gc.tls else {}
         groups = create_group(ids, seed=cfg.seed) if pc.secagg else {}
-        known = header_defences((*pc.defences, "none"), next(iter(groups.values())).name if groups else None)
-        specs = []
-        for i, shard in enumerate(shards):
-            malicious = i == pc.honest
-            specs.append(PeerSpec(
-                peer_id=ids[i], role="malicious" if malicious else "honest", tls=tls.get(ids[i]),
-                secagg=groups.get(ids[i]),
-                shard_images=shard.images, shard_labels=shard.labels,
-                test_images=test.images, test_labels=test.labels, input_shape=data.input_shape,
-                num_classes=data.num_classes, model=pc.model,
-                batch_size=min(pc.batch_sizes) if malicious else pc.batch_sizes[i % len(pc.batch_sizes)],
-                defence="none" if malicious else pc.defences[i % len(pc.defences)],
-                lr=pc.lr, optimizer=pc.optimizer, init=pc.init, seed=cfg.seed * 1000 + i + 1, model_seed=cfg.seed,
-                keep_versions=pc.keep_versions, keep_bytes=int(pc.keep_mb * (1 << 20)), fanout=gc.fanout, topology=gc.topology,
-                timeout_s=gc.timeout_s, chunk_bytes=gc.chunk_bytes, host=cfg.telemetry.host,
-                threads=pc.threads, device="cpu" if malicious else pc.effective_device,
-                period_s=gc.period_s[i % len(gc.period_s)], jitter=gc.jitter, staleness=gc.staleness,
-                secagg_wait=gc.secagg_wait if gc.sync == "async" else 0,
-                mix_every=gc.mix_every, mix_weight=gc.mix_weight, lockstep=gc.sync == "rounds",
-                aggregate=gc.aggregate, max_update_norm=gc.max_update_norm, max_samples=max(pc.batch_sizes),
-                inbox=InboxLimits(max_round=gc.rounds, step_window=gc.step_window,
-                                  max_pending_per_origin=gc.inbox_per_origin, max_pending=gc.inbox_total,
-                                  max_masked_steps=gc.inbox_masked_steps),
-                members=tuple(ids), insecure=gc.insecure,  # the malicious peer is a member too
-                known_defences=known, known_batch_sizes=tuple(sorted(set(pc.batch_sizes))),
-            ))
-        return specs
+        secagg_name = next(iter(groups.values())).name if groups else None
+        return [peer_spec(cfg, i, ids[i], role="malicious" if i == pc.honest else "honest", shard=shard,
+                          test=test, data=data, members=tuple(ids), host=cfg.telemetry.host,
+                          secagg_name=secagg_name, tls=tls.get(ids[i]), secagg=groups.get(ids[i]))
+                for i, shard in enumerate(shards)]
 
     def _write_targets(self) -> None:
         """Prometheus file_sd list of every exporter of this run."""

@@ -69,6 +69,8 @@ class PeerSpec:
     timeout_s: float = 10.0
     chunk_bytes: int = 1 << 20
     host: str = "127.0.0.1"
+    port: int = 0  # gossip port to bind (0: any free one; a standalone peer binds its roster address)
+    metrics_port: int = 0  # /metrics port (0: any free one)
     threads: int = 1
     device: str = "cpu"  # honest peers train on the CPU unless told
     tls: TlsMaterial | None = None  # mutual TLS on this peer's server and clients
@@ -103,7 +105,7 @@ class PeerNode:
         self.metrics = Metrics()
         if spec.known_defences:
             self.metrics.known(defences=spec.known_defences, batch_sizes=spec.known_batch_sizes or None)
-        self.exporter = start_exporter(self.metrics, host=self.host, port=0)
+        self.exporter = start_exporter(self.metrics, host=self.host, port=spec.metrics_port)
         self.peer = Peer(
             spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
@@ -117,8 +119,8 @@ class PeerNode:
         )
         self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
-        self.server = GossipServer(self, spec.peer_id, host=self.host, chunk_bytes=spec.chunk_bytes,
-                                   tls=spec.tls, insecure=spec.insecure)
+        self.server = GossipServer(self, spec.peer_id, host=self.host, port=spec.port,
+                                   chunk_bytes=spec.chunk_bytes, tls=spec.tls, insecure=spec.insecure)
         self.server.start()
         self._members: dict[str, str] = {}
         self._clients: dict[str, GossipClient] = {}

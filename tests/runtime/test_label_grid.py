@@ -58,7 +58,7 @@ def test_header_defences_are_the_names_peers_put_in_headers() -> None:
     import numpy as np
     import torch
 
-    from gradleak.runner import header_defences
+    from gradleak.specs import header_defences
     from p2p.defences import parse_defence
     from p2p.peer import Peer
     from p2p.secagg import create_group
