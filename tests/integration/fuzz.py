@@ -48,14 +48,15 @@ class Traffic:
     """
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], target_id: str, origins: list[str],
-                 seed: int = 0, max_round: int = 1_000_000) -> None:
+                 seed: int = 0, max_round: int = 1_000_000, attacker: str | None = None) -> None:
         self.shapes = shapes
         self.target = target_id
         self.origins = origins
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.max_round = max_round
-        self._round = dict.fromkeys(origins, 0)
+        self.attacker = attacker  # broken messages come from this member (else from the origins)
+        self._round = dict.fromkeys([*origins, *([attacker] if attacker else [])], 0)
         self._n = 0
         self.last_accepted: Message | None = None
         self.mutations: list[Callable[[], Message]] = [
@@ -65,7 +66,7 @@ class Traffic:
             self.empty_update_id, self.huge_sparse, self.sparse_out_of_range, self.sparse_unsorted,
             self.nnz_over_numel, self.many_specs, self.deep_shape, self.nan_values, self.inf_values,
             self.zero_samples, self.zero_round, self.bad_mixing, self.bad_sent_at, self.spoof_origin,
-            self.self_origin, self.replay, self.long_strings,
+            self.impersonate, self.self_origin, self.replay, self.long_strings,
             self.huge_values, self.huge_samples, self.huge_mixing, self.far_round,
         ]
 
@@ -74,6 +75,9 @@ class Traffic:
         origin = origin or self.rng.choice(self.origins)
         self._round[origin] += 1
         return origin, self._round[origin]
+
+    def _bad(self) -> tuple[str, int]:
+        return self._next(self.attacker)
 
     def _update(self, origin: str, round_: int, scale: float = 1e-3, **header: object) -> Update:
         self._n += 1
@@ -88,7 +92,7 @@ class Traffic:
         return list(codec.update_to_frames(update, chunk_bytes=chunk_bytes, sparse="never"))
 
     def _valid_frames(self) -> tuple[list[pb.UpdateFrame], str, int]:
-        origin, round_ = self._next()
+        origin, round_ = self._bad()
         return self._frames(self._update(origin, round_)), origin, round_
 
     @staticmethod
@@ -132,7 +136,7 @@ class Traffic:
         return self._header_broken("unknown_name", lambda h: setattr(h.tensors[0], "name", "evil.weight"))
 
     def missing_name(self) -> Message:
-        origin, round_ = self._next()
+        origin, round_ = self._bad()
         u = self._update(origin, round_)
         first = next(iter(u.tensors))
         return self._reject("missing_name", self._frames(Update(u.header, {k: v for k, v in u.tensors.items()
@@ -198,12 +202,12 @@ class Traffic:
                                             or f.chunk.tensor_index != 0])
 
     def sparse_out_of_range(self) -> Message:
-        origin, round_ = self._next()
+        origin, round_ = self._bad()
         u = self._update(origin, round_)
         return self._sparse_index_edit("sparse_out_of_range", u, lambda idx: idx.__setitem__(-1, 10**9))
 
     def sparse_unsorted(self) -> Message:
-        origin, round_ = self._next()
+        origin, round_ = self._bad()
         u = self._update(origin, round_)
         return self._sparse_index_edit("sparse_unsorted", u, lambda idx: idx.reverse())
 
@@ -250,7 +254,7 @@ class Traffic:
         return self._header_broken("deep_shape", edit)
 
     def _values(self, kind: str, value: float) -> Message:
-        origin, round_ = self._next()
+        origin, round_ = self._bad()
         u = self._update(origin, round_)
         name = self.rng.choice(list(u.tensors))
         t = u.tensors[name].clone()
@@ -279,10 +283,16 @@ class Traffic:
 
     def spoof_origin(self) -> Message:
         # Plaintext: the sender claims another member computed it.
-        origin, round_ = self._next()
+        origin, round_ = self._bad()
         other = self.rng.choice([o for o in self.origins if o != origin] or ["nobody"])
         u = self._update(origin, round_, sender=other)
         return self._reject("spoof_origin", self._frames(u))
+
+    def impersonate(self) -> Message:
+        # Under mutual TLS: the attacker's certificate sends as an honest member.
+        other = self.rng.choice(self.origins)
+        u = self._update(other, self.rng.randint(1, self.max_round))
+        return self._reject("impersonate", self._frames(u))
 
     def self_origin(self) -> Message:
         u = self._update(self.target, self.rng.randint(1, 1000))
@@ -298,7 +308,7 @@ class Traffic:
 
     # -- extreme but well-formed: may be taken, must not poison -------------------------
     def huge_values(self) -> Message:
-        origin, round_ = self._next()
+        origin, round_ = self._bad()
         u = self._update(origin, round_)
         u = Update(u.header, {n: torch.full_like(t, 3e38) for n, t in u.tensors.items()})
         return Message("huge_values", self._raw(self._frames(u)), "poison", origin, round_)
