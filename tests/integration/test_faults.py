@@ -109,7 +109,9 @@ def test_a_killed_peer_host_is_restarted_and_rejoins_from_a_neighbour(ray_sessio
     assert steps.get(0, 0) <= r["after_step"] and steps.get(1, r["first_step"]) >= r["first_step"]
 
 
-def test_a_killed_attacker_ends_the_run_cleanly_with_the_record_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("who", "process"), [("attacker", b"MaliciousNode"), ("evaluator", b"EvaluatorNode")])
+def test_a_killed_attacker_or_evaluator_ends_the_run_cleanly_with_the_record_kept(
+        tmp_path: Path, who: str, process: bytes) -> None:
     run = _Run(tmp_path, "--attack", "analytic", "--rounds", "600")
     run.wait_for("step ", timeout=120)
     runs = []
@@ -123,10 +125,10 @@ def test_a_killed_attacker_ends_the_run_cleanly_with_the_record_kept(tmp_path: P
     kept = recs.read_text() if recs is not None and recs.exists() else ""
     assert kept, "".join(run.lines)
     marker = run.marker.split("=")[1]
-    attackers = [p for p in _marked_processes(marker) if b"MaliciousNode" in _cmdline(p)]
-    assert len(attackers) == 1, [(p, _cmdline(p)) for p in _marked_processes(marker)]
+    victims = [p for p in _marked_processes(marker) if process in _cmdline(p)]
+    assert len(victims) == 1, [(p, _cmdline(p)) for p in _marked_processes(marker)]
     t0 = time.monotonic()
-    os.kill(attackers[0], signal.SIGKILL)
+    os.kill(victims[0], signal.SIGKILL)
     try:
         code = run.proc.wait(timeout=30)
     except Exception:
@@ -136,10 +138,10 @@ def test_a_killed_attacker_ends_the_run_cleanly_with_the_record_kept(tmp_path: P
     output = "".join(run.lines)
     errors = [x for x in run.lines if x.startswith("gradleak: error:")]
     assert code == 1, output
-    assert len(errors) == 1 and "attacker" in errors[0], output
+    assert len(errors) == 1 and who in errors[0], output
     summary = json.loads((runs[0] / "summary.json").read_text())
-    assert summary["interrupted"] is True and "attacker" in summary["reason"]
-    assert summary["faults"]["lost_actor"].startswith("the attacker")
+    assert summary["interrupted"] is True and who in summary["reason"]
+    assert summary["faults"]["lost_actor"].startswith(f"the {who}")
     assert (runs[0] / "reconstructions.jsonl").read_text().startswith(kept)  # nothing written was lost
     deadline = time.monotonic() + 10
     while _marked_processes(marker) and time.monotonic() < deadline:
@@ -148,7 +150,7 @@ def test_a_killed_attacker_ends_the_run_cleanly_with_the_record_kept(tmp_path: P
     if left:
         run.kill()
     assert not left, f"processes left behind: {left}"
-    print(f"\nattacker killed: the run ended after {ended_s:.1f} s with exit {code}: {errors[0].strip()}")
+    print(f"\n{who} killed: the run ended after {ended_s:.1f} s with exit {code}: {errors[0].strip()}")
 
 
 def _cmdline(pid: int) -> bytes:

@@ -75,17 +75,25 @@ def test_prometheus_scrapes_leakage_by_batch_size(testbed, prometheus) -> None:
 def test_a_malformed_update_gets_a_status_and_the_peer_keeps_serving(testbed) -> None:
     bed, _result = testbed
     peer = next(a for a in bed.addresses if a["role"] == "honest")
+    # A step of the malicious member (a member like any other) this peer never received:
+    # one update per origin per step, so only an unused step can still be accepted.
+    rows = [json.loads(x) for x in (bed.run_dir / "updates.jsonl").read_text().splitlines()]
+    got = {r["step"] for r in rows if r["receiver"] == peer["peer_id"] and r["origin"] == "mallory"}
+    step = next(s for s in range(110, 60, -1) if s not in got)
     with GossipClient(peer["gossip"], timeout_s=5) as client:
         version, state = client.get_model()
         names = {n: t for n, t in state.items()}
-        header = UpdateHeader("test/bad", "test", "test", 10_000, version, 1)
+        header = UpdateHeader("test/bad", "mallory", "mallory", step, version, 1)
         wrong_shape = Update(header, {**{n: torch.zeros_like(t) for n, t in names.items()},
                                       next(iter(names)): torch.zeros(3)})
         with pytest.raises(TransportError) as err:
             client.push_update(wrong_shape)
         assert err.value.code == "INVALID_ARGUMENT" and "shape" in err.value.details
-        good = Update(UpdateHeader("test/good", "test", "test", 10_000, version, 1),
-                      {n: torch.zeros_like(t) for n, t in names.items()})
+        zeros = {n: torch.zeros_like(t) for n, t in names.items()}
+        with pytest.raises(TransportError) as err:  # not on the roster
+            client.push_update(Update(UpdateHeader("test/stranger", "test", "test", step, version, 1), zeros))
+        assert err.value.code == "PERMISSION_DENIED"
+        good = Update(UpdateHeader("test/good", "mallory", "mallory", step, version, 1), zeros)
         assert client.push_update(good) > 0
         assert client.health() == "SERVING"
 
