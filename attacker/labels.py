@@ -26,6 +26,11 @@ when exactly B entries are negative; repeats are right when the classes' predict
 masses differ by less than half a sample from that mean. Without a bias the
 weight-row sums stand in for g (they carry the same sign pattern for non-negative
 activations, scaled by the activations' sum, whose per-sample size is estimated too).
+
+`recover_labels` now takes its counts from attacker/label_counts.py by default (P
+estimated in logit space from the model's weights, iLRG-class), which needs no absent
+class and stays exact at B = 8-64 near initialisation; the bias-sign counts above
+remain as counts="bias" and as its fallback.
 """
 
 from __future__ import annotations
