@@ -1,6 +1,6 @@
 """Batch label recovery and the analytic batch attack on random batches (labels repeat).
 
-    .venv/bin/python benchmarks/batch_labels.py [--trials N] [--corrected-trials N] [--attack]
+    .venv/bin/python benchmarks/batch_labels.py [--trials N] [--corrected-trials N] [--more-models N] [--attack]
 
 Prints (1) label counts of random batches at B = 8, 32 and 64 (labels repeat; drawn
 uniformly from the data, so some classes are absent and some repeat), old method
@@ -87,6 +87,18 @@ def part_counts(cases, trials: int) -> None:
                   f"| {seconds['bias'] / trials:.4f} | {seconds['logits'] / trials:.4f} |", flush=True)
 
 
+def more_model_cases(images: torch.Tensor, labels: torch.Tensor):
+    """(name, model, images, labels): the other registered models at init."""
+    colour = torch.as_tensor(colour_crops(200, size=32, seed=0))
+    colour_labels = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(0))
+    for name, init in (("mlp", "default"), ("mlp", "sigmoid"), ("relu-mlp", "default")):
+        model = init_model(create_model(name, in_channels=1, num_classes=10, image_size=16), init, 0)
+        yield f"digits, {name} {init} init", model, images, labels
+    for name in ("relu-mlp", "resnet18"):
+        model = init_model(create_model(name, in_channels=3, num_classes=10, image_size=32), "default", 0)
+        yield f"colour 32x32, {name} default init", model, colour, colour_labels
+
+
 def count_cases(images: torch.Tensor, labels: torch.Tensor):
     """(name, model, images, labels): digits at three inits and in training, colour at two inits."""
     for init in ("dlg", "default", "sigmoid"):
@@ -149,16 +161,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="batches per row")
     parser.add_argument("--corrected-trials", type=int, default=4,
-                        help="batches for the B = 8 correction table (its search takes seconds each)")
+                        help="batches for the B = 8 correction table, 0 for none (its search takes seconds each)")
+    parser.add_argument("--more-models", type=int, default=0, metavar="N",
+                        help="also MLP, ReLU MLP and ResNet-18 at init, N batches per row")
     parser.add_argument("--attack", action="store_true", help="also the analytic attack while training")
     args = parser.parse_args()
+    if args.trials < 1 or args.corrected_trials < 0 or args.more_models < 0:
+        parser.error("--trials must be >= 1, --corrected-trials and --more-models >= 0")
     torch.set_num_threads(1)
     data = load_dataset("digits", image_size=16)
     images = torch.as_tensor(data.images, dtype=torch.float32)
     labels = torch.as_tensor(data.labels, dtype=torch.int64)
     print("## label counts of random batches (labels repeat), old (bias) vs new (logits)\n")
     part_counts(count_cases(images, labels), args.trials)
-    part_corrected(images, labels, args.corrected_trials)
+    if args.more_models:
+        print("\n## the other models at init\n")
+        part_counts(more_model_cases(images, labels), args.more_models)
+    if args.corrected_trials:
+        part_corrected(images, labels, args.corrected_trials)
     if args.attack:
         print("\n## analytic attack on batches of 8 while the LeNet trains (Adam, lr 0.005)")
         part_training(images, labels)
