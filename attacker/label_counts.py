@@ -31,33 +31,36 @@ it. Needs the last layer's bias; B is public.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torch import nn
 
 REWEIGHT_PASSES = 5  # measured: counts stop changing after 2-3 passes
 
 
 def logit_moments(
-    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M (K, K), B g (K,)) in float64: sum_n (p_n - y_n) z_n^T and sum_n (p_n - y_n).
 
-    Raises:
-        ValueError: no bias on the last linear layer, a bad batch size, misaligned or
-            non-finite gradients.
-    """
-    from attacker.labels import _last_linear, find_last_linear_grads
+    Args:
+        weight, bias: the last linear layer's (K, F) weight and (K,) bias.
+        weight_grad, bias_grad: their gradients in the update.
+        batch_size: B.
 
+    Raises:
+        ValueError: a bad batch size, misshaped or non-finite tensors.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    weight_grad, bias_grad = find_last_linear_grads(model, gradients)
-    last = _last_linear(model)
-    if bias_grad is None or last.bias is None:
-        raise ValueError("logit-space label counts need the last linear layer's bias")
+    if weight.dim() != 2 or weight_grad.shape != weight.shape or bias.shape != (weight.shape[0],) \
+            or bias_grad.shape != bias.shape:
+        raise ValueError(f"last layer {tuple(weight.shape)}/{tuple(bias.shape)} does not match its "
+                         f"gradient {tuple(weight_grad.shape)}/{tuple(bias_grad.shape)}")
     weight, bias, w_grad, b_grad = (t.detach().to(torch.float64).cpu()
-                                    for t in (last.weight, last.bias, weight_grad, bias_grad))
+                                    for t in (weight, bias, weight_grad, bias_grad))
     if not all(bool(torch.isfinite(t).all()) for t in (weight, bias, w_grad, b_grad)):
         raise ValueError("last-layer weights or gradient not finite")
     moments = batch_size * (w_grad @ weight.T + b_grad[:, None] * bias[None, :])  # (K, K)
@@ -113,20 +116,24 @@ def round_counts(estimate: torch.Tensor, lower: torch.Tensor, batch_size: int) -
 
 
 def logit_label_counts(
-    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    batch_size: int,
 ) -> torch.Tensor:
     """(K,) int64 label counts of a B-sample update, summing to B (module docstring).
 
     Args:
-        model: the model the update's gradients were taken of (weights known).
-        gradients: one tensor per parameter, in `model.parameters()` order.
+        weight, bias: the last linear layer's weight and bias (known to the attacker).
+        weight_grad, bias_grad: their gradients in the update.
         batch_size: B, from the update's public header.
 
     Raises:
-        ValueError: see `logit_moments` and `estimate_class_mass`.
+        ValueError: see `logit_moments`, `estimate_class_mass` and `round_counts`.
     """
-    moments, scaled_bias = logit_moments(model, gradients, batch_size)
+    moments, scaled_bias = logit_moments(weight, bias, weight_grad, bias_grad, batch_size)
     mass = estimate_class_mass(moments, scaled_bias, batch_size)
     # c_i = P_i - B g_i with P_i > 0: a class is present at least -B g_i times.
     lower = torch.ceil(-scaled_bias - 1e-3).clamp(min=0)
-    return round_counts(mass - scaled_bias, lower, batch_size).to(gradients[0].device)
+    return round_counts(mass - scaled_bias, lower, batch_size).to(weight_grad.device)

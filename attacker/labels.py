@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from attacker.label_counts import logit_label_counts
+
 if TYPE_CHECKING:
     from attacker.api import AttackConfig, Observation
 
@@ -256,16 +258,31 @@ def _counted_labels(
         raise ValueError(f"unknown count method '{method}' (known: {', '.join(COUNT_METHODS)})")
     counts = None
     if method == "logits" and bias_grad is not None:
-        from attacker.label_counts import logit_label_counts  # it builds on this module
-
         try:
-            counts = logit_label_counts(model, gradients, batch_size)
+            counts = logit_counts(model, gradients, batch_size)
         except ValueError:
             counts = None
     if counts is None:
         counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
     classes = torch.arange(counts.shape[0], device=counts.device)
     return torch.repeat_interleave(classes, counts).to(weight_grad.device)
+
+
+def logit_counts(
+    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+) -> torch.Tensor:
+    """(K,) int64 label counts from the model's last linear layer in logit space
+    (attacker/label_counts.py), summing to `batch_size`.
+
+    Raises:
+        ValueError: no bias on the last linear layer, misaligned gradients, or see
+            attacker.label_counts.logit_label_counts.
+    """
+    weight_grad, bias_grad = find_last_linear_grads(model, gradients)
+    last = _last_linear(model)
+    if bias_grad is None or last.bias is None:
+        raise ValueError("logit-space label counts need the last linear layer's bias")
+    return logit_label_counts(last.weight, last.bias, weight_grad, bias_grad, batch_size)
 
 
 def _separable_labels(

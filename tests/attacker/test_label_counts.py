@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from attacker.api import AttackConfig, compute_gradients
-from attacker.label_counts import logit_label_counts, round_counts
-from attacker.labels import analytic_labels, recover_labels
+from attacker.label_counts import round_counts
+from attacker.labels import analytic_labels, logit_counts, recover_labels
 from gradleak.core.models import create_model, init_model
 
 PLANTED = [  # (batch size, label counts over the ten digits): every batch repeats labels
@@ -46,7 +46,7 @@ def test_planted_repeats_come_out_exact(digits, init, batch_size, counts):
         model = _lenet(init, seed)
         x, y = _planted(digits, counts, seed)
         assert y.numel() == batch_size
-        got = logit_label_counts(model, compute_gradients(model, x, y), batch_size)
+        got = logit_counts(model, compute_gradients(model, x, y), batch_size)
         assert got.dtype == torch.int64
         assert got.tolist() == counts
 
@@ -76,7 +76,7 @@ def test_constant_features_give_counts_exactly():
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5))
     x = torch.rand(1, 6).repeat(12, 1)
     y = torch.tensor([0, 0, 0, 0, 0, 2, 2, 3, 3, 3, 3, 3])
-    got = logit_label_counts(model, compute_gradients(model, x, y), 12)
+    got = logit_counts(model, compute_gradients(model, x, y), 12)
     assert got.tolist() == [5, 0, 2, 5, 0]
 
 
@@ -94,16 +94,16 @@ def test_bad_inputs_raise_and_fall_back():
     x, y = torch.rand(4, 4), torch.tensor([0, 0, 1, 2])
     grads = compute_gradients(no_bias, x, y)
     with pytest.raises(ValueError, match="bias"):
-        logit_label_counts(no_bias, grads, 4)
+        logit_counts(no_bias, grads, 4)
     assert recover_labels(no_bias, grads, 4).numel() == 4  # bias-sign counts take over
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     zeros = [torch.zeros_like(p) for p in model.parameters()]
     with pytest.raises(ValueError, match="no label signal"):
-        logit_label_counts(model, zeros, 4)
+        logit_counts(model, zeros, 4)
     with pytest.raises(ValueError, match="batch_size"):
-        logit_label_counts(model, compute_gradients(model, x, y), 0)
+        logit_counts(model, compute_gradients(model, x, y), 0)
     nan = [torch.full_like(p, float("nan")) for p in model.parameters()]
     with pytest.raises(ValueError, match="not finite"):
-        logit_label_counts(model, nan, 4)
+        logit_counts(model, nan, 4)
     with pytest.raises(ValueError, match="count method"):
         recover_labels(model, compute_gradients(model, x, y), 4, counts="guess")
