@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-REWEIGHT_PASSES = 5  # measured: counts stop changing after 2-3 passes
+REWEIGHT_PASSES = 5  # measured: 20 passes gained 1 batch of 20 over 5 (colour DLG LeNet, B = 32)
 
 
 def logit_moments(
