@@ -26,6 +26,11 @@ when exactly B entries are negative; repeats are right when the classes' predict
 masses differ by less than half a sample from that mean. Without a bias the
 weight-row sums stand in for g (they carry the same sign pattern for non-negative
 activations, scaled by the activations' sum, whose per-sample size is estimated too).
+
+`recover_labels` now takes its counts from attacker/label_counts.py by default (P
+estimated in logit space from the model's weights, iLRG-class), which needs no absent
+class and stays exact at B = 8-64 near initialisation; the bias-sign counts above
+remain as counts="bias" and as its fallback.
 """
 
 from __future__ import annotations
@@ -36,10 +41,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from attacker.label_counts import logit_label_counts
+
 if TYPE_CHECKING:
     from attacker.api import AttackConfig, Observation
 
 CORRECTION_GAIN = 10.0  # a corrected labelling must separate this much better than the counts
+# How batch label counts are estimated: "logits" (attacker.label_counts, iLRG-class: the
+# model's weights move the gradient to logit space; exact counts at B = 8-64 near init,
+# benchmarks/batch_labels.py) or "bias" (`recover_label_counts`, from the bias signs alone).
+COUNT_METHODS = ("logits", "bias")
 
 def recover_label_batch1(
     last_weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None
@@ -176,12 +187,18 @@ def _count_signal(
 
 
 def recover_labels(
-    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int, *, correct: bool = True
+    model: nn.Module,
+    gradients: Sequence[torch.Tensor],
+    batch_size: int,
+    *,
+    correct: bool = True,
+    counts: str = "logits",
 ) -> torch.Tensor:
     """The labels behind an update, as a sorted (B,) int64 tensor on the gradients' device.
 
-    B = 1 uses iDLG's rules (`recover_label_batch1`); B > 1 the counts of
-    `recover_label_counts`, then (with `correct`, when B <= K and the last layer has
+    B = 1 uses iDLG's rules (`recover_label_batch1`); B > 1 the counts of the method
+    `counts` names (COUNT_METHODS: "logits", attacker.label_counts, where the last layer
+    has a bias, else "bias", `recover_label_counts`), then (with `correct`, when B <= K and the last layer has
     a bias) the labelling that separates the last layer's gradient exactly into B
     samples' features, if a change of up to two labels finds one
     (attacker.analytic_batch.search_labels), or one that separates it
@@ -198,7 +215,7 @@ def recover_labels(
     if batch_size == 1:
         label = recover_label_batch1(weight_grad, bias_grad)
         return torch.tensor([label], dtype=torch.int64, device=device)
-    labels = _counted_labels(weight_grad, bias_grad, batch_size)
+    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, counts)
     if correct and bias_grad is not None and batch_size <= weight_grad.shape[0]:
         labels = _separable_labels(model, weight_grad, bias_grad, labels)[0]
     return labels
@@ -220,18 +237,52 @@ def certified_labels(
     weight_grad, bias_grad = find_last_linear_grads(model, gradients)
     if bias_grad is None or batch_size > weight_grad.shape[0]:
         return None
-    labels = _counted_labels(weight_grad, bias_grad, batch_size)
+    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, "logits")
     corrected, exact = _separable_labels(model, weight_grad, bias_grad, labels)
     return corrected if exact else None
 
 
 def _counted_labels(
-    weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, batch_size: int
+    model: nn.Module,
+    gradients: Sequence[torch.Tensor],
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor | None,
+    batch_size: int,
+    method: str,
 ) -> torch.Tensor:
-    """`recover_label_counts` as sorted (B,) labels on the gradient's device."""
-    counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
+    """The counts of `method` as sorted (B,) labels on the gradient's device.
+
+    "logits" falls back to "bias" where it has no answer (no bias, or a gradient so
+    distorted that its lower bounds exceed the batch)."""
+    if method not in COUNT_METHODS:
+        raise ValueError(f"unknown count method '{method}' (known: {', '.join(COUNT_METHODS)})")
+    counts = None
+    if method == "logits" and bias_grad is not None:
+        try:
+            counts = logit_counts(model, gradients, batch_size)
+        except ValueError:
+            counts = None
+    if counts is None:
+        counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
     classes = torch.arange(counts.shape[0], device=counts.device)
     return torch.repeat_interleave(classes, counts).to(weight_grad.device)
+
+
+def logit_counts(
+    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+) -> torch.Tensor:
+    """(K,) int64 label counts from the model's last linear layer in logit space
+    (attacker/label_counts.py), summing to `batch_size`.
+
+    Raises:
+        ValueError: no bias on the last linear layer, misaligned gradients, or see
+            attacker.label_counts.logit_label_counts.
+    """
+    weight_grad, bias_grad = find_last_linear_grads(model, gradients)
+    last = _last_linear(model)
+    if bias_grad is None or last.bias is None:
+        raise ValueError("logit-space label counts need the last linear layer's bias")
+    return logit_label_counts(last.weight, last.bias, weight_grad, bias_grad, batch_size)
 
 
 def _separable_labels(

@@ -1,15 +1,21 @@
-"""Batch label recovery and the analytic batch attack on random digit batches (labels repeat).
+"""Batch label recovery and the analytic batch attack on random batches (labels repeat).
 
-    .venv/bin/python benchmarks/batch_labels.py
+    .venv/bin/python benchmarks/batch_labels.py [--trials N] [--corrected-trials N] [--more-models N] [--attack]
 
-Prints (1) how often the counts from the bias gradient, and the counts corrected by
-exact separation, give every label of a batch right on the DLG paper's LeNet at its
-uniform init (30 random batches per size); (2) the analytic attack on batches of 8 drawn
-while that LeNet trains with Adam, as an honest peer's would be: labels and PSNR.
+Prints (1) label counts of random batches at B = 8, 32 and 64 (labels repeat; drawn
+uniformly from the data, so some classes are absent and some repeat), old method
+("bias": the bias gradient's signs, `recover_label_counts`) against new ("logits":
+attacker/label_counts.py) in the same run: the share of batches whose counts are all
+exact, the per-label accuracy (share of the B labels matched), and seconds per batch;
+on the LeNet at three inits and while it trains (Adam, lr 0.005, the peers' setting;
+held-out accuracy stated), on digits and on colour crops of scikit-learn's photos
+(random labels: an untrained model's gradient does not depend on what they mean);
+(2) with --attack, the analytic attack on batches of 8 while the LeNet trains.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -22,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attacker.api import AttackConfig, Observation, compute_gradients, create_attack
 from attacker.labels import recover_labels
 from attacker.metrics import match_batch, psnr
-from gradleak.core.models import create_model, init_dlg_uniform
+from benchmarks.data import colour_crops
+from gradleak.core.models import create_model, init_dlg_uniform, init_model
 from gradleak.data import load_dataset
 
 
@@ -31,22 +38,100 @@ def lenet(seed: int) -> torch.nn.Module:
     return init_dlg_uniform(model, torch.Generator().manual_seed(seed))
 
 
-def part_labels(images: torch.Tensor, labels: torch.Tensor, trials: int = 30) -> None:
-    print("| batch size | counts right | corrected right | seconds per update (corrected) |")
+def label_accuracy(recovered: torch.Tensor, truth: torch.Tensor, classes: int) -> float:
+    """Share of the B labels matched: sum over classes of min(recovered, true) counts / B."""
+    got = torch.bincount(recovered, minlength=classes)
+    want = torch.bincount(truth, minlength=classes)
+    return float(torch.minimum(got, want).sum()) / truth.numel()
+
+
+def trained_lenet(images: torch.Tensor, labels: torch.Tensor, steps: int) -> tuple[torch.nn.Module, float]:
+    """The sigmoid-initialised LeNet after `steps` Adam steps (lr 0.005, batch 32) on the
+    first 1500 digits, and its accuracy on the rest."""
+    model = init_model(create_model("lenet", in_channels=1, num_classes=10, image_size=16), "sigmoid", 0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.005)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, 1500, (32,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = float((model(images[1500:]).argmax(1) == labels[1500:]).float().mean())
+    return model, accuracy
+
+
+def part_counts(cases, trials: int) -> None:
+    """cases: (name, model, images, labels) rows; every batch is fed to both methods."""
+    print("| data, model | B | exact: old | exact: new | per label: old | per label: new "
+          "| s/batch: old | s/batch: new |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, model, images, labels in cases:
+        for batch in (8, 32, 64):
+            gen = torch.Generator().manual_seed(batch)
+            exact = {"bias": 0, "logits": 0}
+            per_label: dict[str, list[float]] = {"bias": [], "logits": []}
+            seconds = {"bias": 0.0, "logits": 0.0}
+            for _ in range(trials):
+                idx = torch.randint(0, labels.numel(), (batch,), generator=gen)
+                grads = compute_gradients(model, images[idx], labels[idx])
+                truth = labels[idx]
+                for method in exact:
+                    start = time.perf_counter()
+                    got = recover_labels(model, grads, batch, correct=False, counts=method)
+                    seconds[method] += time.perf_counter() - start
+                    exact[method] += got.tolist() == sorted(truth.tolist())
+                    per_label[method].append(label_accuracy(got, truth, 10))
+            print(f"| {name} | {batch} | {exact['bias']}/{trials} | {exact['logits']}/{trials} "
+                  f"| {statistics.mean(per_label['bias']):.3f} | {statistics.mean(per_label['logits']):.3f} "
+                  f"| {seconds['bias'] / trials:.4f} | {seconds['logits'] / trials:.4f} |", flush=True)
+
+
+def more_model_cases(images: torch.Tensor, labels: torch.Tensor):
+    """(name, model, images, labels): the other registered models at init."""
+    colour = torch.as_tensor(colour_crops(200, size=32, seed=0))
+    colour_labels = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(0))
+    for name, init in (("mlp", "default"), ("mlp", "sigmoid"), ("relu-mlp", "default")):
+        model = init_model(create_model(name, in_channels=1, num_classes=10, image_size=16), init, 0)
+        yield f"digits, {name} {init} init", model, images, labels
+    for name in ("relu-mlp", "resnet18"):
+        model = init_model(create_model(name, in_channels=3, num_classes=10, image_size=32), "default", 0)
+        yield f"colour 32x32, {name} default init", model, colour, colour_labels
+
+
+def count_cases(images: torch.Tensor, labels: torch.Tensor):
+    """(name, model, images, labels): digits at three inits and in training, colour at two inits."""
+    for init in ("dlg", "default", "sigmoid"):
+        model = init_model(create_model("lenet", in_channels=1, num_classes=10, image_size=16), init, 0)
+        yield f"digits, LeNet {init} init", model, images, labels
+    for steps in (20, 50, 100):
+        model, accuracy = trained_lenet(images, labels, steps)
+        yield f"digits, LeNet after {steps} steps (acc {accuracy:.2f})", model, images, labels
+    colour = torch.as_tensor(colour_crops(400, size=32, seed=0))
+    colour_labels = torch.randint(0, 10, (400,), generator=torch.Generator().manual_seed(0))
+    for init in ("dlg", "default"):
+        model = init_model(create_model("lenet", in_channels=3, num_classes=10, image_size=32), init, 0)
+        yield f"colour 32x32, LeNet {init} init", model, colour, colour_labels
+
+
+def part_corrected(images: torch.Tensor, labels: torch.Tensor, trials: int) -> None:
+    """B = 8 with the exact-separation correction on top, as `recover_labels` answers by default."""
+    print("\n| DLG LeNet, B = 8 | counts right | corrected right | s/batch (corrected) |")
     print("|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
-    for batch in (2, 4, 8):
-        right, fixed, seconds = 0, 0, 0.0
-        for trial in range(trials):
-            model = lenet(trial)
-            idx = torch.randint(0, labels.numel(), (batch,), generator=gen)
-            grads = compute_gradients(model, images[idx], labels[idx])
-            truth = sorted(labels[idx].tolist())
-            right += recover_labels(model, grads, batch, correct=False).tolist() == truth
+    rows = {"bias": [0, 0, 0.0], "logits": [0, 0, 0.0]}
+    for trial in range(trials):
+        model = lenet(trial)
+        idx = torch.randint(0, labels.numel(), (8,), generator=gen)
+        grads = compute_gradients(model, images[idx], labels[idx])
+        truth = sorted(labels[idx].tolist())
+        for method, row in rows.items():
+            row[0] += recover_labels(model, grads, 8, correct=False, counts=method).tolist() == truth
             start = time.perf_counter()
-            fixed += recover_labels(model, grads, batch).tolist() == truth
-            seconds += time.perf_counter() - start
-        print(f"| {batch} | {right}/{trials} | {fixed}/{trials} | {seconds / trials:.2f} |")
+            row[1] += recover_labels(model, grads, 8, counts=method).tolist() == truth
+            row[2] += time.perf_counter() - start
+    for method, (right, fixed, seconds) in rows.items():
+        print(f"| {method} | {right}/{trials} | {fixed}/{trials} | {seconds / trials:.2f} |")
 
 
 def part_training(images: torch.Tensor, labels: torch.Tensor, steps: int = 6) -> None:
@@ -73,14 +158,30 @@ def part_training(images: torch.Tensor, labels: torch.Tensor, steps: int = 6) ->
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=20, help="batches per row")
+    parser.add_argument("--corrected-trials", type=int, default=4,
+                        help="batches for the B = 8 correction table, 0 for none (its search takes seconds each)")
+    parser.add_argument("--more-models", type=int, default=0, metavar="N",
+                        help="also MLP, ReLU MLP and ResNet-18 at init, N batches per row")
+    parser.add_argument("--attack", action="store_true", help="also the analytic attack while training")
+    args = parser.parse_args()
+    if args.trials < 1 or args.corrected_trials < 0 or args.more_models < 0:
+        parser.error("--trials must be >= 1, --corrected-trials and --more-models >= 0")
     torch.set_num_threads(1)
     data = load_dataset("digits", image_size=16)
     images = torch.as_tensor(data.images, dtype=torch.float32)
     labels = torch.as_tensor(data.labels, dtype=torch.int64)
-    print("## labels of random digit batches, DLG LeNet at its uniform init\n")
-    part_labels(images, labels)
-    print("\n## analytic attack on batches of 8 while the LeNet trains (Adam, lr 0.005)")
-    part_training(images, labels)
+    print("## label counts of random batches (labels repeat), old (bias) vs new (logits)\n")
+    part_counts(count_cases(images, labels), args.trials)
+    if args.more_models:
+        print("\n## the other models at init\n")
+        part_counts(more_model_cases(images, labels), args.more_models)
+    if args.corrected_trials:
+        part_corrected(images, labels, args.corrected_trials)
+    if args.attack:
+        print("\n## analytic attack on batches of 8 while the LeNet trains (Adam, lr 0.005)")
+        part_training(images, labels)
 
 
 if __name__ == "__main__":

@@ -111,8 +111,8 @@ def test_idlg_uses_batch_labels_when_asked(digits, make_observation):
 
 
 def test_separation_corrects_counts_on_the_confident_dlg_lenet(digits):
-    """The DLG-initialised LeNet favours one class, which the counts alone miss; the
-    exact-separation search repairs most such batches (30 random batches of 4)."""
+    """The DLG-initialised LeNet favours one class, which the bias-sign counts alone miss;
+    the exact-separation search repairs most such batches (30 random batches of 4)."""
     from gradleak.core.models import init_dlg_uniform
 
     images, labels = digits
@@ -124,14 +124,15 @@ def test_separation_corrects_counts_on_the_confident_dlg_lenet(digits):
         idx = torch.randint(0, labels.numel(), (4,), generator=gen)
         grads = compute_gradients(model, images[idx], labels[idx])
         truth = sorted(labels[idx].tolist())
-        counts_right += recover_labels(model, grads, 4, correct=False).tolist() == truth
-        corrected_right += recover_labels(model, grads, 4).tolist() == truth
+        counts_right += recover_labels(model, grads, 4, correct=False, counts="bias").tolist() == truth
+        corrected_right += recover_labels(model, grads, 4, counts="bias").tolist() == truth
     assert counts_right <= 20 and corrected_right >= 27  # measured: 17 and 29
 
 
 def test_correction_trusts_a_far_better_separation_short_of_exact(digits):
     """Repeated labels keep the separation ill-conditioned: on this batch of 8 (labels
-    0,1,1,3,4,5,6,9) the right labelling is 1000x better than the counts' but not exact."""
+    0,1,1,3,4,5,6,9) the right labelling is 1000x better than the bias-sign counts' but
+    not exact."""
     from gradleak.core.models import init_dlg_uniform
 
     images, labels = digits
@@ -143,5 +144,5 @@ def test_correction_trusts_a_far_better_separation_short_of_exact(digits):
     grads = compute_gradients(model, images[idx], labels[idx])
     truth = sorted(labels[idx].tolist())
     assert truth == [0, 1, 1, 3, 4, 5, 6, 9]
-    assert recover_labels(model, grads, 8, correct=False).tolist() != truth
-    assert recover_labels(model, grads, 8).tolist() == truth
+    assert recover_labels(model, grads, 8, correct=False, counts="bias").tolist() != truth
+    assert recover_labels(model, grads, 8, counts="bias").tolist() == truth
