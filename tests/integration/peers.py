@@ -120,3 +120,20 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def run_to_done(peers: list[PeerProcess], timeout: float) -> list[int]:
+    """Wait until every peer serves and has done its steps, stop them with SIGTERM; their exit codes.
+
+    Any peer still running when this fails is killed, so a failing test leaves nothing behind.
+    """
+    try:
+        for p in peers:
+            p.wait_serving()
+        wait_until(lambda: all(p.status_path.exists() and p.status()["state"] == "done" for p in peers),
+                   timeout, "every peer to finish its steps")
+        return [p.stop(signal.SIGTERM) for p in peers]
+    finally:
+        for p in peers:
+            if p.proc.poll() is None:
+                p.stop(signal.SIGKILL)

@@ -22,7 +22,7 @@ import pytest
 
 from p2p.tls import make_test_pki, write_tls
 
-from .peers import ROOT, PeerProcess, make_roster, peer_command, start_peer, wait_until
+from .peers import ROOT, PeerProcess, make_roster, peer_command, run_to_done, start_peer
 
 pytestmark = pytest.mark.integration
 
@@ -77,13 +77,9 @@ def run_network(tmp_path: Path, delay_ms: float, loss_pct: float, links: str = "
                                "--period", "0.1", "--batch-size", "1,8", "--limit", "800",
                                "--attack-budget", "0.5", "--max-iters", "20")
             peers.append(start_peer(cmd, p, out, prefix=["ip", "netns", "exec", f"{PREFIX}-p{i}"]))
-        for proc in peers:
-            proc.wait_serving()
-        wait_until(lambda: all(p.status_path.exists() and p.status()["state"] == "done" for p in peers),
-                   60, "every peer's steps")
-        codes = [p.stop(signal.SIGTERM) for p in peers]
+        codes = run_to_done(peers, 60)
     finally:
-        for p in peers:
+        for p in peers:  # a start that failed half-way
             if p.proc.poll() is None:
                 p.stop(signal.SIGKILL)
         netns("down", links=links, state=tmp_path, check=False)

@@ -13,7 +13,7 @@ from p2p import codec
 from p2p.tls import make_test_pki, write_tls
 from p2p.transport import GossipClient
 
-from .peers import free_ports, make_roster, peer_command, start_peer, wait_until
+from .peers import free_ports, make_roster, peer_command, run_to_done, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +28,11 @@ def test_three_peer_processes_gossip_over_tls_learn_and_stop_cleanly(tmp_path: P
     _ca, material = make_test_pki(hosts=("127.0.0.1",), peers=ids)
     out = tmp_path / "out"
     peers = []
-    try:
-        for i, port in zip(ids, ports, strict=True):
-            tls_dir = write_tls(tmp_path / "tls" / i, material[i])
-            cmd = peer_command(i, f"127.0.0.1:{port}", roster, out, "--tls-dir", str(tls_dir), *FAST)
-            peers.append(start_peer(cmd, i, out))
-        for p in peers:
-            p.wait_serving()
-        wait_until(lambda: all(p.status_path.exists() and p.status()["state"] == "done" for p in peers),
-                   120, "every peer to finish its steps")
-        codes = [p.stop(signal.SIGTERM) for p in peers]
-    finally:
-        for p in peers:
-            if p.proc.poll() is None:
-                p.stop(signal.SIGKILL)
+    for i, port in zip(ids, ports, strict=True):
+        tls_dir = write_tls(tmp_path / "tls" / i, material[i])
+        cmd = peer_command(i, f"127.0.0.1:{port}", roster, out, "--tls-dir", str(tls_dir), *FAST)
+        peers.append(start_peer(cmd, i, out))
+    codes = run_to_done(peers, 120)
     assert codes == [0, 0, 0], [p.output()[-1000:] for p in peers]
     assert not any(p.group_alive() for p in peers), "a peer left a process behind"
     for p in peers:

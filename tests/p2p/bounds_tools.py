@@ -277,3 +277,16 @@ def wait_until(predicate: Any, timeout: float, every: float = 0.05) -> bool:
             return True
         time.sleep(every)
     return bool(predicate())
+
+
+def push_status(server: GossipServer, tls: TlsMaterial | None, update: Update) -> str:
+    """The status name a push of update gets from server ("OK" when accepted)."""
+    from p2p.errors import TransportError
+    from p2p.transport import GossipClient
+
+    with GossipClient(server.address, tls=tls, timeout_s=5.0) as client:
+        try:
+            client.push_update(update)
+        except TransportError as exc:
+            return exc.code
+    return "OK"

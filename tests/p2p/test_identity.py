@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from bounds_tools import push_status
 from cryptography import x509
 
 from gradleak.cli import build_parser, config_from_args
@@ -83,15 +84,6 @@ def state(peer: Peer) -> tuple:
 def same_state(peer: Peer, before: tuple) -> bool:
     now = state(peer)
     return now[:3] == before[:3] and all(torch.equal(x, y) for x, y in zip(now[3], before[3]))
-
-
-def push_status(server: GossipServer, tls: TlsMaterial | None, update: Update) -> str:
-    with GossipClient(server.address, tls=tls, timeout_s=5.0) as client:
-        try:
-            client.push_update(update)
-        except TransportError as exc:
-            return exc.code
-    return "OK"
 
 
 def pull_status(server: GossipServer, tls: TlsMaterial | None) -> str:

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from bounds_tools import push_status
 
 from p2p.defences import parse_defence
-from p2p.errors import TransportError
 from p2p.membership import Membership
 from p2p.peer import Peer
 from p2p.secagg import create_group
@@ -24,15 +24,6 @@ from p2p.transport import GossipClient, GossipServer
 from p2p.update import Update, UpdateHeader
 
 MEMBERS = ("a", "b", "c")
-
-
-def push_status(server: GossipServer, tls: TlsMaterial | None, update: Update) -> str:
-    with GossipClient(server.address, tls=tls, timeout_s=5.0) as client:
-        try:
-            client.push_update(update)
-        except TransportError as exc:
-            return exc.code
-    return "OK"
 
 
 def params(peer: Peer) -> list[torch.Tensor]:
