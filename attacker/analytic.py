@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacker.analytic_batch import reconstruct_batch
+from attacker.analytic_batch import BATCH_METHODS, reconstruct_batch
 from attacker.analytic_layers import (
     ConvOps,
     Layer,
@@ -107,11 +107,15 @@ class Analytic(Attack):
         cg_tol: float = CG_TOL,
         cg_max_iters: int = CG_MAX_ITERS,
         polish_above: float = POLISH_ABOVE,
+        batch_method: str = "layers",
     ) -> None:
         super().__init__(config)
         if not (cg_tol > 0 and cg_max_iters >= 1 and polish_above >= 0):
             raise ValueError("need cg_tol > 0, cg_max_iters >= 1 and polish_above >= 0")
+        if batch_method not in BATCH_METHODS:
+            raise ValueError(f"unknown batch_method '{batch_method}' (known: {', '.join(BATCH_METHODS)})")
         self.cg_tol, self.cg_max_iters, self.polish_above = cg_tol, cg_max_iters, polish_above
+        self.batch_method = batch_method
 
     def supports(self, model: nn.Module, obs: Observation) -> str | None:
         """A chain of Conv2d/Linear with invertible activations (sigmoid, tanh, leaky ReLU),
@@ -194,7 +198,7 @@ class Analytic(Attack):
         raw, labels, stats = reconstruct_batch(
             victim, layers, targets, labels, obs.input_shape, max_iters=config.max_iters,
             inner=config.lbfgs_inner, history=config.lbfgs_history, working=dtype,
-            callback=callback,
+            callback=callback, method=self.batch_method,
         )
         distance = _distance(victim, raw, labels, targets)
         norm2 = float(sum(torch.sum(t * t) for t in targets))

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacker.analytic_joint import invert_layers
 from attacker.analytic_layers import Layer, chain_forward
 from attacker.api import private_copy
 from attacker.budget import TIME_BUDGET, expired
@@ -60,6 +61,7 @@ LM_ITERS = 100  # Levenberg-Marquardt steps refining the separation
 SEARCH_LM_ITERS = 20  # the same per candidate labelling, enough to rank candidates
 SEARCH_START_ITERS = 50  # fixed-point steps per candidate
 SEARCH_ROUNDS = 2  # labels the search may change
+RECOUNT_ROUNDS = 2  # count-identity corrections tried before the search (`_recount`)
 SEARCH_KEEP = 3  # best-scanned candidates refined fully each round
 SEARCH_CANDIDATES = 40  # single changes scanned per round at most (most likely first)
 SEARCH_GAIN = 0.5  # a change is kept when it at least halves the residual
@@ -209,6 +211,18 @@ def search_labels(
     best = separate_features(weight, bias, weight_grad, bias_grad, current, bounds)
     start_residual, changes = best.residual, 0
     num_classes = weight.shape[0]
+    for _ in range(RECOUNT_ROUNDS):
+        if best.exact or expired(SEPARATE_SHARE):
+            break
+        recounted = _recount(weight, bias, bias_grad, best.features)
+        if torch.equal(recounted, current):
+            break
+        fit = separate_features(weight, bias, weight_grad, bias_grad, recounted, bounds)
+        if not fit.residual < best.residual:
+            break
+        changes += int((torch.bincount(recounted, minlength=num_classes)
+                        - torch.bincount(current, minlength=num_classes)).clamp_min(0).sum())
+        best, current = fit, recounted
     for _ in range(SEARCH_ROUNDS):
         if best.exact or expired(SEPARATE_SHARE):
             break
@@ -255,6 +269,28 @@ def search_labels(
     return best, changes, start_residual
 
 
+def _recount(weight: torch.Tensor, bias: torch.Tensor, bias_grad: torch.Tensor,
+             features: torch.Tensor) -> torch.Tensor:
+    """Sorted labels from the count identity c = P - B db, P predicted from `features`.
+
+    The bias gradient is db = (P - c) / B with P the batch's summed softmax; the
+    counts' estimate (labels.recover_label_counts) has to guess P, while a
+    separation, even under slightly wrong labels, gives every sample's features and
+    so P itself: rounding P - B db then gives the counts, one cheap check before the
+    label search scans single changes.
+    """
+    batch = features.shape[0]
+    predicted = torch.softmax(features @ weight.T + bias, dim=1).sum(0)
+    estimate = predicted - batch * bias_grad
+    counts = estimate.round().clamp_min(0).to(torch.int64)
+    while int(counts.sum()) > batch:  # drop where the estimate is furthest below its count
+        counts[torch.argmax(torch.where(counts > 0, counts - estimate, -torch.inf))] -= 1
+    while int(counts.sum()) < batch:
+        counts[torch.argmax(estimate - counts)] += 1
+    classes = torch.arange(weight.shape[0], device=features.device)
+    return torch.repeat_interleave(classes, counts)
+
+
 def feature_bounds(layers: list[Layer]) -> tuple[float, float] | None:
     """The range of the last layer's input: its preceding activation's, or the images' [0, 1]."""
     if len(layers) == 1:
@@ -284,20 +320,24 @@ def invert_features(
     model: nn.Module, layers: list[Layer], sep: Separated, targets: list[torch.Tensor],
     input_shape: tuple[int, int, int], *, max_iters: int, inner: int, history: int,
     tv_weight: float = TV_WEIGHT, callback: Callback | None = None,
+    start: torch.Tensor | None = None, first_phase: int = 1,
 ) -> Inverted:
     """Images whose features match `sep.features` (phase 1), then the gradient (phase 2).
 
     model/layers/targets in the working dtype; `targets` the observed gradients in
     model.parameters() order. max_iters caps the outer L-BFGS steps of both phases.
+    `start` is the first iterate (0.5 everywhere by default); `first_phase` 2 skips
+    the feature-only phase (a start that already matches the features).
     """
     feats, weights = sep.features, sep.reliability.view(-1, 1)
     norm_f = float(torch.sum(weights * feats * feats)) or 1.0
     norm_g = float(sum(torch.sum(t * t) for t in targets)) or 1.0
     params = list(model.parameters())
-    start = torch.full((feats.shape[0], *input_shape), 0.5, dtype=feats.dtype, device=feats.device)
-    x = start.contiguous().requires_grad_(True)
+    if start is None:
+        start = torch.full((feats.shape[0], *input_shape), 0.5, dtype=feats.dtype, device=feats.device)
+    x = start.detach().clone().contiguous().requires_grad_(True)
     prefix = layers[:-1]
-    state: dict[str, Any] = {"phase": 1, "evals": 0}
+    state: dict[str, Any] = {"phase": first_phase, "evals": 0}
 
     def loss() -> torch.Tensor:
         h = chain_forward(prefix, x).flatten(1) if prefix else x.flatten(1)
@@ -347,12 +387,28 @@ def invert_features(
     return Inverted(x.detach(), step, state["evals"], phase1, state["phase"] == 2, reason)
 
 
+BATCH_METHODS = ("layers", "features")  # see reconstruct_batch
+CG_TOL = 1e-7  # each layer's CG tolerance (looser costs PSNR: 1e-6 gave 36 dB where 1e-7 gave 53)
+CG_MAX_ITERS = 3000
+POLISH_ABOVE = 1e-6  # polish a solved batch whose relative gradient distance is above this
+
+
 def reconstruct_batch(
     victim: nn.Module, layers: list[Layer], targets: list[torch.Tensor], labels: torch.Tensor,
     input_shape: tuple[int, int, int], *, max_iters: int, inner: int, history: int,
-    working: torch.dtype, callback: Callback | None,
+    working: torch.dtype, callback: Callback | None, method: str = "layers",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Separate, then invert: (raw images in the victim's dtype, labels, stats)."""
+    """Separate, then invert: (raw images in the victim's dtype, labels, stats).
+
+    method "layers" (default): every layer solved for the whole batch in closed form
+    (analytic_joint.invert_layers), then, only when those images miss the gradient
+    by more than POLISH_ABOVE (relative), the gradient polish of `invert_features`
+    started from them; the one nearer the gradient is returned. "features": the
+    earlier path, images by L-BFGS against the features from a flat start, then the
+    gradient (kept for comparison: benchmarks/batch_analytic.py).
+    """
+    if method not in BATCH_METHODS:
+        raise ValueError(f"unknown batch method '{method}' (known: {', '.join(BATCH_METHODS)})")
     start = time.perf_counter()
     top = layers[-1]
     assert top.bias_index is not None  # parse_chain requires the final bias
@@ -365,16 +421,52 @@ def reconstruct_batch(
     sep, changes, _ = search_labels(last.weight.detach(), last.bias.detach(), work[top.weight_index],
                                  work[top.bias_index], labels.to(work[0].device), bounds)
     separate_seconds = time.perf_counter() - start
-    inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
-                          inner=inner, history=history, callback=callback)
-    stats = {
-        "separate_seconds": separate_seconds, "separation_residual": sep.residual,
-        "separation_ratio": sep.ratio, "reliability": [round(float(r), 4) for r in sep.reliability],
-        "label_changes": changes, "iterations": inv.iterations, "evaluations": inv.evaluations,
-        "feature_iterations": inv.phase1_iterations, "gradient_polish": inv.polished,
-        "stop_reason": inv.stop_reason,
+    stats: dict[str, Any] = {
+        "batch_method": method, "separate_seconds": separate_seconds,
+        "separation_residual": sep.residual, "separation_ratio": sep.ratio,
+        "reliability": [round(float(r), 4) for r in sep.reliability], "label_changes": changes,
     }
-    return inv.images.to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+    if method == "features":
+        inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
+                              inner=inner, history=history, callback=callback)
+        stats.update(iterations=inv.iterations, evaluations=inv.evaluations,
+                     feature_iterations=inv.phase1_iterations, gradient_polish=inv.polished,
+                     stop_reason=inv.stop_reason)
+        return inv.images.to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+    weight, bias = last.weight.detach(), last.bias.detach()
+    onehot = F.one_hot(sep.labels, weight.shape[0]).to(weight.dtype)
+    deltas = (torch.softmax(sep.features @ weight.T + bias, dim=1) - onehot) / sep.labels.numel()
+    solved, layer_stats = invert_layers(chain, work, sep.features, deltas @ weight, input_shape,
+                                        tol=CG_TOL, max_iters=CG_MAX_ITERS, stop=expired)
+    norm2 = float(sum(torch.sum(t * t) for t in work)) or 1.0
+    solved_distance = _distance(model, solved, sep.labels, work) / norm2
+    stats.update(solve_seconds=time.perf_counter() - start - separate_seconds,
+                 solved_relative_distance=solved_distance, layers=layer_stats,
+                 cg_iterations=sum(int(st["iterations"]) for st in layer_stats),
+                 iterations=0, evaluations=1, gradient_polish=False, stop_reason="analytic")
+    raw = solved
+    if callback is not None and callback(0, solved.detach().clamp(0.0, 1.0)):
+        stats["stop_reason"] = "callback"
+    elif not solved_distance <= POLISH_ABOVE and not expired():
+        inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
+                              inner=inner, history=history, callback=callback,
+                              start=solved.clamp(0.0, 1.0), first_phase=2)
+        polished = _distance(model, inv.images, sep.labels, work) / norm2
+        stats.update(iterations=inv.iterations, evaluations=1 + inv.evaluations,
+                     gradient_polish=True, stop_reason=inv.stop_reason,
+                     polished_relative_distance=polished)
+        if polished < solved_distance:
+            raw = inv.images
+    return raw.detach().to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+
+
+def _distance(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+              targets: list[torch.Tensor]) -> float:
+    """The squared gradient distance of `images` under `labels` to `targets`."""
+    params = list(model.parameters())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(F.cross_entropy(model(images.detach()), labels), params)
+    return float(sum(torch.sum((g - t) ** 2) for g, t in zip(grads, targets, strict=True)))
 
 
 def _rebind(layer: Layer, model: nn.Module) -> Layer:

@@ -30,6 +30,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 ACTIVATION_EPS = 1e-10
 # Problems per batched product on the CPU: a few at a time keep the patches in cache.
 STACK_CHUNK = 4
+STOP_EVERY = 25  # CG iterations between checks of its `stop` callable (a time budget)
 
 
 @dataclass(frozen=True)
@@ -591,8 +592,12 @@ def conjugate_gradients(
     precond: torch.Tensor,
     tol: float,
     max_iters: int,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, int, bool]:
     """Jacobi-preconditioned CG for apply(x) = rhs (apply symmetric positive semi-definite).
+
+    `stop`, when given, is asked every STOP_EVERY iterations; True ends the solve
+    with the current iterate (not converged), which is how a time budget cuts it short.
 
     Returns (x, iterations, converged).
     """
@@ -614,6 +619,8 @@ def conjugate_gradients(
         r = r - step * ap
         if float(torch.linalg.vector_norm(r)) <= bound:
             return x, k, True
+        if stop is not None and k % STOP_EVERY == 0 and stop():
+            return x, k, False
         zr = r / precond
         rz_next = torch.sum(r * zr)
         p = zr + (rz_next / rz) * p
