@@ -58,6 +58,8 @@ from attacker.inversion import Callback
 
 SEPARATE_ITERS = 300  # fixed-point steps (each a B x B solve); converges in 20-60 here
 LM_ITERS = 100  # Levenberg-Marquardt steps refining the separation
+SEPARATE_RESTARTS = 8  # perturbed LM starts tried while the separation is not exact
+RESTART_SCALE = 0.3  # their perturbation, relative to the mean |coordinate| of the start
 SEARCH_LM_ITERS = 20  # the same per candidate labelling, enough to rank candidates
 SEARCH_START_ITERS = 50  # fixed-point steps per candidate
 SEARCH_ROUNDS = 2  # labels the search may change
@@ -97,7 +99,7 @@ class Separated:
 def separate_features(
     weight: torch.Tensor, bias: torch.Tensor, weight_grad: torch.Tensor, bias_grad: torch.Tensor,
     labels: torch.Tensor, bounds: tuple[float, float] | None, *, refine_iters: int = LM_ITERS,
-    start_iters: int = SEPARATE_ITERS,
+    start_iters: int = SEPARATE_ITERS, restarts: int = SEPARATE_RESTARTS,
 ) -> Separated:
     """Solve dW = G(A)^T A, db = G(A)^T 1 for the features A given the labels.
 
@@ -128,12 +130,23 @@ def separate_features(
             break
     rows = torch.linalg.svd(weight_grad, full_matrices=False)[2][:batch]  # (B, n)
     system = _RowSpace(weight, bias, weight_grad @ rows.T, bias_grad, onehot, rows)
-    coords = _levenberg_marquardt(system.residual, features @ rows.T, refine_iters)
+    begin = features @ rows.T
+    coords = _levenberg_marquardt(system.residual, begin, refine_iters, system.jacobian)
+    residual = float(torch.linalg.vector_norm(system.residual(coords)))
+    generator = torch.Generator().manual_seed(0)  # restarts are deterministic
+    for _ in range(restarts):  # repeated labels leave local minima next to the fixed point
+        if residual <= EXACT_RESIDUAL or expired(SEPARATE_SHARE):
+            break
+        noise = torch.randn(begin.shape, generator=generator, dtype=begin.dtype).to(begin.device)
+        trial = _levenberg_marquardt(system.residual, begin + RESTART_SCALE * begin.abs().mean() * noise,
+                                     refine_iters, system.jacobian)
+        value = float(torch.linalg.vector_norm(system.residual(trial)))
+        if value < residual:
+            coords, residual = trial, value
     features = coords @ rows
     g = system.deltas(coords)
     u, s, _ = torch.linalg.svd(g, full_matrices=False)
     ratio = float(s[-1] / s[0]) if float(s[0]) > 0 else 0.0
-    residual = float(torch.linalg.vector_norm(system.residual(coords)))
     exact = residual <= EXACT_RESIDUAL
     weakest = u[:, -1].abs()
     reliability = (torch.ones_like(weakest) if exact or ratio >= RELIABLE_RATIO
@@ -162,11 +175,35 @@ class _RowSpace:
         return torch.cat([(g.T @ coords - self.projected).flatten(),
                           g.sum(0) - self.bias_grad]) / scale
 
+    def jacobian(self, coords: torch.Tensor) -> torch.Tensor:
+        """d residual / d coords, (K*B + K, B*B), in closed form.
+
+        Row j of G depends on row j of the coordinates only: dG_j/dC_j =
+        (diag(p_j) - p_j p_j^T) V^T / B with V = R W^T, so dr[k, n]/dC[j, m] =
+        D[j, k, m] C[j, n] + G[j, k] [m = n] for the weight rows and D[j, k, m] for the
+        bias row; about 30x faster here than forward-mode autodiff of `residual`.
+        """
+        batch = coords.shape[0]
+        v = self.rows @ self.weight.T  # (B, K)
+        p = torch.softmax(coords @ v + self.bias, dim=1)  # (B, K)
+        g = (p - self.onehot) / batch
+        jp = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # (B, K, K)
+        d = torch.matmul(jp, v.T) / batch  # (B, K, B): [j, k, m]
+        eye = torch.eye(batch, dtype=coords.dtype, device=coords.device)
+        weight_rows = (torch.einsum("jkm,jn->knjm", d, coords)
+                       + torch.einsum("jk,mn->knjm", g, eye))
+        bias_rows = d.permute(1, 0, 2)  # (K, B, B): [k, j, m]
+        scale = torch.sqrt(torch.sum(self.projected ** 2) + torch.sum(self.bias_grad ** 2))
+        return torch.cat([weight_rows.reshape(-1, batch * batch),
+                          bias_rows.reshape(-1, batch * batch)]) / scale
+
 
 def _levenberg_marquardt(
     residual: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, iters: int,
+    jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Minimise ||residual(x)||^2 from start by damped Gauss-Newton (exact Jacobian)."""
+    """Minimise ||residual(x)||^2 from start by damped Gauss-Newton (exact Jacobian:
+    `jacobian(x)` when given, else forward-mode autodiff)."""
     x, damping = start.clone(), 1e-3
     shape = x.shape
 
@@ -177,7 +214,8 @@ def _levenberg_marquardt(
     for _ in range(iters):
         if current <= EXACT_RESIDUAL * 1e-2 or expired(SEPARATE_SHARE):
             break
-        jac = torch.func.jacfwd(flat)(x.flatten())  # (M, B*B)
+        jac = (jacobian(x) if jacobian is not None
+               else torch.func.jacfwd(flat)(x.flatten()))  # (M, B*B)
         r = flat(x.flatten())
         hess, grad = jac.T @ jac, jac.T @ r
         diag = torch.diag(hess.diagonal() + 1e-15)
@@ -208,7 +246,7 @@ def search_labels(
     many labels were changed, and the residual of the labelling it started from.
     """
     current = labels.sort().values
-    best = separate_features(weight, bias, weight_grad, bias_grad, current, bounds)
+    best = separate_features(weight, bias, weight_grad, bias_grad, current, bounds, restarts=0)
     start_residual, changes = best.residual, 0
     num_classes = weight.shape[0]
     for _ in range(RECOUNT_ROUNDS):
@@ -227,8 +265,8 @@ def search_labels(
         if best.exact or expired(SEPARATE_SHARE):
             break
         short = separate_features(weight, bias, weight_grad, bias_grad, current, bounds,
-                                  refine_iters=SEARCH_LM_ITERS,
-                                  start_iters=SEARCH_START_ITERS).residual  # same budget as theirs
+                                  refine_iters=SEARCH_LM_ITERS, start_iters=SEARCH_START_ITERS,
+                                  restarts=0).residual  # same budget as theirs
         values = current.tolist()
         present = sorted(set(values))
         repeated = [a for a in present if values.count(a) > 1]
@@ -247,7 +285,7 @@ def search_labels(
                 candidate = candidate.sort().values
                 fit = separate_features(weight, bias, weight_grad, bias_grad, candidate,
                                         bounds, refine_iters=SEARCH_LM_ITERS,
-                                        start_iters=SEARCH_START_ITERS)
+                                        start_iters=SEARCH_START_ITERS, restarts=0)
                 scanned.append((fit.residual, candidate))
                 if fit.residual <= SEARCH_NEAR_EXACT:  # on its way to exact: look no further
                     break
@@ -259,13 +297,16 @@ def search_labels(
         scanned.sort(key=lambda t: t[0])
         if not scanned[0][0] < SEARCH_GAIN * short:
             break
-        fits = [separate_features(weight, bias, weight_grad, bias_grad, candidate, bounds)
+        fits = [separate_features(weight, bias, weight_grad, bias_grad, candidate, bounds, restarts=0)
                 for _, candidate in scanned[:SEARCH_KEEP]]  # short scans can misrank: refine a few
         fit = min(fits, key=lambda f: f.residual)
         candidate = fit.labels
         if not fit.residual < best.residual:
             break
         best, current, changes = fit, candidate, changes + 1
+    if not best.exact and not expired(SEPARATE_SHARE):  # the labels chosen: now the restarts
+        fit = separate_features(weight, bias, weight_grad, bias_grad, current, bounds)
+        best = fit if fit.residual < best.residual else best
     return best, changes, start_residual
 
 
