@@ -47,6 +47,7 @@ seed is not used. Ground truth is never seen.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ CG_MAX_ITERS = 3000  # CG iteration cap per convolution
 # at 40 dB PSNR gives about 1e-4 and at 60 dB about 1e-6; the analytic images of
 # the benchmark land far below (PSNR > 60 dB), so they are returned unpolished.
 POLISH_ABOVE = 1e-5
+# The cost model of `Analytic.expected_seconds`: seconds per element of the layers'
+# inputs (times B), on one thread of this 2-core CPU. Batch 1: 0.11-0.21 s for the
+# 32x32 colour LeNet's 6912 elements; batches: benchmarks/batch_analytic.py.
+BATCH1_SECONDS_PER_ELEMENT = 2.5e-5
+BATCH_SECONDS_PER_ELEMENT = 1.5e-4
 
 
 @register_attack("analytic")
@@ -132,6 +138,24 @@ class Analytic(Attack):
                 return (f"batch size {obs.batch_size} exceeds what the last layer separates "
                         f"(min(num_classes, width) = {min(obs.num_classes, width)})")
         return None
+
+    def expected_seconds(self, model: nn.Module, obs: Observation) -> float:
+        """The wall seconds a scheduler can plan for `obs` (1 CPU thread), budget included.
+
+        A cost model, not a promise: seconds per element of every layer's input times
+        the batch size (the layers' CG solves dominate, and their work per iteration
+        grows with that count), with the constants of benchmarks/batch_analytic.py and
+        the batch-1 table of docs/benchmarks.md; capped by config.time_budget_s, which
+        the attack honours (stop_reason "time_budget"). inf for an unsupported update.
+        """
+        if self.supports(model, obs) is not None:
+            return float("inf")
+        layers = parse_chain(private_copy(model), obs.input_shape)
+        elements = obs.batch_size * sum(math.prod(layer.in_shape[1:]) for layer in layers)
+        rate = BATCH1_SECONDS_PER_ELEMENT if obs.batch_size == 1 else BATCH_SECONDS_PER_ELEMENT
+        estimate = rate * elements
+        budget = self.config.time_budget_s
+        return estimate if budget is None else min(estimate, budget)
 
     def reconstruct(
         self, model: nn.Module, obs: Observation, *, callback: Callback | None = None

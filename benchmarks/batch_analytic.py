@@ -33,12 +33,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baseline_dlg import published_dlg  # noqa: E402
+from baseline_dlg import published_dlg
 
-from attacker.analytic import Analytic  # noqa: E402
-from attacker.api import AttackConfig, Observation, compute_gradients  # noqa: E402
-from attacker.metrics import match_batch, psnr  # noqa: E402
-from gradleak.core.models import create_model, init_model  # noqa: E402
+from attacker.analytic import Analytic
+from attacker.api import AttackConfig, Observation, compute_gradients
+from attacker.metrics import match_batch, psnr
+from gradleak.core.models import create_model, init_model
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "cat")
