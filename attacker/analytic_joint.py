@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacker.analytic_layers import ConvOps, Layer, conjugate_gradients, relative
+from attacker.analytic_layers import Layer
+from attacker.analytic_solvers import ConvOps, conjugate_gradients, relative
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 

@@ -65,6 +65,15 @@ def crops(pics: list[np.ndarray], n: int, size: int, seed: int) -> tuple[torch.T
     return torch.stack(out).clamp(0.0, 1.0), torch.tensor(source)
 
 
+def digit_batches(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, size, size), labels) of scikit-learn's digits, as the live runs load them."""
+    from gradleak.data import load_dataset
+
+    data = load_dataset("digits", image_size=size)
+    return (torch.as_tensor(data.images, dtype=torch.float32)[:n],
+            torch.as_tensor(data.labels, dtype=torch.int64)[:n])
+
+
 def repeated_labels(batch: int, rng: np.random.Generator) -> torch.Tensor:
     while True:
         labels = rng.integers(0, 10, batch)
@@ -72,13 +81,20 @@ def repeated_labels(batch: int, rng: np.random.Generator) -> torch.Tensor:
             return torch.tensor(labels, dtype=torch.int64)
 
 
-def victim(pics: list[np.ndarray], size: int, seed: int, trained: int) -> torch.nn.Module:
-    model = init_model(create_model("lenet", in_channels=3, num_classes=10, image_size=size),
+def victim(pics: list[np.ndarray], size: int, seed: int, trained: int,
+           digits: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.nn.Module:
+    channels = 3 if digits is None else 1
+    model = init_model(create_model("lenet", in_channels=channels, num_classes=10, image_size=size),
                        "sigmoid", seed)
     if trained:
         opt = torch.optim.Adam(model.parameters(), lr=0.005)
+        gen = torch.Generator().manual_seed(seed)
         for step in range(trained):
-            x, y = crops(pics, 8, size, 10_000 + step)
+            if digits is None:
+                x, y = crops(pics, 8, size, 10_000 + step)
+            else:
+                idx = torch.randint(0, digits[1].numel(), (8,), generator=gen)
+                x, y = digits[0][idx], digits[1][idx]
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -106,11 +122,17 @@ def main() -> None:
     parser.add_argument("--trained", type=int, default=0, help="Adam steps before the attack")
     parser.add_argument("--dlg-steps", type=int, default=30, help="published DLG outer steps")
     parser.add_argument("--skip-old", action="store_true", help="leave out the previous path")
+    parser.add_argument("--digits", action="store_true",
+                        help="grey 16x16 digits with their own labels (the live runs' data) "
+                             "instead of colour photos")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pics = photos()
+    digits = digit_batches(1797, args.image) if args.digits else None
+    channels = 1 if digits is not None else 3
+    kind = "grey digits (labels their own; batches with a repeat)" if digits is not None else "colour"
     print(f"load average at start: {os.getloadavg()[0]:.2f} (1 torch thread, {os.cpu_count()} cores)")
-    print(f"{args.image}x{args.image} colour, LeNet init sigmoid, {args.trained} Adam steps, "
+    print(f"{args.image}x{args.image} {kind}, LeNet init sigmoid, {args.trained} Adam steps, "
           f"budget {args.budget} s, {args.batches} batches per size\n")
     print("| B | attack | mean PSNR (dB) | min PSNR (dB) | batches >= 30 dB | s/update p50 | p95 |")
     print("|---|---|---|---|---|---|---|")
@@ -120,12 +142,19 @@ def main() -> None:
         results: dict[str, tuple[list[float], list[float]]] = {}
         stops: list[str] = []
         for trial in range(args.batches):
-            model = victim(pics, args.image, trial, args.trained)
-            x, _ = crops(pics, batch, args.image, 100 * batch + trial)
-            y = repeated_labels(batch, rng)
+            model = victim(pics, args.image, trial, args.trained, digits)
+            if digits is None:
+                x, _ = crops(pics, batch, args.image, 100 * batch + trial)
+                y = repeated_labels(batch, rng)
+            else:
+                while True:  # a batch of the digits' own labels with at least one repeat
+                    idx = torch.from_numpy(rng.choice(digits[1].numel(), batch, replace=False))
+                    x, y = digits[0][idx], digits[1][idx]
+                    if len(set(y.tolist())) < batch:
+                        break
             grads = compute_gradients(model, x, y)
             obs = Observation(gradients=grads, batch_size=batch,
-                              input_shape=(3, args.image, args.image), num_classes=10)
+                              input_shape=(channels, args.image, args.image), num_classes=10)
             methods = ["layers"] if args.skip_old else ["layers", "features"]
             for method in methods:
                 begin = time.perf_counter()
@@ -142,7 +171,11 @@ def main() -> None:
             results["published DLG"][1].append(time.perf_counter() - begin)
         for name, (scores, seconds) in results.items():
             print(row(f"{batch} | {name}", scores, seconds))
-        print(f"<!-- B = {batch} stop reasons: {', '.join(stops)} -->")
+        estimate = Analytic(config).expected_seconds(model, obs)
+        dlg = statistics.median(results["published DLG"][1])
+        ours = statistics.median(results["`analytic`"][1])
+        print(f"<!-- B = {batch}: stop reasons {', '.join(stops)}; expected_seconds {estimate:.2f}; "
+              f"DLG / analytic time ratio {dlg / ours:.1f}x -->")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
 
