@@ -12,8 +12,9 @@ photo they come from, so the updates come from a model that has learnt something
 
 Per batch size it prints mean/min PSNR over the batches (each batch's PSNR the mean
 over its samples after matching), the share of batches at >= 30 dB, and seconds per
-update p50/p95 for: the new batch path (`analytic`, layers solved in closed form),
-the previous one (batch_method "features") and the published DLG loop
+update p50/p95 for: `analytic` as it is by default (batch_method "auto": layers solved
+in closed form where the counts allow, else the feature inversion), the previous path
+(batch_method "features" always) and the published DLG loop
 (benchmarks/baseline_dlg.py, --dlg-steps outer steps), all in this one process.
 """
 
@@ -155,14 +156,14 @@ def main() -> None:
             grads = compute_gradients(model, x, y)
             obs = Observation(gradients=grads, batch_size=batch,
                               input_shape=(channels, args.image, args.image), num_classes=10)
-            methods = ["layers"] if args.skip_old else ["layers", "features"]
+            methods = ["auto"] if args.skip_old else ["auto", "features"]
             for method in methods:
                 begin = time.perf_counter()
                 rec = Analytic(config, batch_method=method).reconstruct(model, obs)
                 seconds = time.perf_counter() - begin
-                if method == "layers":
-                    stops.append(rec.stats["stop_reason"])
-                name = "`analytic`" if method == "layers" else "previous `analytic`"
+                if method == "auto":
+                    stops.append(f"{rec.stats['batch_method']}:{rec.stats['stop_reason']}")
+                name = "`analytic`" if method == "auto" else "previous `analytic`"
                 results.setdefault(name, ([], []))[0].append(score(rec.images, x))
                 results[name][1].append(seconds)
             begin = time.perf_counter()
