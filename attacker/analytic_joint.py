@@ -13,7 +13,8 @@ constraint summed over the samples). Counting: at B = 1 the LeNet's layers are
 determined; at B > 1 a stride-2 convolution has B * 4x more unknowns than forward
 rows and only one weight gradient to share, so where the count falls short the
 solve returns the least-squares answer nearest its start and the polish that follows
-(analytic_batch.polish_batch) has the whole gradient to finish with.
+(analytic_batch.invert_features, phase 2) has the whole gradient to finish with;
+analytic.Analytic picks the feature inversion outright where the count falls short.
 
 Each system is scaled as at B = 1 (every block's average row has unit norm), Jacobi-
 preconditioned and solved by CG in float64 (analytic_layers.conjugate_gradients).
