@@ -35,8 +35,10 @@ own scalars and stops where it would alone.
 
 Batches (B > 1, up to the number of classes): attacker.analytic_batch separates
 every sample's features from the last layer's gradient (labels recovered and
-corrected on the way), then inverts each sample's features into an image, adding
-the whole gradient distance when the separation is exact.
+corrected on the way), then solves every earlier layer for the whole batch at once
+(attacker.analytic_joint), polishing by gradient matching only where that misses
+the gradient. `Analytic.expected_seconds` is the cost model a scheduler can plan
+with; the time budget (AttackConfig.time_budget_s) is checked inside every solve.
 
 Scope: chains of Conv2d / Linear layers with Sigmoid, Tanh,
 LeakyReLU(slope > 0) or no activation and a final Linear with bias
@@ -47,6 +49,7 @@ seed is not used. Ground truth is never seen.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,16 +58,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacker.analytic_batch import reconstruct_batch
-from attacker.analytic_layers import (
-    ConvOps,
-    Layer,
-    linear_input,
-    parse_chain,
-    relative,
-    solve_conv_input,
-    solve_conv_inputs,
-)
+from attacker.analytic_batch import BATCH_METHODS, reconstruct_batch
+from attacker.analytic_layers import Layer, parse_chain
+from attacker.analytic_single import CG_MAX_ITERS, CG_TOL, invert_batch1, invert_many
 from attacker.api import (
     IDLG_LINE_SEARCH,
     Attack,
@@ -79,13 +75,19 @@ from attacker.api import (
 from attacker.inversion import Callback, gradient_distance, match_gradients
 from attacker.labels import recover_label_batch1, recover_labels
 
-CG_TOL = 1e-7  # relative residual of each convolution's normal equations
-CG_MAX_ITERS = 3000  # CG iteration cap per convolution
 # Polish only when the analytic image's gradient misses the observation by more than
 # this relative squared distance. For scale, on the benchmark's LeNet white noise
 # at 40 dB PSNR gives about 1e-4 and at 60 dB about 1e-6; the analytic images of
 # the benchmark land far below (PSNR > 60 dB), so they are returned unpolished.
 POLISH_ABOVE = 1e-5
+# The cost model of `Analytic.expected_seconds`: seconds per element of the layers'
+# inputs (times B), on one thread of this 2-core CPU. Batch 1: 0.11-0.21 s for the
+# 32x32 colour LeNet's 6912 elements; batches: benchmarks/batch_analytic.py.
+BATCH1_SECONDS_PER_ELEMENT = 2.5e-5
+BATCH_SECONDS_PER_ELEMENT = 1.5e-4
+# Where a layer's batch solve is underdetermined (16x16 colour LeNet at B = 8) the
+# feature inversion runs instead: 6.4 s (p50) to ~31 dB against 2.3 s estimated.
+UNDERDETERMINED_FACTOR = 3.0
 
 
 @register_attack("analytic")
@@ -107,11 +109,15 @@ class Analytic(Attack):
         cg_tol: float = CG_TOL,
         cg_max_iters: int = CG_MAX_ITERS,
         polish_above: float = POLISH_ABOVE,
+        batch_method: str = "auto",
     ) -> None:
         super().__init__(config)
         if not (cg_tol > 0 and cg_max_iters >= 1 and polish_above >= 0):
             raise ValueError("need cg_tol > 0, cg_max_iters >= 1 and polish_above >= 0")
+        if batch_method != "auto" and batch_method not in BATCH_METHODS:
+            raise ValueError(f"unknown batch_method '{batch_method}' (known: {', '.join(BATCH_METHODS)})")
         self.cg_tol, self.cg_max_iters, self.polish_above = cg_tol, cg_max_iters, polish_above
+        self.batch_method = batch_method
 
     def supports(self, model: nn.Module, obs: Observation) -> str | None:
         """A chain of Conv2d/Linear with invertible activations (sigmoid, tanh, leaky ReLU),
@@ -128,6 +134,29 @@ class Analytic(Attack):
                 return (f"batch size {obs.batch_size} exceeds what the last layer separates "
                         f"(min(num_classes, width) = {min(obs.num_classes, width)})")
         return None
+
+    def expected_seconds(self, model: nn.Module, obs: Observation) -> float:
+        """The wall seconds a scheduler can plan for `obs` (1 CPU thread), budget included.
+
+        A cost model, not a promise: seconds per element of every layer's input times
+        the batch size (the layers' CG solves dominate, and their work per iteration
+        grows with that count), UNDERDETERMINED_FACTOR times that where some layer's
+        batch solve has fewer equations than unknowns (the feature inversion runs), with the
+        constants of benchmarks/batch_analytic.py and the batch-1 table of
+        docs/benchmarks.md; capped by config.time_budget_s, which the attack honours
+        (stop_reason "time_budget"). inf for an unsupported update.
+        """
+        if self.supports(model, obs) is not None:
+            return float("inf")
+        layers = parse_chain(private_copy(model), obs.input_shape)
+        batch = obs.batch_size
+        elements = batch * sum(math.prod(layer.in_shape[1:]) for layer in layers)
+        rate = BATCH1_SECONDS_PER_ELEMENT if batch == 1 else BATCH_SECONDS_PER_ELEMENT
+        estimate = rate * elements
+        if batch > 1 and not all(_determined(layer, batch) for layer in layers[:-1]):
+            estimate *= UNDERDETERMINED_FACTOR  # the polish has to finish what the solve cannot
+        budget = self.config.time_budget_s
+        return estimate if budget is None else min(estimate, budget)
 
     def reconstruct(
         self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
@@ -194,7 +223,7 @@ class Analytic(Attack):
         raw, labels, stats = reconstruct_batch(
             victim, layers, targets, labels, obs.input_shape, max_iters=config.max_iters,
             inner=config.lbfgs_inner, history=config.lbfgs_history, working=dtype,
-            callback=callback,
+            callback=callback, method=self._batch_method(layers, obs.batch_size),
         )
         distance = _distance(victim, raw, labels, targets)
         norm2 = float(sum(torch.sum(t * t) for t in targets))
@@ -205,6 +234,14 @@ class Analytic(Attack):
             device=str(raw.device), seconds=time.perf_counter() - start,
         )
         return _reconstruction(raw, labels, stats)
+
+    def _batch_method(self, layers: list[Layer], batch: int) -> str:
+        """"auto": the closed-form layers where every layer's batch solve is determined,
+        else the feature inversion, which got the same PSNR there in less time
+        (B = 8, 16x16 colour: 31.1 dB both, 6.4 s against 9.1 s; docs/benchmarks.md)."""
+        if self.batch_method != "auto":
+            return self.batch_method
+        return "layers" if all(_determined(layer, batch) for layer in layers[:-1]) else "features"
 
     def reconstruct_many(
         self,
@@ -335,6 +372,13 @@ class Analytic(Attack):
         return raw
 
 
+def _determined(layer: Layer, batch: int) -> bool:
+    """Whether the batch's solve of `layer` has at least as many equations as unknowns."""
+    unknowns = batch * math.prod(layer.in_shape[1:])
+    equations = batch * math.prod(layer.out_shape[1:]) + layer.module.weight.numel()
+    return equations >= unknowns
+
+
 def _reconstruction(raw: torch.Tensor, labels: torch.Tensor, stats: dict[str, Any]) -> Reconstruction:
     images = torch.nan_to_num(raw.detach(), nan=0.0).clamp(0.0, 1.0)
     return Reconstruction(images=images, labels=labels, stats=stats, raw_images=raw.detach())
@@ -399,194 +443,4 @@ def _distance(
     return float(gradient_distance(grads, targets))
 
 
-def invert_batch1(
-    layers: list[Layer],
-    grads: list[torch.Tensor],
-    input_shape: tuple[int, int, int],
-    *,
-    tol: float = CG_TOL,
-    max_iters: int = CG_MAX_ITERS,
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """The (1, C, H, W) input behind a batch-1 gradient, recovered layer by layer.
-
-    Args:
-        layers: analytic_layers.parse_chain's chain (shapes recorded).
-        grads: the observed gradients in model.parameters() order, in the working
-            dtype (float64) on the model's device.
-        input_shape: (C, H, W).
-        tol, max_iters: each convolution's CG tolerance and cap.
-
-    Returns:
-        (input, per-layer stats from the output side): name, type, unknowns,
-        equations, determined (equations >= unknowns; R-GAP's condition for a
-        unique answer, else the solve can only reach the least-squares answer
-        nearest its start and the polish has to do the rest), iterations (CG;
-        0 for closed forms), converged,
-        forward_residual (relative, in output space), gradient_residual
-        (relative, of the weight gradient) and delta_residual (how far the
-        recursed output delta's per-channel sum is from the observed bias
-        gradient, relative; nan without a bias).
-    """
-    dtype = grads[0].dtype
-    a, delta_in, top_stats = _invert_top(layers[-1], grads)
-    stats = [top_stats]
-    for i in range(len(layers) - 2, -1, -1):
-        layer = layers[i]
-        act = layer.activation
-        assert act is not None  # every layer but the last has one (IDENTITY at least)
-        h = a.reshape(layer.out_shape)
-        z, slope = act.inverse(h), act.slope(h)
-        delta_z = delta_in.reshape(layer.out_shape) * slope
-        weight = layer.module.weight.detach().to(dtype)
-        bias = None if layer.module.bias is None else layer.module.bias.detach().to(dtype)
-        weight_grad = grads[layer.weight_index]
-        observed = None if layer.bias_index is None else grads[layer.bias_index]
-        spatial = tuple(range(2, delta_z.dim()))
-        recursed_bias = delta_z.sum(dim=spatial).flatten() if spatial else delta_z.flatten()
-        delta_res = float("nan") if observed is None else relative(recursed_bias - observed, observed)
-        if not layer.is_conv:
-            if observed is not None:  # the observed bias gradient is delta_z itself at B = 1
-                delta_z = observed.reshape(layer.out_shape)
-            a = linear_input(weight_grad, delta_z.flatten())
-            fwd = a @ weight.T + (0.0 if bias is None else bias)
-            stats.append({
-                "name": layer.name, "type": "Linear", "unknowns": a.numel(),
-                "equations": weight_grad.numel(), "determined": True, "iterations": 0,
-                "converged": True,
-                "forward_residual": relative(slope.flatten() * (fwd - z.flatten()), slope * z),
-                "gradient_residual": relative(torch.outer(delta_z.flatten(), a) - weight_grad,
-                                          weight_grad),
-                "delta_residual": delta_res,
-            })
-            delta_in = weight.T @ delta_z.flatten()
-            continue
-        assert isinstance(layer.module, nn.Conv2d)
-        ops = ConvOps.of(layer.module, layer.in_shape, dtype)
-        centre = layers[i - 1].activation.centre if i > 0 else 0.5  # type: ignore[union-attr]
-        begin = torch.full(layer.in_shape, centre, dtype=dtype, device=z.device)
-        x, info = solve_conv_input(ops, bias, z, slope, delta_z, weight_grad, begin,
-                                   tol=tol, max_iters=max_iters)
-        stats.append({
-            "name": layer.name, "type": "Conv2d", "unknowns": x.numel(),
-            "equations": z.numel() + weight_grad.numel(),
-            "determined": z.numel() + weight_grad.numel() >= x.numel(),
-            "iterations": info.iterations,
-            "converged": info.converged, "forward_residual": info.forward_residual,
-            "gradient_residual": info.gradient_residual, "delta_residual": delta_res,
-        })
-        a = x
-        delta_in = ops.forward_adjoint(delta_z)
-    return a.reshape(1, *input_shape), stats
-
-
-def _invert_top(
-    top: Layer, grads: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """The final Linear at B = 1: (its input a, dL/da, its layer stats)."""
-    assert top.bias_index is not None
-    delta = grads[top.bias_index]  # (K,) = p - y exactly at B = 1
-    weight_grad = grads[top.weight_index]
-    a = linear_input(weight_grad, delta)  # (n,) the final layer's input
-    delta_in = top.module.weight.detach().to(delta.dtype).T @ delta  # dL/d(its input)
-    stats = {
-        "name": top.name, "type": "Linear", "unknowns": a.numel(),
-        "equations": weight_grad.numel(), "determined": True, "iterations": 0,
-        "converged": True, "forward_residual": 0.0,
-        "gradient_residual": relative(torch.outer(delta, a) - weight_grad, weight_grad),
-        "delta_residual": 0.0,
-    }
-    return a, delta_in, stats
-
-
-def invert_many(
-    chains: list[list[Layer]],
-    grads: list[list[torch.Tensor]],
-    input_shape: tuple[int, int, int],
-    *,
-    tol: float = CG_TOL,
-    max_iters: int = CG_MAX_ITERS,
-) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
-    """`invert_batch1` for k batch-1 gradients at once, each with its own weights.
-
-    Problem j is (chains[j], grads[j]); the chains come from models of one
-    architecture (their layers have equal shapes), possibly the same chain object
-    for updates taken at one model version. Closed-form layers run per problem;
-    each convolution is one stacked CG solve over all k problems
-    (analytic_layers.solve_conv_inputs), in which every problem keeps its own
-    scalars and stops where it would alone.
-
-    Returns:
-        ((k, C, H, W) inputs, per-problem layer stats as `invert_batch1` gives them).
-    """
-    k = len(chains)
-    dtype = grads[0][0].dtype
-    tops = [chain[-1] for chain in chains]
-    stats: list[list[dict[str, Any]]] = [[] for _ in range(k)]
-    a_list, delta_in = [], []
-    for j, (top, g) in enumerate(zip(tops, grads, strict=True)):
-        a, d_in, top_stats = _invert_top(top, g)
-        a_list.append(a)
-        delta_in.append(d_in)
-        stats[j].append(top_stats)
-    a_all = torch.stack(a_list)  # (k, n)
-    d_all = torch.stack(delta_in)
-    for i in range(len(chains[0]) - 2, -1, -1):
-        layer = chains[0][i]
-        act = layer.activation
-        assert act is not None
-        out_shape = (k, *layer.out_shape[1:])
-        h = a_all.reshape(out_shape)
-        z, slope = act.inverse(h), act.slope(h)
-        delta_z = d_all.reshape(out_shape) * slope
-        mods = [chain[i].module for chain in chains]
-        weights = [m.weight.detach().to(dtype) for m in mods]
-        biases = [None if m.bias is None else m.bias.detach().to(dtype) for m in mods]
-        weight_grads = [g[layer.weight_index] for g in grads]
-        observed = [None if layer.bias_index is None else g[layer.bias_index] for g in grads]
-        spatial = tuple(range(2, delta_z.dim()))
-        recursed = delta_z.sum(dim=spatial) if spatial else delta_z
-        delta_res = [float("nan") if o is None else relative(recursed[j].flatten() - o, o)
-                     for j, o in enumerate(observed)]
-        if not layer.is_conv:
-            a_list, delta_in = [], []
-            for j in range(k):
-                dz = delta_z[j:j + 1]
-                if observed[j] is not None:  # the observed bias gradient is delta_z at B = 1
-                    dz = observed[j].reshape(layer.out_shape)  # type: ignore[union-attr]
-                dz_flat = dz.flatten()
-                a = linear_input(weight_grads[j], dz_flat)
-                bias_j = biases[j]
-                fwd = a @ weights[j].T + (0.0 if bias_j is None else bias_j)
-                s_j = slope[j].flatten()
-                stats[j].append({
-                    "name": layer.name, "type": "Linear", "unknowns": a.numel(),
-                    "equations": weight_grads[j].numel(), "determined": True, "iterations": 0,
-                    "converged": True,
-                    "forward_residual": relative(s_j * (fwd - z[j].flatten()), s_j * z[j].flatten()),
-                    "gradient_residual": relative(torch.outer(dz_flat, a) - weight_grads[j],
-                                              weight_grads[j]),
-                    "delta_residual": delta_res[j],
-                })
-                a_list.append(a)
-                delta_in.append(weights[j].T @ dz_flat)
-            a_all, d_all = torch.stack(a_list), torch.stack(delta_in)
-            continue
-        distinct: dict[int, ConvOps] = {}
-        ops = [distinct.setdefault(id(m), ConvOps.of(m, layer.in_shape, dtype))  # type: ignore[arg-type]
-               for m in mods]
-        centre = chains[0][i - 1].activation.centre if i > 0 else 0.5  # type: ignore[union-attr]
-        begin = torch.full((k, *layer.in_shape[1:]), centre, dtype=dtype, device=z.device)
-        x, infos = solve_conv_inputs(ops, biases, z, slope, delta_z, weight_grads, begin,
-                                     tol=tol, max_iters=max_iters)
-        for j, info in enumerate(infos):
-            stats[j].append({
-                "name": layer.name, "type": "Conv2d", "unknowns": x[j].numel(),
-                "equations": z[j].numel() + weight_grads[j].numel(),
-                "determined": z[j].numel() + weight_grads[j].numel() >= x[j].numel(),
-                "iterations": info.iterations,
-                "converged": info.converged, "forward_residual": info.forward_residual,
-                "gradient_residual": info.gradient_residual, "delta_residual": delta_res[j],
-            })
-        a_all = x
-        d_all = torch.cat([o.forward_adjoint(delta_z[j:j + 1]) for j, o in enumerate(ops)])
-    return a_all.reshape(k, *input_shape), stats
+__all__ = ["CG_MAX_ITERS", "CG_TOL", "POLISH_ABOVE", "Analytic", "invert_batch1", "invert_many"]

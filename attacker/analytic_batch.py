@@ -30,7 +30,24 @@ separation's residual, stopping at an exact one: the counts go wrong when the
 favoured class collects more than a sample's worth of probability over the batch,
 and only the right labelling separates exactly.
 
-Images (`invert_features`): the features split the batch into B feature
+Separation cost: the Levenberg-Marquardt Jacobian is in closed form
+(`_RowSpace.jacobian`, 13 ms per labelling at B = 4 against 250 ms by autodiff), so
+the label search is cheap; where the labels are right but the separation is not
+exact (repeated labels leave local minima beside the fixed point), up to
+SEPARATE_RESTARTS seeded perturbed starts are tried. Two distinct exact separations
+can exist for one repeated pair (measured: both at a residual of 2e-8, features 11%
+apart); nothing here tells them apart yet, and the wrong one costs that pair's images.
+
+Images, default (`reconstruct_batch` method "layers"): with the features and deltas
+of every sample, each earlier layer is one linear least-squares problem for the whole
+batch (analytic_joint.invert_layers: per-sample forward rows plus the shared weight
+gradient), solved by CG in float64. Where the counts make it determined (16x16
+colour up to B = 4: 192 features + the convolutions' 4500 weight-gradient entries
+shared by 768 pixels a sample) the images come out at 40-80 dB in about a second;
+where not (B = 8, or 32x32 colour beyond B = 1) the answer is the least-squares one
+nearest the start, and the gradient polish below runs from it while the budget lasts.
+
+Images, previous path (method "features", `invert_features`): the features split the batch into B feature
 inversions. Phase 1: L-BFGS on the images against ||f(x_j) - a_j||^2 (each sample
 weighted by its reliability) plus a total-variation prior, until it stalls. Phase 2
 adds the whole gradient distance, which brings in the earlier layers' weight
@@ -50,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacker.analytic_joint import invert_layers
 from attacker.analytic_layers import Layer, chain_forward
 from attacker.api import private_copy
 from attacker.budget import TIME_BUDGET, expired
@@ -57,9 +75,12 @@ from attacker.inversion import Callback
 
 SEPARATE_ITERS = 300  # fixed-point steps (each a B x B solve); converges in 20-60 here
 LM_ITERS = 100  # Levenberg-Marquardt steps refining the separation
+SEPARATE_RESTARTS = 8  # perturbed LM starts tried while the separation is not exact
+RESTART_SCALE = 0.3  # their perturbation, relative to the mean |coordinate| of the start
 SEARCH_LM_ITERS = 20  # the same per candidate labelling, enough to rank candidates
 SEARCH_START_ITERS = 50  # fixed-point steps per candidate
 SEARCH_ROUNDS = 2  # labels the search may change
+RECOUNT_ROUNDS = 2  # count-identity corrections tried before the search (`_recount`)
 SEARCH_KEEP = 3  # best-scanned candidates refined fully each round
 SEARCH_CANDIDATES = 40  # single changes scanned per round at most (most likely first)
 SEARCH_GAIN = 0.5  # a change is kept when it at least halves the residual
@@ -95,7 +116,7 @@ class Separated:
 def separate_features(
     weight: torch.Tensor, bias: torch.Tensor, weight_grad: torch.Tensor, bias_grad: torch.Tensor,
     labels: torch.Tensor, bounds: tuple[float, float] | None, *, refine_iters: int = LM_ITERS,
-    start_iters: int = SEPARATE_ITERS,
+    start_iters: int = SEPARATE_ITERS, restarts: int = SEPARATE_RESTARTS,
 ) -> Separated:
     """Solve dW = G(A)^T A, db = G(A)^T 1 for the features A given the labels.
 
@@ -126,12 +147,23 @@ def separate_features(
             break
     rows = torch.linalg.svd(weight_grad, full_matrices=False)[2][:batch]  # (B, n)
     system = _RowSpace(weight, bias, weight_grad @ rows.T, bias_grad, onehot, rows)
-    coords = _levenberg_marquardt(system.residual, features @ rows.T, refine_iters)
+    begin = features @ rows.T
+    coords = _levenberg_marquardt(system.residual, begin, refine_iters, system.jacobian)
+    residual = float(torch.linalg.vector_norm(system.residual(coords)))
+    generator = torch.Generator().manual_seed(0)  # restarts are deterministic
+    for _ in range(restarts):  # repeated labels leave local minima next to the fixed point
+        if residual <= EXACT_RESIDUAL or expired(SEPARATE_SHARE):
+            break
+        noise = torch.randn(begin.shape, generator=generator, dtype=begin.dtype).to(begin.device)
+        trial = _levenberg_marquardt(system.residual, begin + RESTART_SCALE * begin.abs().mean() * noise,
+                                     refine_iters, system.jacobian)
+        value = float(torch.linalg.vector_norm(system.residual(trial)))
+        if value < residual:
+            coords, residual = trial, value
     features = coords @ rows
     g = system.deltas(coords)
     u, s, _ = torch.linalg.svd(g, full_matrices=False)
     ratio = float(s[-1] / s[0]) if float(s[0]) > 0 else 0.0
-    residual = float(torch.linalg.vector_norm(system.residual(coords)))
     exact = residual <= EXACT_RESIDUAL
     weakest = u[:, -1].abs()
     reliability = (torch.ones_like(weakest) if exact or ratio >= RELIABLE_RATIO
@@ -160,11 +192,35 @@ class _RowSpace:
         return torch.cat([(g.T @ coords - self.projected).flatten(),
                           g.sum(0) - self.bias_grad]) / scale
 
+    def jacobian(self, coords: torch.Tensor) -> torch.Tensor:
+        """d residual / d coords, (K*B + K, B*B), in closed form.
+
+        Row j of G depends on row j of the coordinates only: dG_j/dC_j =
+        (diag(p_j) - p_j p_j^T) V^T / B with V = R W^T, so dr[k, n]/dC[j, m] =
+        D[j, k, m] C[j, n] + G[j, k] [m = n] for the weight rows and D[j, k, m] for the
+        bias row; about 30x faster here than forward-mode autodiff of `residual`.
+        """
+        batch = coords.shape[0]
+        v = self.rows @ self.weight.T  # (B, K)
+        p = torch.softmax(coords @ v + self.bias, dim=1)  # (B, K)
+        g = (p - self.onehot) / batch
+        jp = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # (B, K, K)
+        d = torch.matmul(jp, v.T) / batch  # (B, K, B): [j, k, m]
+        eye = torch.eye(batch, dtype=coords.dtype, device=coords.device)
+        weight_rows = (torch.einsum("jkm,jn->knjm", d, coords)
+                       + torch.einsum("jk,mn->knjm", g, eye))
+        bias_rows = d.permute(1, 0, 2)  # (K, B, B): [k, j, m]
+        scale = torch.sqrt(torch.sum(self.projected ** 2) + torch.sum(self.bias_grad ** 2))
+        return torch.cat([weight_rows.reshape(-1, batch * batch),
+                          bias_rows.reshape(-1, batch * batch)]) / scale
+
 
 def _levenberg_marquardt(
     residual: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, iters: int,
+    jacobian: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Minimise ||residual(x)||^2 from start by damped Gauss-Newton (exact Jacobian)."""
+    """Minimise ||residual(x)||^2 from start by damped Gauss-Newton (exact Jacobian:
+    `jacobian(x)` when given, else forward-mode autodiff)."""
     x, damping = start.clone(), 1e-3
     shape = x.shape
 
@@ -175,7 +231,8 @@ def _levenberg_marquardt(
     for _ in range(iters):
         if current <= EXACT_RESIDUAL * 1e-2 or expired(SEPARATE_SHARE):
             break
-        jac = torch.func.jacfwd(flat)(x.flatten())  # (M, B*B)
+        jac = (jacobian(x) if jacobian is not None
+               else torch.func.jacfwd(flat)(x.flatten()))  # (M, B*B)
         r = flat(x.flatten())
         hess, grad = jac.T @ jac, jac.T @ r
         diag = torch.diag(hess.diagonal() + 1e-15)
@@ -206,15 +263,27 @@ def search_labels(
     many labels were changed, and the residual of the labelling it started from.
     """
     current = labels.sort().values
-    best = separate_features(weight, bias, weight_grad, bias_grad, current, bounds)
+    best = separate_features(weight, bias, weight_grad, bias_grad, current, bounds, restarts=0)
     start_residual, changes = best.residual, 0
     num_classes = weight.shape[0]
+    for _ in range(RECOUNT_ROUNDS):
+        if best.exact or expired(SEPARATE_SHARE):
+            break
+        recounted = _recount(weight, bias, bias_grad, best.features)
+        if torch.equal(recounted, current):
+            break
+        fit = separate_features(weight, bias, weight_grad, bias_grad, recounted, bounds)
+        if not fit.residual < best.residual:
+            break
+        changes += int((torch.bincount(recounted, minlength=num_classes)
+                        - torch.bincount(current, minlength=num_classes)).clamp_min(0).sum())
+        best, current = fit, recounted
     for _ in range(SEARCH_ROUNDS):
         if best.exact or expired(SEPARATE_SHARE):
             break
         short = separate_features(weight, bias, weight_grad, bias_grad, current, bounds,
-                                  refine_iters=SEARCH_LM_ITERS,
-                                  start_iters=SEARCH_START_ITERS).residual  # same budget as theirs
+                                  refine_iters=SEARCH_LM_ITERS, start_iters=SEARCH_START_ITERS,
+                                  restarts=0).residual  # same budget as theirs
         values = current.tolist()
         present = sorted(set(values))
         repeated = [a for a in present if values.count(a) > 1]
@@ -233,7 +302,7 @@ def search_labels(
                 candidate = candidate.sort().values
                 fit = separate_features(weight, bias, weight_grad, bias_grad, candidate,
                                         bounds, refine_iters=SEARCH_LM_ITERS,
-                                        start_iters=SEARCH_START_ITERS)
+                                        start_iters=SEARCH_START_ITERS, restarts=0)
                 scanned.append((fit.residual, candidate))
                 if fit.residual <= SEARCH_NEAR_EXACT:  # on its way to exact: look no further
                     break
@@ -245,14 +314,39 @@ def search_labels(
         scanned.sort(key=lambda t: t[0])
         if not scanned[0][0] < SEARCH_GAIN * short:
             break
-        fits = [separate_features(weight, bias, weight_grad, bias_grad, candidate, bounds)
+        fits = [separate_features(weight, bias, weight_grad, bias_grad, candidate, bounds, restarts=0)
                 for _, candidate in scanned[:SEARCH_KEEP]]  # short scans can misrank: refine a few
         fit = min(fits, key=lambda f: f.residual)
         candidate = fit.labels
         if not fit.residual < best.residual:
             break
         best, current, changes = fit, candidate, changes + 1
+    if not best.exact and not expired(SEPARATE_SHARE):  # the labels chosen: now the restarts
+        fit = separate_features(weight, bias, weight_grad, bias_grad, current, bounds)
+        best = fit if fit.residual < best.residual else best
     return best, changes, start_residual
+
+
+def _recount(weight: torch.Tensor, bias: torch.Tensor, bias_grad: torch.Tensor,
+             features: torch.Tensor) -> torch.Tensor:
+    """Sorted labels from the count identity c = P - B db, P predicted from `features`.
+
+    The bias gradient is db = (P - c) / B with P the batch's summed softmax; the
+    counts' estimate (labels.recover_label_counts) has to guess P, while a
+    separation, even under slightly wrong labels, gives every sample's features and
+    so P itself: rounding P - B db then gives the counts, one cheap check before the
+    label search scans single changes.
+    """
+    batch = features.shape[0]
+    predicted = torch.softmax(features @ weight.T + bias, dim=1).sum(0)
+    estimate = predicted - batch * bias_grad
+    counts = estimate.round().clamp_min(0).to(torch.int64)
+    while int(counts.sum()) > batch:  # drop where the estimate is furthest below its count
+        counts[torch.argmax(torch.where(counts > 0, counts - estimate, -torch.inf))] -= 1
+    while int(counts.sum()) < batch:
+        counts[torch.argmax(estimate - counts)] += 1
+    classes = torch.arange(weight.shape[0], device=features.device)
+    return torch.repeat_interleave(classes, counts)
 
 
 def feature_bounds(layers: list[Layer]) -> tuple[float, float] | None:
@@ -284,20 +378,24 @@ def invert_features(
     model: nn.Module, layers: list[Layer], sep: Separated, targets: list[torch.Tensor],
     input_shape: tuple[int, int, int], *, max_iters: int, inner: int, history: int,
     tv_weight: float = TV_WEIGHT, callback: Callback | None = None,
+    start: torch.Tensor | None = None, first_phase: int = 1,
 ) -> Inverted:
     """Images whose features match `sep.features` (phase 1), then the gradient (phase 2).
 
     model/layers/targets in the working dtype; `targets` the observed gradients in
     model.parameters() order. max_iters caps the outer L-BFGS steps of both phases.
+    `start` is the first iterate (0.5 everywhere by default); `first_phase` 2 skips
+    the feature-only phase (a start that already matches the features).
     """
     feats, weights = sep.features, sep.reliability.view(-1, 1)
     norm_f = float(torch.sum(weights * feats * feats)) or 1.0
     norm_g = float(sum(torch.sum(t * t) for t in targets)) or 1.0
     params = list(model.parameters())
-    start = torch.full((feats.shape[0], *input_shape), 0.5, dtype=feats.dtype, device=feats.device)
-    x = start.contiguous().requires_grad_(True)
+    if start is None:
+        start = torch.full((feats.shape[0], *input_shape), 0.5, dtype=feats.dtype, device=feats.device)
+    x = start.detach().clone().contiguous().requires_grad_(True)
     prefix = layers[:-1]
-    state: dict[str, Any] = {"phase": 1, "evals": 0}
+    state: dict[str, Any] = {"phase": first_phase, "evals": 0}
 
     def loss() -> torch.Tensor:
         h = chain_forward(prefix, x).flatten(1) if prefix else x.flatten(1)
@@ -347,12 +445,28 @@ def invert_features(
     return Inverted(x.detach(), step, state["evals"], phase1, state["phase"] == 2, reason)
 
 
+BATCH_METHODS = ("layers", "features")  # see reconstruct_batch
+CG_TOL = 1e-7  # each layer's CG tolerance (looser costs PSNR: 1e-6 gave 36 dB where 1e-7 gave 53)
+CG_MAX_ITERS = 3000
+POLISH_ABOVE = 1e-6  # polish a solved batch whose relative gradient distance is above this
+
+
 def reconstruct_batch(
     victim: nn.Module, layers: list[Layer], targets: list[torch.Tensor], labels: torch.Tensor,
     input_shape: tuple[int, int, int], *, max_iters: int, inner: int, history: int,
-    working: torch.dtype, callback: Callback | None,
+    working: torch.dtype, callback: Callback | None, method: str = "layers",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Separate, then invert: (raw images in the victim's dtype, labels, stats)."""
+    """Separate, then invert: (raw images in the victim's dtype, labels, stats).
+
+    method "layers" (default): every layer solved for the whole batch in closed form
+    (analytic_joint.invert_layers), then, only when those images miss the gradient
+    by more than POLISH_ABOVE (relative), the gradient polish of `invert_features`
+    started from them; the one nearer the gradient is returned. "features": the
+    earlier path, images by L-BFGS against the features from a flat start, then the
+    gradient (kept for comparison: benchmarks/batch_analytic.py).
+    """
+    if method not in BATCH_METHODS:
+        raise ValueError(f"unknown batch method '{method}' (known: {', '.join(BATCH_METHODS)})")
     start = time.perf_counter()
     top = layers[-1]
     assert top.bias_index is not None  # parse_chain requires the final bias
@@ -365,16 +479,52 @@ def reconstruct_batch(
     sep, changes, _ = search_labels(last.weight.detach(), last.bias.detach(), work[top.weight_index],
                                  work[top.bias_index], labels.to(work[0].device), bounds)
     separate_seconds = time.perf_counter() - start
-    inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
-                          inner=inner, history=history, callback=callback)
-    stats = {
-        "separate_seconds": separate_seconds, "separation_residual": sep.residual,
-        "separation_ratio": sep.ratio, "reliability": [round(float(r), 4) for r in sep.reliability],
-        "label_changes": changes, "iterations": inv.iterations, "evaluations": inv.evaluations,
-        "feature_iterations": inv.phase1_iterations, "gradient_polish": inv.polished,
-        "stop_reason": inv.stop_reason,
+    stats: dict[str, Any] = {
+        "batch_method": method, "separate_seconds": separate_seconds,
+        "separation_residual": sep.residual, "separation_ratio": sep.ratio,
+        "reliability": [round(float(r), 4) for r in sep.reliability], "label_changes": changes,
     }
-    return inv.images.to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+    if method == "features":
+        inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
+                              inner=inner, history=history, callback=callback)
+        stats.update(iterations=inv.iterations, evaluations=inv.evaluations,
+                     feature_iterations=inv.phase1_iterations, gradient_polish=inv.polished,
+                     stop_reason=inv.stop_reason)
+        return inv.images.to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+    weight, bias = last.weight.detach(), last.bias.detach()
+    onehot = F.one_hot(sep.labels, weight.shape[0]).to(weight.dtype)
+    deltas = (torch.softmax(sep.features @ weight.T + bias, dim=1) - onehot) / sep.labels.numel()
+    solved, layer_stats = invert_layers(chain, work, sep.features, deltas @ weight, input_shape,
+                                        tol=CG_TOL, max_iters=CG_MAX_ITERS, stop=expired)
+    norm2 = float(sum(torch.sum(t * t) for t in work)) or 1.0
+    solved_distance = _distance(model, solved, sep.labels, work) / norm2
+    stats.update(solve_seconds=time.perf_counter() - start - separate_seconds,
+                 solved_relative_distance=solved_distance, layers=layer_stats,
+                 cg_iterations=sum(int(st["iterations"]) for st in layer_stats),
+                 iterations=0, evaluations=1, gradient_polish=False, stop_reason="analytic")
+    raw = solved
+    if callback is not None and callback(0, solved.detach().clamp(0.0, 1.0)):
+        stats["stop_reason"] = "callback"
+    elif not solved_distance <= POLISH_ABOVE and not expired():
+        inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
+                              inner=inner, history=history, callback=callback,
+                              start=solved.clamp(0.0, 1.0), first_phase=2)
+        polished = _distance(model, inv.images, sep.labels, work) / norm2
+        stats.update(iterations=inv.iterations, evaluations=1 + inv.evaluations,
+                     gradient_polish=True, stop_reason=inv.stop_reason,
+                     polished_relative_distance=polished)
+        if polished < solved_distance:
+            raw = inv.images
+    return raw.detach().to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+
+
+def _distance(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+              targets: list[torch.Tensor]) -> float:
+    """The squared gradient distance of `images` under `labels` to `targets`."""
+    params = list(model.parameters())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(F.cross_entropy(model(images.detach()), labels), params)
+    return float(sum(torch.sum((g - t) ** 2) for g, t in zip(grads, targets, strict=True)))
 
 
 def _rebind(layer: Layer, model: nn.Module) -> Layer:
