@@ -110,7 +110,8 @@ def live(args: argparse.Namespace) -> None:
     from gradleak.config import from_dict
     from gradleak.runner import run
 
-    rows = []
+    # --append: add to the rows of an earlier invocation (points measured one at a time).
+    rows = json.loads(Path(args.json).read_text()) if args.append and Path(args.json).exists() else []
     for n in [int(x) for x in args.peers.split(",")]:
         load = os.getloadavg()[0]
         cfg = from_dict({"out_dir": args.out, "peers": {"honest": n}, "gossip": {"rounds": args.rounds},
@@ -147,6 +148,7 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda r: r["honest_peers"])
     n = [r["honest_peers"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     series = [("local steps / s / peer", [r["steps_per_s_per_peer"] or 0 for r in rows]),
@@ -160,7 +162,8 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"gradleak run, digits/LeNet, async, {rows[0]['rounds']} steps per peer, 2 CPU cores", fontsize=10)
+    steps = "/".join(str(x) for x in sorted({r["rounds"] for r in rows}))
+    fig.suptitle(f"gradleak run, digits/LeNet, async, {steps} steps per peer, 2 shared CPU cores", fontsize=10)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -181,6 +184,7 @@ def main() -> None:
     lv.add_argument("--rounds", type=int, default=150, help="local steps per peer")
     lv.add_argument("--out", default="runs/bench-scale")
     lv.add_argument("--json", default="runs/bench-scale/scale.json")
+    lv.add_argument("--append", action="store_true", help="add to the rows already in --json")
     lv.add_argument("--png", default=str(HERE.parent / "docs" / "scale.png"))
     args = ap.parse_args()
     memory(args) if args.what == "memory" else live(args)
