@@ -162,12 +162,19 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    for r, y in zip(rows, series[0][1], strict=True):  # the cores are shared: say how busy they were
+        axes[0].annotate(f"load {r['load_before']:.0f}", (r["honest_peers"], y), fontsize=7,
+                         textcoords="offset points", xytext=(4, 4))
     steps = "/".join(str(x) for x in sorted({r["rounds"] for r in rows}))
     fig.suptitle(f"gradleak run, digits/LeNet, async, {steps} steps per peer, 2 shared CPU cores", fontsize=10)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print(f"figure: {png}")
+
+
+def replot(args: argparse.Namespace) -> None:
+    plot(json.loads(Path(args.json).read_text()), Path(args.png))
 
 
 def main() -> None:
@@ -186,8 +193,11 @@ def main() -> None:
     lv.add_argument("--json", default="runs/bench-scale/scale.json")
     lv.add_argument("--append", action="store_true", help="add to the rows already in --json")
     lv.add_argument("--png", default=str(HERE.parent / "docs" / "scale.png"))
+    rp = sub.add_parser("plot", help="draw the figure again from --json")
+    rp.add_argument("--json", default="runs/bench-scale/scale.json")
+    rp.add_argument("--png", default=str(HERE.parent / "docs" / "scale.png"))
     args = ap.parse_args()
-    memory(args) if args.what == "memory" else live(args)
+    {"memory": memory, "live": live, "plot": replot}[args.what](args)
 
 
 if __name__ == "__main__":
