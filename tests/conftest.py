@@ -31,16 +31,19 @@ def lenet() -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
-    """One two-node Ray cluster on 127.0.0.1 for the whole session (start-up costs seconds).
+    """One three-node Ray cluster on 127.0.0.1 for the whole session (start-up costs seconds).
 
-    The second node declares a GPU and the custom resource `attacker`, as a cluster's GPU
-    node would, so placement is tested without a GPU (Ray's resources are logical).
+    The second node is a plain CPU node, so honest peers spread over two nodes and gossip
+    crosses them; the third declares a GPU and the custom resource `attacker`, as a
+    cluster's GPU node would, so placement is tested without a GPU (Ray's resources are
+    logical).
     """
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.add_node(num_cpus=1, num_gpus=1, resources={"attacker": 1}, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield cluster

@@ -118,7 +118,14 @@ def test_attacker_runs_on_the_gpu_node_and_peers_elsewhere(testbed, ray_session,
     attacker_node = next(a["node_id"] for a in bed.addresses if a["role"] == "malicious")
     assert attacker_node in gpu_nodes
     assert all(a["node_id"] not in gpu_nodes for a in bed.addresses if a["role"] == "honest"), placed
-    # Gossip crossed nodes: the attacker on the GPU node captured the head node's updates.
+    # Honest peers spread over both CPU nodes (hosts round-robin), and gossip crossed them:
+    # honest updates arrived from the other node, and the attacker captured updates too.
+    node_of = {a["peer_id"]: a["node_id"] for a in bed.addresses}
+    assert len({node_of[a["peer_id"]] for a in bed.addresses if a["role"] == "honest"}) == 2, placed
+    rows = [json.loads(x) for x in (bed.run_dir / "updates.jsonl").read_text().splitlines()]
+    crossed = [r for r in rows if r["origin"] in node_of and node_of[r["origin"]] != node_of[r["receiver"]]
+               and r["origin"] != "mallory"]
+    assert len(crossed) > 20, f"{len(crossed)} honest updates crossed nodes"
     assert result.attacker["captured"] > 0
     # "auto" advertised the node's own IP (127.0.0.1 for this one-machine cluster).
     assert all(a["gossip"].startswith("127.0.0.1:") for a in bed.addresses)
