@@ -4,6 +4,26 @@ This is the only module outside p2p/proto that imports the generated messages; t
 rest of the code sees `Update` and tensors. Decoding is strict because the sender may
 be malicious: every field is checked against every other one before any memory the
 sender asked for is allocated, and every violation raises `MalformedMessage`.
+
+Copies of a tensor's bytes (the transport's path: `update_to_wire` / `parse_update_frame`):
+
+- send, DENSE: 1 (the payload slice joined behind a hand-built frame prefix, in
+  `_chunk_frame`); the tensor itself is viewed, not copied. Before: 3 or more (`tobytes`,
+  into the pb.Chunk, out of SerializeToString). gRPC then copies each frame once into its
+  own buffer (not counted: the Python API takes only `bytes`).
+- send, SPARSE: each kept value and index is written once, into the payload, then joined
+  once as above. The dense tensor is read twice (`count_nonzero` to decide, `nonzero` for
+  the index); "auto" reads it once and copies nothing for a tensor that stays DENSE.
+  Before: every tensor went through `nonzero`, then a gather, an index cast and a concat.
+- receive, DENSE: 1 (the chunk's payload, a view into the bytes gRPC hands over, copied
+  into the tensor's preallocated buffer, which the decoded tensor then is). Before: 2 or
+  more (ParseFromString, `chunk.data`, the copy into the buffer).
+- receive, SPARSE: the payload copy above, then the index and the values copied once each
+  (O(k)) and scattered into the dense zeros the receiver needs anyway (O(numel)).
+
+Protobuf `Message` frames (`update_to_frames`, `parse_*` of a header) stay the format's
+reference: `update_to_wire` writes the same bytes, and `_fast_chunk` reads only the
+layout protobuf writes, handing anything else to protobuf.
 """
 
 from __future__ import annotations
@@ -275,7 +295,7 @@ def _chunk_frames(payloads: list[np.ndarray], chunk_bytes: int) -> Iterator[byte
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     for index, payload in enumerate(payloads):
-        view = memoryview(payload)
+        view = payload.data  # a memoryview of the payload: slices of it copy nothing
         for offset in range(0, payload.size, chunk_bytes):
             yield _chunk_frame(index, offset, view[offset : offset + chunk_bytes])
 
