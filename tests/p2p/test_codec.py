@@ -67,11 +67,19 @@ def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.
 
 
 def roundtrip(update: Update, **kwargs: object) -> Update:
-    """Encode and decode with warnings turned into errors."""
+    """Encode and decode with warnings turned into errors, through both paths: protobuf
+    messages, and the bytes the transport sends (hand-built, parsed without a copy),
+    which must be the same bytes and decode to the same update."""
     frames = list(codec.update_to_frames(update, **kwargs))  # type: ignore[arg-type]
+    wire = list(codec.update_to_wire(update, **kwargs))  # type: ignore[arg-type]
+    assert wire == [f.SerializeToString() for f in frames]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return codec.update_from_frames(frames)
+        fast = codec.update_from_frames(codec.parse_update_frame(w) for w in wire)
+        slow = codec.update_from_frames(frames)
+    assert fast.header == slow.header
+    assert_bit_exact(fast.tensors, slow.tensors)
+    return fast
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -284,6 +292,93 @@ def test_malformed_frames_raise(case: str) -> None:
     frames = mutate(good_frames())
     with pytest.raises(MalformedMessage, match=message):
         codec.update_from_frames(frames)
+
+
+@pytest.mark.parametrize("case", list(MALFORMATIONS))
+def test_malformed_frames_raise_through_the_bytes_path(case: str) -> None:
+    # The same breakages as serialized frames, parsed the way the server parses them
+    # (chunk frames by the copy-free reader): refused the same way.
+    mutate, message = MALFORMATIONS[case]
+    wire = [f.SerializeToString() for f in mutate(good_frames())]
+    with pytest.raises(MalformedMessage, match=message):
+        codec.update_from_frames(codec.parse_update_frame(w) for w in wire)
+
+
+def chunk_bytes_of(*fields: tuple[int, bytes]) -> bytes:
+    """A serialized UpdateFrame whose chunk holds these (tag byte, encoded field) parts."""
+    inner = b"".join(bytes([tag]) + body for tag, body in fields)
+    return b"\x12" + codec._varint(len(inner)) + inner
+
+
+def test_chunk_frames_are_read_without_protobuf_and_view_the_frame() -> None:
+    wire = list(codec.update_to_wire(make_update({"w": torch.arange(300.0)}), chunk_bytes=512))
+    chunks = [codec.parse_update_frame(w) for w in wire[1:]]
+    assert all(isinstance(c, codec.RawChunk) for c in chunks)
+    assert [(c.tensor_index, c.offset, len(c.data)) for c in chunks] == [(0, 0, 512), (0, 512, 512), (0, 1024, 176)]
+    assert chunks[1].data.obj is wire[2]  # a view into the received bytes, not a copy
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # data before offset: protobuf reads the fields in any order
+        chunk_bytes_of((0x1A, b"\x02ab"), (0x10, b"\x05")),
+        # data twice: protobuf keeps the last
+        chunk_bytes_of((0x1A, b"\x02zz"), (0x1A, b"\x02ab"), (0x10, b"\x05")),
+        # an unknown field after data
+        chunk_bytes_of((0x10, b"\x05"), (0x1A, b"\x02ab"), (0x20, b"\x01")),
+        # overlong varint for the offset, then tensor_index last
+        chunk_bytes_of((0x10, b"\x85\x00"), (0x1A, b"\x02ab"), (0x08, b"\x00")),
+    ],
+)
+def test_other_chunk_layouts_mean_what_protobuf_says(frame: bytes) -> None:
+    got = codec.parse_update_frame(frame)
+    want = codec.UpdateFrame.FromString(frame)
+    chunk = got if isinstance(got, codec.RawChunk) else got.chunk
+    assert (chunk.tensor_index, chunk.offset, bytes(chunk.data)) == (
+        want.chunk.tensor_index, want.chunk.offset, want.chunk.data
+    ) == (0, 5, b"ab")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        chunk_bytes_of((0x1A, b"\x05ab")),  # data shorter than its length
+        chunk_bytes_of((0x1A, b"\x02ab"))[:-1],  # frame cut short
+        b"\x12\x05" + b"\x1a\x02ab",  # chunk length past the frame
+        b"\x12\x04\x10\xff\xff\xff",  # offset varint never ends
+    ],
+)
+def test_truncated_chunk_frames_are_refused(frame: bytes) -> None:
+    with pytest.raises(MalformedMessage, match="cannot parse"):
+        codec.parse_update_frame(frame)
+
+
+def test_stream_starting_with_a_chunk_is_refused_on_the_bytes_path() -> None:
+    wire = list(codec.update_to_wire(make_update({"w": torch.ones(4)})))
+    with pytest.raises(MalformedMessage, match="header"):
+        codec.update_from_frames(codec.parse_update_frame(w) for w in wire[1:])
+
+
+def test_model_bytes_roundtrip_through_the_copy_free_reader() -> None:
+    state = {"w": random_bits((40, 3), torch.float32, seed=5), "n": torch.tensor(3)}
+    wire = list(codec.model_to_wire("p", 4, state, chunk_bytes=64))
+    assert wire == [f.SerializeToString() for f in codec.model_to_frames("p", 4, state, chunk_bytes=64)]
+    peer, version, got = codec.model_from_frames(codec.parse_model_frame(w) for w in wire)
+    assert (peer, version) == ("p", 4)
+    assert_bit_exact(got, state)
+
+
+def test_sparse_wire_bytes_grow_with_k_not_with_the_dense_size() -> None:
+    # 8 bytes per kept float32 value (4 index + 4 value), whatever the dense size.
+    def wire_bytes(numel: int, k: int) -> int:
+        t = torch.zeros(numel)
+        t[torch.arange(k) * (numel // k)] = 1.5
+        return sum(len(w) for w in codec.update_to_wire(make_update({"w": t}), sparse="auto"))
+
+    base = wire_bytes(100_000, 100)
+    assert wire_bytes(100_000, 1100) - base == pytest.approx(8 * 1000, abs=16)
+    assert abs(wire_bytes(10_000_000, 100) - base) <= 16
 
 
 def test_sanity_unbroken_frames_decode() -> None:
