@@ -212,21 +212,15 @@ def _chunks(payloads: list[np.ndarray], chunk_bytes: int) -> Iterator[pb.Chunk]:
             yield pb.Chunk(tensor_index=index, offset=offset, data=data)
 
 
+# The header fields that travel as they are, in both directions (tensors aside).
+_HEADER_FIELDS = ("update_id", "origin", "sender", "round", "model_version", "num_samples", "defence",
+                  "mixing_weight", "sent_at")
+
+
 def _update_header(update: Update, specs: list[pb.TensorSpec]) -> pb.UpdateHeader:
     """The protobuf header of update, declaring specs."""
     h = update.header
-    return pb.UpdateHeader(
-        update_id=h.update_id,
-        origin=h.origin,
-        sender=h.sender,
-        round=h.round,
-        model_version=h.model_version,
-        num_samples=h.num_samples,
-        defence=h.defence,
-        mixing_weight=h.mixing_weight,
-        sent_at=h.sent_at,
-        tensors=specs,
-    )
+    return pb.UpdateHeader(**{f: getattr(h, f) for f in _HEADER_FIELDS}, tensors=specs)
 
 
 def update_to_frames(
@@ -633,17 +627,7 @@ def update_from_frames(
         it, h.tensors, max_bytes, dense_only=False, schema=schema, dtypes=dtypes,
         max_frames=max_frames, min_chunk_bytes=min_chunk_bytes,
     )
-    header = UpdateHeader(
-        update_id=h.update_id,
-        origin=h.origin,
-        sender=h.sender,
-        round=h.round,
-        model_version=h.model_version,
-        num_samples=h.num_samples,
-        defence=h.defence,
-        mixing_weight=h.mixing_weight,
-        sent_at=h.sent_at,
-    )
+    header = UpdateHeader(**{f: getattr(h, f) for f in _HEADER_FIELDS})
     return Update(header=header, tensors=tensors)
 
 

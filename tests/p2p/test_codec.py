@@ -414,3 +414,13 @@ def test_model_frames_refuse_sparse_layout() -> None:
 def test_garbage_bytes_raise_malformed() -> None:
     with pytest.raises(MalformedMessage, match="cannot parse"):
         codec.parse_update_frame(b"\xff\xff\xff\xff")
+
+
+def test_every_header_field_travels() -> None:
+    # A field added to UpdateHeader but not to the codec's list would silently arrive as its default.
+    import dataclasses
+
+    from p2p.codec import _HEADER_FIELDS
+    from p2p.update import UpdateHeader
+
+    assert set(_HEADER_FIELDS) == {f.name for f in dataclasses.fields(UpdateHeader)}
