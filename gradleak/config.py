@@ -146,14 +146,17 @@ class GossipConfig:
     def validate(self) -> None:
         from p2p.aggregate import parse_aggregate
         from p2p.staleness import parse_staleness
-        from p2p.topology import TOPOLOGIES
+        from p2p.topology import check_topology
 
         _known("sync mode", self.sync, SYNC_MODES)
         if not 1 <= self.rounds <= 1_000_000:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if self.fanout < 1:
             raise ConfigError(f"fanout must be >= 1, got {self.fanout}")
-        _known("topology", self.topology, TOPOLOGIES)
+        try:
+            check_topology(self.topology)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.period_s or any(not 0 <= p <= 3600 for p in self.period_s):
             raise ConfigError(f"periods must be in 0..3600 seconds, got {list(self.period_s)}")
         if not 0.0 <= self.jitter < 1.0:

@@ -55,9 +55,9 @@ def _attacks_or_auto() -> Iterable[str]:
 
 
 def _topologies() -> Iterable[str]:
-    from p2p.topology import TOPOLOGIES
+    from gradleak.core.graphs import topology_names
 
-    return TOPOLOGIES
+    return topology_names()
 
 
 def _datasets() -> Iterable[str]:

@@ -1,49 +1,32 @@
-"""Who a peer may send to: topologies by name and the seeded choice of `fanout` neighbours."""
+"""Who a peer may send to: the run's public graph (gradleak.core.graphs) and the seeded choice of `fanout` neighbours."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-# A topology maps (me, all peer ids in a fixed order) to the peers I may send to.
-Topology = Callable[[str, Sequence[str]], list[str]]
-TOPOLOGIES: dict[str, Topology] = {}
+from gradleak.core.graphs import build_graph, parse_topology, topology_names
 
-
-def register_topology(name: str) -> Callable[[Topology], Topology]:
-    def wrap(fn: Topology) -> Topology:
-        TOPOLOGIES[name] = fn
-        return fn
-
-    return wrap
+# The names help text lists (parametric ones as regular:K, er:D); check_topology validates one.
+TOPOLOGIES = topology_names()
 
 
-@register_topology("complete")
-def complete(me: str, peers: Sequence[str]) -> list[str]:
-    """Every other peer is a neighbour."""
-    return [p for p in peers if p != me]
+def check_topology(name: str) -> str:
+    """The name back if it is a topology; ValueError naming the known ones otherwise."""
+    parse_topology(name)
+    return name
 
 
-@register_topology("ring")
-def ring(me: str, peers: Sequence[str]) -> list[str]:
-    """The previous and the next peer in the fixed order."""
-    i = list(peers).index(me)
-    n = len(peers)
-    return sorted({peers[(i - 1) % n], peers[(i + 1) % n]} - {me})
-
-
-def neighbours(topology: str, me: str, peers: Sequence[str]) -> list[str]:
-    """The peers `me` may send to under `topology`; ValueError on an unknown name."""
-    if topology not in TOPOLOGIES:
-        raise ValueError(f"unknown topology '{topology}' (known: {', '.join(sorted(TOPOLOGIES))})")
+def neighbours(topology: str, me: str, peers: Sequence[str], seed: int = 0) -> list[str]:
+    """The peers `me` may send to under `topology` over `peers` (seeded for random graphs)."""
     if me not in peers:
         raise ValueError(f"peer '{me}' is not a member")
-    return TOPOLOGIES[topology](me, peers)
+    return list(build_graph(topology, sorted(peers), seed)[me])
 
 
 def choose_targets(
-    topology: str, me: str, peers: Sequence[str], fanout: int, rng: random.Random
+    topology: str, me: str, peers: Sequence[str], fanout: int, rng: random.Random, seed: int = 0
 ) -> list[str]:
     """Pick up to `fanout` distinct neighbours at random (the rng is the peer's seeded one)."""
-    candidates = neighbours(topology, me, peers)
+    candidates = neighbours(topology, me, peers, seed)
     return rng.sample(candidates, min(fanout, len(candidates)))

@@ -24,3 +24,10 @@ def test_unknown_topology_and_member() -> None:
         neighbours("star", "a", PEERS)
     with pytest.raises(ValueError, match="not a member"):
         neighbours("ring", "z", PEERS)
+
+
+def test_random_topology_is_the_same_for_every_member() -> None:
+    ids = [f"p{i}" for i in range(12)]
+    one = {p: neighbours("er:3", p, ids, seed=7) for p in ids}
+    assert all(p in one[q] for p in ids for q in one[p])  # symmetric: both ends agree
+    assert neighbours("er:3", "p0", list(reversed(ids)), seed=7) == one["p0"]  # order of the list does not matter
