@@ -176,4 +176,5 @@ def describe(demand: CellDemand) -> str:
     if demand.attacker_resource:
         attacker += f" and the resource '{demand.attacker_resource}'"
     where = f" on nodes without '{demand.attacker_resource}'" if demand.attacker_resource else ""
-    return f"{len(h)} peer processes of {host} each{where} + an attacker of {attacker}"
+    peers = "1 peer process of " + host if len(h) == 1 else f"{len(h)} peer processes of {host} each"
+    return f"{peers}{where} + an attacker of {attacker}"

@@ -47,6 +47,11 @@ def test_spread_runs_parallel_cells_on_different_nodes_and_records_them(ray_sess
         assert summary["nodes"] == {"honest": c["peer_nodes"], "attacker": c["attacker_node"]}
     table = {r["cell_id"]: r for r in _csv(root / "cells.csv")}
     assert all(json.loads(table[c["cell_id"]]["peer_nodes"]) == c["peer_nodes"] for c in cells)
+    from gradleak.report import load_done_cells
+
+    report_nodes = {r["cell_id"]: r["nodes"] for r in load_done_cells(root)[0]}  # the report's column
+    assert all(report_nodes[c["cell_id"]] == f"peers {c['peer_nodes'][0][:8]}, attacker {c['attacker_node'][:8]}"
+               for c in cells), report_nodes
     assert any("placed by spread over 3 nodes" in line for line in lines), lines
     assert any(f"peers on {cells[0]['peer_nodes'][0][:8]}" in line for line in lines), lines
 
@@ -59,5 +64,5 @@ def test_a_cell_no_node_can_hold_is_one_line_and_writes_nothing(ray_session, tmp
         run_sweep(spec, root, todo, parallel=1, progress=lambda _s: None)
     msg = str(err.value)
     assert "\n" not in msg and "cannot host even one cell" in msg, msg
-    assert "1 peer processes of 1.5 CPU each + an attacker of 1.5 CPU" in msg, msg
+    assert "1 peer process of 1.5 CPU + an attacker of 1.5 CPU" in msg, msg
     assert not root.exists()
