@@ -146,7 +146,7 @@ class _Scheduler:
         self.done = self.failed = 0
         self.t0 = time.monotonic()
         self._targets: list[Any] | None = None
-        self._demands: dict[str, tuple[int, CellDemand]] = {}
+        self._demands: dict[int, tuple[int, CellDemand]] = {}
         self.check(todo)
 
     def check(self, cells: list[Cell]) -> None:
@@ -162,9 +162,10 @@ class _Scheduler:
                                "raise --peers-per-process, or add nodes")
 
     def _demand(self, cell: Cell) -> tuple[int, CellDemand]:
-        if cell.cell_id not in self._demands:
-            self._demands[cell.cell_id] = demand(cell.config(self.base, self.root))
-        return self._demands[cell.cell_id]
+        # Cells differ in their demand only by the peers axis: one fit per count, not per cell.
+        if cell.peers not in self._demands:
+            self._demands[cell.peers] = demand(cell.config(self.base, self.root))
+        return self._demands[cell.peers]
 
     def run(self) -> None:
         import ray
