@@ -60,6 +60,7 @@ from torch import nn
 
 from attacker.analytic_batch import BATCH_METHODS, reconstruct_batch
 from attacker.analytic_layers import Layer, parse_chain
+from attacker.analytic_pixels import supports_pixels
 from attacker.analytic_single import CG_MAX_ITERS, CG_TOL, invert_batch1, invert_many
 from attacker.api import (
     IDLG_LINE_SEARCH,
@@ -241,7 +242,9 @@ class Analytic(Attack):
         (B = 8, 16x16 colour: 31.1 dB both, 6.4 s against 9.1 s; docs/benchmarks.md)."""
         if self.batch_method != "auto":
             return self.batch_method
-        return "layers" if all(_determined(layer, batch) for layer in layers[:-1]) else "features"
+        if all(_determined(layer, batch) for layer in layers[:-1]):
+            return "layers"
+        return "pixels" if supports_pixels(layers) else "features"
 
     def reconstruct_many(
         self,

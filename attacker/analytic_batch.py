@@ -67,8 +67,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacker.analytic_joint import invert_layers
+from attacker.analytic_joint import descend, invert_layers
 from attacker.analytic_layers import Layer, chain_forward
+from attacker.analytic_pixels import PRIOR_WEIGHT, pixel_counts, solve_pixels, supports_pixels
 from attacker.api import private_copy
 from attacker.budget import TIME_BUDGET, expired
 from attacker.inversion import Callback
@@ -445,7 +446,7 @@ def invert_features(
     return Inverted(x.detach(), step, state["evals"], phase1, state["phase"] == 2, reason)
 
 
-BATCH_METHODS = ("layers", "features")  # see reconstruct_batch
+BATCH_METHODS = ("layers", "pixels", "features")  # see reconstruct_batch
 CG_TOL = 1e-7  # each layer's CG tolerance (looser costs PSNR: 1e-6 gave 36 dB where 1e-7 gave 53)
 CG_MAX_ITERS = 3000
 POLISH_ABOVE = 1e-6  # polish a solved batch whose relative gradient distance is above this
@@ -463,7 +464,10 @@ def reconstruct_batch(
     by more than POLISH_ABOVE (relative), the gradient polish of `invert_features`
     started from them; the one nearer the gradient is returned. "features": the
     earlier path, images by L-BFGS against the features from a flat start, then the
-    gradient (kept for comparison: benchmarks/batch_analytic.py).
+    gradient (kept for comparison: benchmarks/batch_analytic.py). "pixels": the layers
+    above the second in closed form, then the two lowest solved together in the pixels
+    (analytic_pixels.solve_pixels), with its smoothness prior only where the pixel
+    count falls short; then the polish as for "layers".
     """
     if method not in BATCH_METHODS:
         raise ValueError(f"unknown batch method '{method}' (known: {', '.join(BATCH_METHODS)})")
@@ -494,8 +498,12 @@ def reconstruct_batch(
     weight, bias = last.weight.detach(), last.bias.detach()
     onehot = F.one_hot(sep.labels, weight.shape[0]).to(weight.dtype)
     deltas = (torch.softmax(sep.features @ weight.T + bias, dim=1) - onehot) / sep.labels.numel()
-    solved, layer_stats = invert_layers(chain, work, sep.features, deltas @ weight, input_shape,
-                                        tol=CG_TOL, max_iters=CG_MAX_ITERS, stop=expired)
+    if method == "pixels":
+        solved, layer_stats = _solve_pixels(chain, work, sep.features, deltas @ weight, input_shape)
+    else:
+        solved, layer_stats = invert_layers(chain, work, sep.features, deltas @ weight,
+                                            input_shape, tol=CG_TOL, max_iters=CG_MAX_ITERS,
+                                            stop=expired)
     norm2 = float(sum(torch.sum(t * t) for t in work)) or 1.0
     solved_distance = _distance(model, solved, sep.labels, work) / norm2
     stats.update(solve_seconds=time.perf_counter() - start - separate_seconds,
@@ -516,6 +524,26 @@ def reconstruct_batch(
         if polished < solved_distance:
             raw = inv.images
     return raw.detach().to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+
+
+def _solve_pixels(chain: list[Layer], work: list[torch.Tensor], features: torch.Tensor,
+                  top_delta: torch.Tensor, input_shape: tuple[int, int, int],
+                  ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Layers above the second in closed form, then the two lowest in the pixels."""
+    if not supports_pixels(chain):
+        raise ValueError("batch method 'pixels' needs two plain convolutions at the bottom")
+    h2, dh2, layer_stats = descend(chain, work, features, top_delta, tol=CG_TOL,
+                                   max_iters=CG_MAX_ITERS, lowest=2, stop=expired)
+    batch = features.shape[0]
+    second = chain[1]
+    assert second.activation is not None
+    h2 = h2.reshape(batch, *second.out_shape[1:])
+    delta2 = dh2.reshape(h2.shape) * second.activation.slope(h2)
+    unknowns, equations = pixel_counts(chain, batch)
+    start = torch.full((batch, *input_shape), 0.5, dtype=h2.dtype, device=h2.device)
+    images, stats = solve_pixels(chain, work, h2, delta2, start,
+                                 prior=PRIOR_WEIGHT if equations < unknowns else 0.0, stop=expired)
+    return images, [*layer_stats, stats]
 
 
 def _distance(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
