@@ -450,6 +450,10 @@ BATCH_METHODS = ("layers", "pixels", "features")  # see reconstruct_batch
 CG_TOL = 1e-7  # each layer's CG tolerance (looser costs PSNR: 1e-6 gave 36 dB where 1e-7 gave 53)
 CG_MAX_ITERS = 3000
 POLISH_ABOVE = 1e-6  # polish a solved batch whose relative gradient distance is above this
+# A separation residual above this is doubtful: wrong labels left 1.5e-2 to 5e-2 on
+# trained digit models at B = 8, right ones 6e-8 to 1e-5 (benchmarks/batch_analytic.py).
+DOUBTFUL_RESIDUAL = 1e-3
+DOUBTFUL_SHARE = 0.6  # of the budget, where a doubtful batch's image solve stops
 
 
 def reconstruct_batch(
@@ -498,12 +502,19 @@ def reconstruct_batch(
     weight, bias = last.weight.detach(), last.bias.detach()
     onehot = F.one_hot(sep.labels, weight.shape[0]).to(weight.dtype)
     deltas = (torch.softmax(sep.features @ weight.T + bias, dim=1) - onehot) / sep.labels.numel()
+    # A separation far from exact means wrong labels (or a local minimum the restarts
+    # did not leave): the images cannot come out right, so they get a short share of
+    # the budget and no polish, and the rest goes to the next update.
+    doubtful = not sep.residual <= DOUBTFUL_RESIDUAL
+    stop = (lambda: expired(DOUBTFUL_SHARE)) if doubtful else expired
+    stats["separation_doubtful"] = doubtful
     if method == "pixels":
-        solved, layer_stats = _solve_pixels(chain, work, sep.features, deltas @ weight, input_shape)
+        solved, layer_stats = _solve_pixels(chain, work, sep.features, deltas @ weight,
+                                            input_shape, stop)
     else:
         solved, layer_stats = invert_layers(chain, work, sep.features, deltas @ weight,
                                             input_shape, tol=CG_TOL, max_iters=CG_MAX_ITERS,
-                                            stop=expired)
+                                            stop=stop)
     norm2 = float(sum(torch.sum(t * t) for t in work)) or 1.0
     solved_distance = _distance(model, solved, sep.labels, work) / norm2
     stats.update(solve_seconds=time.perf_counter() - start - separate_seconds,
@@ -513,7 +524,7 @@ def reconstruct_batch(
     raw = solved
     if callback is not None and callback(0, solved.detach().clamp(0.0, 1.0)):
         stats["stop_reason"] = "callback"
-    elif not solved_distance <= POLISH_ABOVE and not expired():
+    elif not solved_distance <= POLISH_ABOVE and not doubtful and not expired():
         inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
                               inner=inner, history=history, callback=callback,
                               start=solved.clamp(0.0, 1.0), first_phase=2)
@@ -528,12 +539,12 @@ def reconstruct_batch(
 
 def _solve_pixels(chain: list[Layer], work: list[torch.Tensor], features: torch.Tensor,
                   top_delta: torch.Tensor, input_shape: tuple[int, int, int],
-                  ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+                  stop: Callable[[], bool]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Layers above the second in closed form, then the two lowest in the pixels."""
     if not supports_pixels(chain):
         raise ValueError("batch method 'pixels' needs two plain convolutions at the bottom")
     h2, dh2, layer_stats = descend(chain, work, features, top_delta, tol=CG_TOL,
-                                   max_iters=CG_MAX_ITERS, lowest=2, stop=expired)
+                                   max_iters=CG_MAX_ITERS, lowest=2, stop=stop)
     batch = features.shape[0]
     second = chain[1]
     assert second.activation is not None
@@ -542,7 +553,7 @@ def _solve_pixels(chain: list[Layer], work: list[torch.Tensor], features: torch.
     unknowns, equations = pixel_counts(chain, batch)
     start = torch.full((batch, *input_shape), 0.5, dtype=h2.dtype, device=h2.device)
     images, stats = solve_pixels(chain, work, h2, delta2, start,
-                                 prior=PRIOR_WEIGHT if equations < unknowns else 0.0, stop=expired)
+                                 prior=PRIOR_WEIGHT if equations < unknowns else 0.0, stop=stop)
     return images, [*layer_stats, stats]
 
 
