@@ -99,3 +99,28 @@ def test_batch_of_eight_digits_with_a_repeated_label_above_50_db(digits, make_ob
     # Measured: 61-83 dB here; the previous default at B = 8 (batch_method "features",
     # also without a budget, run to convergence in ~13 s) gave 29-38 dB on this batch.
     assert min(scores) > 50.0, scores
+
+
+def test_a_doubtful_separation_gets_a_short_share_and_no_polish(digits, make_observation):
+    import time
+
+    from attacker.analytic_batch import DOUBTFUL_RESIDUAL, DOUBTFUL_SHARE, reconstruct_batch
+    from attacker.budget import time_budget
+
+    images, labels = digits
+    idx = _repeating(labels, 8, 0)
+    x, y = images[idx], labels[idx]
+    model = _lenet(1)
+    obs = make_observation(model, x, y)
+    layers = parse_chain(copy.deepcopy(model), (1, 16, 16))
+    wrong = torch.zeros(8, dtype=torch.int64)  # 7 labels off: more than the search may change
+    budget = 2.0
+    start = time.perf_counter()
+    with time_budget(budget):
+        raw, _, stats = reconstruct_batch(model, layers, list(obs.gradients), wrong, (1, 16, 16),
+                                          max_iters=100, inner=20, history=100,
+                                          working=torch.float64, callback=None, method="pixels")
+    seconds = time.perf_counter() - start
+    assert stats["separation_residual"] > DOUBTFUL_RESIDUAL and stats["separation_doubtful"]
+    assert not stats["gradient_polish"] and raw.shape == x.shape
+    assert seconds < DOUBTFUL_SHARE * budget + 0.5  # the rest of the budget is left unspent
