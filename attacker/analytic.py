@@ -247,8 +247,8 @@ class Analytic(Attack):
 
     def _batch_method(self, layers: list[Layer], batch: int) -> str:
         """"auto": the closed-form layers where every layer's batch solve is determined,
-        else the feature inversion, which got the same PSNR there in less time
-        (B = 8, 16x16 colour: 31.1 dB both, 6.4 s against 9.1 s; docs/benchmarks.md)."""
+        else the joint pixel solve of the two lowest convolutions where the chain has
+        them (analytic_pixels), else the feature inversion (docs/benchmarks.md)."""
         if self.batch_method != "auto":
             return self.batch_method
         if all(_determined(layer, batch) for layer in layers[:-1]):

@@ -44,8 +44,11 @@ batch (analytic_joint.invert_layers: per-sample forward rows plus the shared wei
 gradient), solved by CG in float64. Where the counts make it determined (16x16
 colour up to B = 4: 192 features + the convolutions' 4500 weight-gradient entries
 shared by 768 pixels a sample) the images come out at 40-80 dB in about a second;
-where not (B = 8, or 32x32 colour beyond B = 1) the answer is the least-squares one
-nearest the start, and the gradient polish below runs from it while the budget lasts.
+where not (B = 8, or 32x32 colour beyond B = 1) method "pixels" solves the layers
+above the second the same way and then the two lowest together in the pixels
+(attacker/analytic_pixels.py: grey digits at B = 8 come out at 40-80 dB). A
+separation left far from exact (residual > DOUBTFUL_RESIDUAL: wrong labels) gets
+only DOUBTFUL_SHARE of the budget for its images and no polish.
 
 Images, previous path (method "features", `invert_features`): the features split the batch into B feature
 inversions. Phase 1: L-BFGS on the images against ||f(x_j) - a_j||^2 (each sample
