@@ -60,6 +60,7 @@ from torch import nn
 
 from attacker.analytic_batch import BATCH_METHODS, reconstruct_batch
 from attacker.analytic_layers import Layer, parse_chain
+from attacker.analytic_pixels import pixel_counts, supports_pixels
 from attacker.analytic_single import CG_MAX_ITERS, CG_TOL, invert_batch1, invert_many
 from attacker.api import (
     IDLG_LINE_SEARCH,
@@ -85,9 +86,14 @@ POLISH_ABOVE = 1e-5
 # 32x32 colour LeNet's 6912 elements; batches: benchmarks/batch_analytic.py.
 BATCH1_SECONDS_PER_ELEMENT = 2.5e-5
 BATCH_SECONDS_PER_ELEMENT = 1.5e-4
-# Where a layer's batch solve is underdetermined (16x16 colour LeNet at B = 8) the
+# Where a layer's batch solve is underdetermined and no pixel solve applies, the
 # feature inversion runs instead: 6.4 s (p50) to ~31 dB against 2.3 s estimated.
 UNDERDETERMINED_FACTOR = 3.0
+# The pixel solve (B = 8 on the 16x16 LeNet, analytic_pixels): seconds per pixel of the
+# batch until its steps settle, without a budget: grey digits 4-12 s for 2048 pixels,
+# colour 14-36 s for 6144 (docs/benchmarks.md), so under the live 3 s budget it runs
+# to the budget.
+PIXEL_SECONDS_PER_UNKNOWN = 2.5e-3
 
 
 @register_attack("analytic")
@@ -140,8 +146,9 @@ class Analytic(Attack):
 
         A cost model, not a promise: seconds per element of every layer's input times
         the batch size (the layers' CG solves dominate, and their work per iteration
-        grows with that count), UNDERDETERMINED_FACTOR times that where some layer's
-        batch solve has fewer equations than unknowns (the feature inversion runs), with the
+        grows with that count); where some layer's batch solve has fewer equations than
+        unknowns, PIXEL_SECONDS_PER_UNKNOWN per pixel of the batch (the pixel solve) or
+        UNDERDETERMINED_FACTOR times the estimate (the feature inversion), with the
         constants of benchmarks/batch_analytic.py and the batch-1 table of
         docs/benchmarks.md; capped by config.time_budget_s, which the attack honours
         (stop_reason "time_budget"). inf for an unsupported update.
@@ -153,7 +160,10 @@ class Analytic(Attack):
         elements = batch * sum(math.prod(layer.in_shape[1:]) for layer in layers)
         rate = BATCH1_SECONDS_PER_ELEMENT if batch == 1 else BATCH_SECONDS_PER_ELEMENT
         estimate = rate * elements
-        if batch > 1 and not all(_determined(layer, batch) for layer in layers[:-1]):
+        method = self._batch_method(layers, batch) if batch > 1 else "single"
+        if method == "pixels":
+            estimate = PIXEL_SECONDS_PER_UNKNOWN * pixel_counts(layers, batch)[0]
+        elif method == "features":
             estimate *= UNDERDETERMINED_FACTOR  # the polish has to finish what the solve cannot
         budget = self.config.time_budget_s
         return estimate if budget is None else min(estimate, budget)
@@ -237,11 +247,13 @@ class Analytic(Attack):
 
     def _batch_method(self, layers: list[Layer], batch: int) -> str:
         """"auto": the closed-form layers where every layer's batch solve is determined,
-        else the feature inversion, which got the same PSNR there in less time
-        (B = 8, 16x16 colour: 31.1 dB both, 6.4 s against 9.1 s; docs/benchmarks.md)."""
+        else the joint pixel solve of the two lowest convolutions where the chain has
+        them (analytic_pixels), else the feature inversion (docs/benchmarks.md)."""
         if self.batch_method != "auto":
             return self.batch_method
-        return "layers" if all(_determined(layer, batch) for layer in layers[:-1]) else "features"
+        if all(_determined(layer, batch) for layer in layers[:-1]):
+            return "layers"
+        return "pixels" if supports_pixels(layers) else "features"
 
     def reconstruct_many(
         self,

@@ -44,8 +44,11 @@ batch (analytic_joint.invert_layers: per-sample forward rows plus the shared wei
 gradient), solved by CG in float64. Where the counts make it determined (16x16
 colour up to B = 4: 192 features + the convolutions' 4500 weight-gradient entries
 shared by 768 pixels a sample) the images come out at 40-80 dB in about a second;
-where not (B = 8, or 32x32 colour beyond B = 1) the answer is the least-squares one
-nearest the start, and the gradient polish below runs from it while the budget lasts.
+where not (B = 8, or 32x32 colour beyond B = 1) method "pixels" solves the layers
+above the second the same way and then the two lowest together in the pixels
+(attacker/analytic_pixels.py: grey digits at B = 8 come out at 40-80 dB). A
+separation left far from exact (residual > DOUBTFUL_RESIDUAL: wrong labels) gets
+only DOUBTFUL_SHARE of the budget for its images and no polish.
 
 Images, previous path (method "features", `invert_features`): the features split the batch into B feature
 inversions. Phase 1: L-BFGS on the images against ||f(x_j) - a_j||^2 (each sample
@@ -67,8 +70,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacker.analytic_joint import invert_layers
+from attacker.analytic_joint import descend, invert_layers
 from attacker.analytic_layers import Layer, chain_forward
+from attacker.analytic_pixels import PRIOR_WEIGHT, pixel_counts, solve_pixels, supports_pixels
 from attacker.api import private_copy
 from attacker.budget import TIME_BUDGET, expired
 from attacker.inversion import Callback
@@ -445,10 +449,14 @@ def invert_features(
     return Inverted(x.detach(), step, state["evals"], phase1, state["phase"] == 2, reason)
 
 
-BATCH_METHODS = ("layers", "features")  # see reconstruct_batch
+BATCH_METHODS = ("layers", "pixels", "features")  # see reconstruct_batch
 CG_TOL = 1e-7  # each layer's CG tolerance (looser costs PSNR: 1e-6 gave 36 dB where 1e-7 gave 53)
 CG_MAX_ITERS = 3000
 POLISH_ABOVE = 1e-6  # polish a solved batch whose relative gradient distance is above this
+# A separation residual above this is doubtful: wrong labels left 1.5e-2 to 5e-2 on
+# trained digit models at B = 8, right ones 6e-8 to 1e-5 (benchmarks/batch_analytic.py).
+DOUBTFUL_RESIDUAL = 1e-3
+DOUBTFUL_SHARE = 0.6  # of the budget, where a doubtful batch's image solve stops
 
 
 def reconstruct_batch(
@@ -463,7 +471,10 @@ def reconstruct_batch(
     by more than POLISH_ABOVE (relative), the gradient polish of `invert_features`
     started from them; the one nearer the gradient is returned. "features": the
     earlier path, images by L-BFGS against the features from a flat start, then the
-    gradient (kept for comparison: benchmarks/batch_analytic.py).
+    gradient (kept for comparison: benchmarks/batch_analytic.py). "pixels": the layers
+    above the second in closed form, then the two lowest solved together in the pixels
+    (analytic_pixels.solve_pixels), with its smoothness prior only where the pixel
+    count falls short; then the polish as for "layers".
     """
     if method not in BATCH_METHODS:
         raise ValueError(f"unknown batch method '{method}' (known: {', '.join(BATCH_METHODS)})")
@@ -494,8 +505,19 @@ def reconstruct_batch(
     weight, bias = last.weight.detach(), last.bias.detach()
     onehot = F.one_hot(sep.labels, weight.shape[0]).to(weight.dtype)
     deltas = (torch.softmax(sep.features @ weight.T + bias, dim=1) - onehot) / sep.labels.numel()
-    solved, layer_stats = invert_layers(chain, work, sep.features, deltas @ weight, input_shape,
-                                        tol=CG_TOL, max_iters=CG_MAX_ITERS, stop=expired)
+    # A separation far from exact means wrong labels (or a local minimum the restarts
+    # did not leave): the images cannot come out right, so they get a short share of
+    # the budget and no polish, and the rest goes to the next update.
+    doubtful = not sep.residual <= DOUBTFUL_RESIDUAL
+    stop = (lambda: expired(DOUBTFUL_SHARE)) if doubtful else expired
+    stats["separation_doubtful"] = doubtful
+    if method == "pixels":
+        solved, layer_stats = _solve_pixels(chain, work, sep.features, deltas @ weight,
+                                            input_shape, stop)
+    else:
+        solved, layer_stats = invert_layers(chain, work, sep.features, deltas @ weight,
+                                            input_shape, tol=CG_TOL, max_iters=CG_MAX_ITERS,
+                                            stop=stop)
     norm2 = float(sum(torch.sum(t * t) for t in work)) or 1.0
     solved_distance = _distance(model, solved, sep.labels, work) / norm2
     stats.update(solve_seconds=time.perf_counter() - start - separate_seconds,
@@ -505,7 +527,7 @@ def reconstruct_batch(
     raw = solved
     if callback is not None and callback(0, solved.detach().clamp(0.0, 1.0)):
         stats["stop_reason"] = "callback"
-    elif not solved_distance <= POLISH_ABOVE and not expired():
+    elif not solved_distance <= POLISH_ABOVE and not doubtful and not expired():
         inv = invert_features(model, chain, sep, work, input_shape, max_iters=max_iters,
                               inner=inner, history=history, callback=callback,
                               start=solved.clamp(0.0, 1.0), first_phase=2)
@@ -516,6 +538,26 @@ def reconstruct_batch(
         if polished < solved_distance:
             raw = inv.images
     return raw.detach().to(targets[0].dtype), sep.labels.to(targets[0].device), stats
+
+
+def _solve_pixels(chain: list[Layer], work: list[torch.Tensor], features: torch.Tensor,
+                  top_delta: torch.Tensor, input_shape: tuple[int, int, int],
+                  stop: Callable[[], bool]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Layers above the second in closed form, then the two lowest in the pixels."""
+    if not supports_pixels(chain):
+        raise ValueError("batch method 'pixels' needs two plain convolutions at the bottom")
+    h2, dh2, layer_stats = descend(chain, work, features, top_delta, tol=CG_TOL,
+                                   max_iters=CG_MAX_ITERS, lowest=2, stop=stop)
+    batch = features.shape[0]
+    second = chain[1]
+    assert second.activation is not None
+    h2 = h2.reshape(batch, *second.out_shape[1:])
+    delta2 = dh2.reshape(h2.shape) * second.activation.slope(h2)
+    unknowns, equations = pixel_counts(chain, batch)
+    start = torch.full((batch, *input_shape), 0.5, dtype=h2.dtype, device=h2.device)
+    images, stats = solve_pixels(chain, work, h2, delta2, start,
+                                 prior=PRIOR_WEIGHT if equations < unknowns else 0.0, stop=stop)
+    return images, [*layer_stats, stats]
 
 
 def _distance(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

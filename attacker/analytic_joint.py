@@ -145,12 +145,27 @@ def invert_layers(
         equations, determined, iterations, converged, forward_residual,
         gradient_residual).
     """
+    h, _, stats = descend(layers, grads, features, top_delta, tol=tol, max_iters=max_iters,
+                          start=start, stop=stop)
+    return h.reshape(features.shape[0], *input_shape), stats
+
+
+def descend(
+    layers: list[Layer], grads: list[torch.Tensor], features: torch.Tensor,
+    top_delta: torch.Tensor, *, tol: float, max_iters: int, lowest: int = 0,
+    start: torch.Tensor | None = None, stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """`invert_layers` down to the input of layers[lowest] only.
+
+    Returns (that input for every sample, dL/d(that input), per-layer stats); with
+    lowest 0 the input is the images, flat per sample where the first layer is linear.
+    """
     batch = features.shape[0]
     dtype = features.dtype
     starts = _layer_inputs(layers, start) if start is not None else None
     h, delta_in = features, top_delta
     stats: list[dict[str, Any]] = []
-    for i in range(len(layers) - 2, -1, -1):
+    for i in range(len(layers) - 2, lowest - 1, -1):
         layer = layers[i]
         act = layer.activation
         assert act is not None  # every layer but the last has one (IDENTITY at least)
@@ -194,7 +209,7 @@ def invert_layers(
         else:
             delta_in = delta.flatten(1) @ weight
         h = x
-    return h.reshape(batch, *input_shape), stats
+    return h, delta_in, stats
 
 
 def _layer_inputs(layers: list[Layer], images: torch.Tensor) -> list[torch.Tensor]:

@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--peers", default="4", help="numbers of honest peers, e.g. 4,16,32")
     ap.add_argument("--rounds", type=int, default=None, help="local steps per peer (default: the demo's)")
     ap.add_argument("--period", type=float, default=None, help="seconds between steps (default: the demo's)")
+    ap.add_argument("--max-age", type=float, default=None,
+                    help="attack.max_age_s: queued updates older than this are evicted (default: the demo's)")
     ap.add_argument("--out", default="runs/bench-live")
     args = ap.parse_args()
     rows = []
@@ -129,8 +131,9 @@ def main() -> None:
             gossip["rounds"] = args.rounds
         if args.period is not None:
             gossip["period_s"] = (args.period,)
+        attack: dict[str, Any] = {} if args.max_age is None else {"max_age_s": args.max_age}
         cfg: RunConfig = from_dict({"out_dir": args.out, "peers": {"honest": n}, "gossip": gossip,
-                                    "telemetry": {"metrics_port": 0}}).validate()
+                                    "attack": attack, "telemetry": {"metrics_port": 0}}).validate()
         t0 = time.monotonic()
         with PeakMemory() as mem:
             result = run(cfg, progress=lambda s: print("  " + s, flush=True))
