@@ -15,22 +15,39 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from gradleak.core.graphs import build_graph, mixing_weights
 from p2p.errors import TransportError
 from p2p.model_gossip import MixRow, ModelGossip, own_update_id
+from p2p.peer import Batch, Peer
+from p2p.transport import GossipClient
 from p2p.update import Update, UpdateHeader
-
-if TYPE_CHECKING:
-    from gradleak.runtime.peer_node import PeerNode, PeerSpec
 
 EXCHANGES = ("gradients", "models")
 
 
-def model_gossip_for(spec: PeerSpec, shapes: dict[str, tuple[int, ...]]) -> ModelGossip | None:
+class Node(Protocol):
+    """What ModelExchange needs of its PeerNode (a protocol: peer_node imports this module)."""
+
+    spec: Any  # the PeerSpec
+    peer: Peer
+    metrics: Any
+
+    def client(self, peer_id: str) -> GossipClient: ...
+    def register_truth(self, update_id: str, round_: int, model_version: int, batch: Batch,
+                       defence: str = "none") -> None: ...
+    def log_row(self, row: dict[str, Any]) -> None: ...
+    def model_for(self, neighbour: str, step: int, mix_round: int,
+                  z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def on_model_sent(self, update: Update, neighbour: str, status: str) -> None: ...
+    def model_send(self, step: int, mix_round: int) -> dict[str, int]: ...
+    def model_mix(self, step: int, mix_round: int, evaluate: bool = False) -> dict[str, Any]: ...
+
+
+def model_gossip_for(spec: Any, shapes: dict[str, tuple[int, ...]]) -> ModelGossip | None:
     """The spec's ModelGossip (None in gradient mode): its row of W over the run's members."""
     if spec.exchange == "gradients":
         return None
@@ -48,7 +65,7 @@ def model_gossip_for(spec: PeerSpec, shapes: dict[str, tuple[int, ...]]) -> Mode
 class ModelExchange:
     """One node's part of model gossip; the node's Peer holds the ModelGossip inbox."""
 
-    def __init__(self, node: PeerNode, gossip: ModelGossip) -> None:
+    def __init__(self, node: Node, gossip: ModelGossip) -> None:
         self.node = node
         self.gossip = gossip
         spec = node.spec
