@@ -10,7 +10,13 @@ import torch
 
 from p2p import codec
 from p2p.defences import parse_defence
-from p2p.errors import DuplicateUpdate, MalformedMessage, PermissionDenied, ResourceExhausted, UpdateRejected
+from p2p.errors import (
+    DuplicateUpdate,
+    MalformedMessage,
+    PermissionDenied,
+    ResourceExhausted,
+    UpdateRejected,
+)
 from p2p.model_gossip import ModelGossip
 from p2p.peer import Peer
 from p2p.update import Update, UpdateHeader
