@@ -620,8 +620,8 @@ class Testbed:
         self.stop_requested.clear()  # the finish itself must not be interrupted by the same request
         try:
             live = [h for k, h in enumerate(self.hosts) if k not in self._dead]
-            attacker = [self.attacker.flush_log.remote(True)] if self.faults.lost_actor != ATTACKER else []
-            self._get_each([h.flush.remote() for h in live] + attacker, wait)
+            own_rows = [self.attacker.flush_log.remote(True)] if self.faults.lost_actor != ATTACKER else []
+            self._get_each([h.flush.remote() for h in live] + own_rows, wait)
             self._poll(strict=False)
         except (ray.exceptions.RayError, TimeoutError) as exc:
             log.warning("collecting the peers' last rows failed: %s", exc)
