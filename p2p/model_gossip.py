@@ -119,6 +119,8 @@ class ModelGossip:
         h = update.header
         if h.kind != "model":
             raise UpdateRejected(f"this peer gossips models; got a {h.kind[:16]!r} message")
+        if h.num_samples < 1 or h.model_version < 0:
+            raise UpdateRejected(f"bad num_samples {h.num_samples} or model version {h.model_version}")
         if h.round < 1 or (self.max_round is not None and h.round > self.max_round):
             raise UpdateRejected(f"step {h.round} is outside this run's 1..{self.max_round}")
         at = self._at

@@ -324,7 +324,7 @@ class Peer:
             self._pending.append((update, received_at))
 
     def pending(self) -> int:
-        """Updates waiting for the next apply (masked ones included)."""
+        """Updates waiting for the next apply (masked ones included; model messages not)."""
         with self._lock:
             return len(self._pending) + sum(len(v) for v in self._masked.values())
 

@@ -421,7 +421,8 @@ class PeerNode:
         return {"peer_id": self.spec.peer_id, "role": self.spec.role, "steps": self.steps_done,
                 "running": running, "error": self.loop_error, "accuracy": self.accuracy,
                 "sent": self.sent, "failed": self.failed, "bytes": self.sent_bytes,
-                "pending": self.peer.pending(), "batch_size": self.spec.batch_size,
+                "pending": self.peer.pending() + (self.exchange.gossip.pending() if self.exchange else 0),
+                "batch_size": self.spec.batch_size,
                 "defence": self.peer.defence_name, "accuracy_log": list(self.accuracy_log),
                 "refused_steps": self.peer.aggregate_stats["refused_steps"],
                 **({"models": {**self.exchange.counts, **self.exchange.gossip.stats}} if self.exchange else {})}
