@@ -71,6 +71,29 @@ def run(cfg: RunConfig, marks: list[int]) -> dict[int, tuple[float, float, float
     return out
 
 
+def run_async(cfg: RunConfig) -> tuple[float, float, float | None, dict[str, int]]:
+    """Every node on its own clock (PeerNode.start_loop); at the end: accuracy, worst, consensus, counts."""
+    nodes = nodes_for(cfg)
+    try:
+        start_at = time.time() + 0.5
+        for n in nodes:
+            n.start_loop(cfg.gossip.rounds, start_at, cfg.gossip.rounds)
+        while any(n.progress()["running"] for n in nodes):
+            time.sleep(0.2)
+        errors = [n.loop_error for n in nodes if n.loop_error]
+        if errors:
+            raise RuntimeError(errors[0])
+        acc = [n.evaluate() for n in nodes if n.spec.role == "honest"]
+        counts: dict[str, int] = {}
+        for n in nodes:
+            for k, v in n.progress()["models"].items():
+                counts[k] = counts.get(k, 0) + v
+        return float(np.mean(acc)), float(min(acc)), consensus(nodes), counts
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -80,15 +103,24 @@ def main() -> None:
     ap.add_argument("--mix-rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-sizes", default="1,2,4,8")
+    ap.add_argument("--sync", default="rounds", choices=("rounds", "async"))
+    ap.add_argument("--drop", type=float, default=0.0)
+    ap.add_argument("--period", type=float, default=0.1, help="async: seconds between local steps")
     a = ap.parse_args()
     marks = sorted({1, a.steps // 4, a.steps // 2, a.steps})
     for lr in (float(x) for x in a.lrs.split(",")):
         cfg = RunConfig(seed=a.seed, data=DataConfig(limit=1500),
                         peers=PeerConfig(honest=a.honest, optimizer="sgd", lr=lr,
                                          batch_sizes=tuple(int(b) for b in a.batch_sizes.split(","))),
-                        gossip=GossipConfig(sync="rounds", rounds=a.steps, exchange="models",
-                                            topology=a.topology, mix_rounds=a.mix_rounds)).validate()
+                        gossip=GossipConfig(sync=a.sync, rounds=a.steps, exchange="models", drop=a.drop,
+                                            topology=a.topology, mix_rounds=a.mix_rounds,
+                                            period_s=(a.period,))).validate()
         t0 = time.perf_counter()
+        if a.sync == "async":
+            mean, worst, dist, counts = run_async(cfg)
+            print(f"lr {lr:g} async drop {a.drop:g} ({time.perf_counter() - t0:.0f} s): step {a.steps}: acc "
+                  f"{mean:.2f} (worst {worst:.2f}) consensus {dist:.3f}; messages {counts}", flush=True)
+            continue
         got = run(cfg, marks)
         took = time.perf_counter() - t0
         line = "  ".join(f"step {s}: acc {m:.2f} (worst {w:.2f}) consensus {c:.3f}" for s, (m, w, c) in got.items())
