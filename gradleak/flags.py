@@ -133,6 +133,15 @@ FLAGS: dict[str, Flag] = {
     "--mix-every": Flag("gossip", "mix_every", int, "steps between averaging the model with a "
                         "neighbour's (0: never)", metavar="N"),
     "--mix-weight": Flag("gossip", "mix_weight", float, "share of the neighbour's weights in that average"),
+    "--gossip": Flag("gossip", "exchange", str, "what peers exchange: gradients (aggregated each step) or "
+                     "models (a local SGD step, then --mix-rounds rounds of averaging with every "
+                     "neighbour; needs --optimizer sgd)", ("gradients", "models")),
+    "--mixing": Flag("gossip", "mixing", str, "model gossip's mixing weights: metropolis (Metropolis-"
+                     "Hastings, doubly stochastic) or uniform (1 / (1 + degree))", ("metropolis", "uniform")),
+    "--mix-rounds": Flag("gossip", "mix_rounds", int, "model gossip: averaging rounds per local step",
+                         metavar="R"),
+    "--drop": Flag("gossip", "drop", float, "model gossip: probability each outgoing model message is "
+                   "lost (seeded per sender; its weight goes to the receiver's own model)", metavar="P"),
     "--peers-per-process": Flag("peers", "per_process", int,
                                 "honest peers per Ray actor process (0: as many as fit)", metavar="N"),
     "--peer-cpus": Flag("peers", "num_cpus", float, "Ray CPUs asked for each peer process"),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -369,9 +370,46 @@ class Testbed:
         else:
             self.run_async()
 
+    def run_model_rounds(self) -> None:
+        """Lock-step model gossip: at every (step, mix round) everyone sends, then everyone averages.
+
+        A push returns once the receiver accepted it, so each round's models are all in
+        before anyone averages that round: bit-reproducible for a seed.
+        """
+        gc, pc = self.cfg.gossip, self.cfg.peers
+        self._evaluate_start()
+        for s in range(1, gc.rounds + 1):
+            t0 = time.monotonic()
+            evaluate = s % pc.eval_every == 0 or s == gc.rounds
+            for r in range(gc.mix_rounds):
+                sent = self._get([h.model_send.remote(s, r) for h in self.hosts] + [self.attacker.model_send.remote(s, r)])
+                flat = [x for group in sent[:-1] for x in group] + [sent[-1]]
+                self._messages += sum(x["sent"] for x in flat)
+                self._bytes += sum(x["bytes"] for x in flat)
+                last = r == gc.mix_rounds - 1
+                self._get([h.model_mix.remote(s, r, evaluate and last) for h in self.hosts]
+                          + [self.attacker.model_mix.remote(s, r)])
+            if evaluate:
+                self._poll()
+                self.progress(self._status_line(s))
+            pause = min(gc.period_s) - (time.monotonic() - t0)
+            if pause > 0 and self.stop_requested.wait(pause):
+                self._check()
+
+    def consensus_distance(self) -> float | None:
+        """Mean pairwise L2 distance between the honest peers' models (model gossip), None if unknown."""
+        live = [h for k, h in enumerate(self.hosts) if k not in self._dead]
+        got = self._get_each([h.model_weights.remote() for h in live], 30.0)
+        vectors = [np.concatenate([np.asarray(w[n], dtype=np.float64).ravel() for n in sorted(w)])
+                   for group in got if not isinstance(group, Exception) for w in group]
+        return pairwise_distance(vectors)
+
     def run_rounds(self) -> None:
         """Lock-step rounds: everyone steps and sends, then everyone applies."""
         gc, pc = self.cfg.gossip, self.cfg.peers
+        if gc.exchange == "models":
+            self.run_model_rounds()
+            return
         self._evaluate_start()
         for r in range(1, gc.rounds + 1):
             t0 = time.monotonic()
@@ -512,7 +550,7 @@ class Testbed:
             shipped = self._get([self.evaluator.last_shipped.remote(p) for p in peers])
             honest = [a["peer_id"] for a in self.addresses if a["role"] == "honest" and a["peer_id"] not in
                       {p for j in self._dead for p in (s.peer_id for s in self._host_specs[j])}]
-            plans = [{"sources": rejoin_sources(p, list(book), honest, self.cfg.gossip.topology),
+            plans = [{"sources": rejoin_sources(p, list(book), honest, self.cfg.gossip.topology, self.cfg.seed),
                       "shipped": sh, "incarnation": incarnation} for p, sh in zip(peers, shipped, strict=True)]
             steps, start_at, eval_every = self._loop_args
             done = self._get(host.rejoin.remote(plans, steps, start_at, eval_every), START_TIMEOUT_S,
@@ -596,7 +634,8 @@ class Testbed:
         self.stop_requested.clear()  # the finish itself must not be interrupted by the same request
         try:
             live = [h for k, h in enumerate(self.hosts) if k not in self._dead]
-            self._get_each([h.flush.remote() for h in live], wait)
+            own_rows = [self.attacker.flush_log.remote(True)] if self.faults.lost_actor != ATTACKER else []
+            self._get_each([h.flush.remote() for h in live] + own_rows, wait)
             self._poll(strict=False)
         except (ray.exceptions.RayError, TimeoutError) as exc:
             log.warning("collecting the peers' last rows failed: %s", exc)
@@ -619,6 +658,7 @@ class Testbed:
                       "aggregate": self.cfg.gossip.aggregate,
                       "refused_steps": {r["peer_id"]: r.get("refused_steps", 0) for r in self._progress_rows}})
         extra["faults"] = self.faults.to_dict(extra["steps"])
+        extra.update(self._gossip_summary())
         summary: list[dict[str, Any]] = []
         if self.faults.lost_actor != EVALUATOR:
             try:
@@ -636,6 +676,25 @@ class Testbed:
         return RunResult(self.run_dir, self.metrics_url, summary, counts, attacker, dict(self._accuracy),
                          seconds, self._messages, self._bytes, interrupted, extra)
 
+    def _gossip_summary(self) -> dict[str, Any]:
+        """exchange, mixing, mix_rounds, drop; in model gossip the message counts and the consensus distance."""
+        gc = self.cfg.gossip
+        out: dict[str, Any] = {"exchange": gc.exchange, "mixing": gc.mixing, "mix_rounds": gc.mix_rounds,
+                               "drop": gc.drop}
+        if gc.exchange != "models":
+            return out
+        totals: dict[str, int] = {}
+        for r in self._progress_rows:
+            for k, v in (r.get("models") or {}).items():
+                totals[k] = totals.get(k, 0) + int(v)
+        out["model_messages"] = totals
+        try:
+            out["consensus_distance"] = self.consensus_distance()
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            log.warning("could not read the honest models for the consensus distance: %s", exc)
+            out["consensus_distance"] = None
+        return out
+
     def shutdown(self) -> None:
         """Stop every actor (in parallel, bounded), kill them, and stop a Ray we started."""
         actors = [n for n in self.nodes if n is not None]  # start() may have failed half-way
@@ -651,6 +710,14 @@ class Testbed:
         if self.started_ray:
             ray.shutdown()
         self._restore_handlers()
+
+
+def pairwise_distance(vectors: list[np.ndarray]) -> float | None:
+    """Mean L2 distance over all pairs of vectors (None for fewer than two)."""
+    if len(vectors) < 2:
+        return None
+    d = [float(np.linalg.norm(a - b)) for i, a in enumerate(vectors) for b in vectors[i + 1:]]
+    return sum(d) / len(d)
 
 
 def run(cfg: RunConfig, progress: Progress = print, *, handle_signals: bool = False) -> RunResult:

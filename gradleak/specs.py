@@ -56,6 +56,7 @@ def peer_spec(cfg: RunConfig, i: int, peer_id: str, *, role: str, shard: Shard, 
         members=members, insecure=gc.insecure,
         known_defences=header_defences((*pc.defences, "none"), secagg_name),
         known_batch_sizes=tuple(sorted(set(pc.batch_sizes))),
+        run_seed=cfg.seed, exchange=gc.exchange, mixing=gc.mixing, mix_rounds=gc.mix_rounds, drop=gc.drop,
         **extra,
     )
 

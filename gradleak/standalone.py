@@ -48,6 +48,7 @@ PEER_FLAGS = (
     "--queue-size", "--max-batch-size", "--device", "--dataset", "--data-root", "--image-size",
     "--limit", "--seed", "--out", "--keep-versions", "--keep-mb", "--aggregate", "--max-update-norm",
     "--step-window", "--inbox-per-origin", "--inbox-total", "--inbox-masked-steps", "--insecure",
+    "--gossip", "--mixing", "--mix-rounds", "--drop",
 )
 ROLES = ("honest", "malicious")
 STATUS_EVERY_S = 1.0

@@ -214,7 +214,9 @@ def _chunks(payloads: list[np.ndarray], chunk_bytes: int) -> Iterator[pb.Chunk]:
 
 # The header fields that travel as they are, in both directions (tensors aside).
 _HEADER_FIELDS = ("update_id", "origin", "sender", "round", "model_version", "num_samples", "defence",
-                  "mixing_weight", "sent_at")
+                  "mixing_weight", "sent_at", "kind", "mix_round")
+KINDS = ("gradient", "model")  # what an update's tensors are (p2p.update.UpdateHeader.kind)
+MAX_MIX_ROUNDS = 1024  # averaging rounds per local step a model message may name (mix_round < this)
 
 
 def _update_header(update: Update, specs: list[pb.TensorSpec]) -> pb.UpdateHeader:
@@ -623,12 +625,36 @@ def update_from_frames(
     for field in ("update_id", "origin", "sender", "defence"):
         if len(getattr(h, field).encode()) > MAX_TEXT_BYTES:
             raise MalformedMessage(f"header {field} longer than {MAX_TEXT_BYTES} bytes")
+    kind = h.kind or "gradient"  # senders before model gossip leave it empty
+    _check_kind(kind, h.mix_round, h.tensors)
     tensors = _read_chunks(
         it, h.tensors, max_bytes, dense_only=False, schema=schema, dtypes=dtypes,
         max_frames=max_frames, min_chunk_bytes=min_chunk_bytes,
     )
-    header = UpdateHeader(**{f: getattr(h, f) for f in _HEADER_FIELDS})
+    if kind == "model":
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise MalformedMessage(f"model tensor {_clip(name)!r} holds NaN or infinite values")
+    header = UpdateHeader(**{**{f: getattr(h, f) for f in _HEADER_FIELDS}, "kind": kind})
     return Update(header=header, tensors=tensors)
+
+
+def _check_kind(kind: str, mix_round: int, specs: Sequence[pb.TensorSpec]) -> None:
+    """The header's kind and mix_round (before any tensor is allocated).
+
+    A model message is a whole model state: floating tensors only (a gradient may be a
+    masked int64 update); its names and shapes are the schema's, which `_read_chunks` checks.
+    """
+    if kind not in KINDS:
+        raise MalformedMessage(f"header kind must be one of {', '.join(KINDS)}, got {_clip(kind)!r}")
+    if mix_round >= MAX_MIX_ROUNDS or (kind == "gradient" and mix_round != 0):
+        raise MalformedMessage(f"mix_round must be 0 for a gradient and < {MAX_MIX_ROUNDS} for a model, "
+                               f"got {mix_round}")
+    if kind == "model":
+        bad = [s.name for s in specs if s.dtype not in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16,
+                                                        pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT64)]
+        if bad:
+            raise MalformedMessage(f"model tensor {_clip(bad[0])!r} is not floating point")
 
 
 def model_from_frames(

@@ -69,6 +69,7 @@ from p2p.errors import (
 )
 from p2p.identity import Caller
 from p2p.membership import Membership, StepSlots
+from p2p.model_gossip import ModelGossip
 from p2p.secagg import CorruptSum, SecureAggregation, is_secagg
 from p2p.staleness import Staleness, parse_staleness
 from p2p.update import Update, UpdateHeader
@@ -149,7 +150,7 @@ class Peer:
         staleness: Staleness | None = None, secagg_wait: int = 0, membership: Membership | None = None,
         aggregate: Aggregator | None = None, max_update_norm: float = MAX_UPDATE_NORM,
         max_samples: int = MAX_SAMPLES, inbox: InboxLimits | None = None,
-        keep_bytes: int = KEEP_BYTES,
+        keep_bytes: int = KEEP_BYTES, models: ModelGossip | None = None,
     ) -> None:
         if batch_size > len(labels):
             raise ValueError(f"batch size {batch_size} exceeds the shard's {len(labels)} samples")
@@ -160,6 +161,10 @@ class Peer:
                              f"got {max_update_norm}, {max_samples}")
         if membership is not None and membership.peer_id != peer_id:
             raise ValueError(f"membership of {membership.peer_id!r} given to peer {peer_id!r}")
+        if models is not None and models.peer_id != peer_id:
+            raise ValueError(f"model gossip of {models.peer_id!r} given to peer {peer_id!r}")
+        # Model gossip (p2p.model_gossip): model messages go to its inbox, gradients are refused.
+        self.models = models
         # Who may push and pull (p2p.membership); by default plaintext rules, no roster.
         self.membership = membership or Membership(peer_id)
         self.peer_id = peer_id
@@ -208,8 +213,8 @@ class Peer:
         self.version = 0
         self._snapshot()
 
-    def local_update(self, round_: int) -> tuple[Update, Batch]:
-        """Take a gradient on a fresh private batch, defend it and file it as own update."""
+    def _gradient(self) -> tuple[dict[str, torch.Tensor], Batch]:
+        """The gradient at the current weights on a fresh private batch (on the CPU), and the batch."""
         idx = torch.from_numpy(self._rng.choice(len(self._labels), size=self.batch_size, replace=False))
         x, y = self._images[idx], self._labels[idx]
         self.model.zero_grad(set_to_none=True)
@@ -217,6 +222,32 @@ class Peer:
         grads = torch.autograd.grad(loss, list(self.model.parameters()))
         # Updates leave on the CPU: the codec serialises host memory.
         named = {n: g.detach().cpu() for (n, _), g in zip(self.model.named_parameters(), grads)}
+        return named, Batch(x.cpu().numpy().copy(), y.cpu().numpy().copy())
+
+    def half_step(self) -> tuple[dict[str, torch.Tensor], Batch]:
+        """Model gossip's local step: h = x - lr * g, plain SGD in the weights' dtype (float32).
+
+        The model itself does not move: the averaging rounds start from h and end in
+        `set_weights`. Returns h (on the CPU) and the private batch behind g.
+        """
+        grads, batch = self._gradient()
+        with torch.no_grad():
+            h = {n: torch.add(p.detach().cpu(), grads[n], alpha=-self.lr) for n, p in self.model.named_parameters()}
+        return h, batch
+
+    def set_weights(self, state: dict[str, torch.Tensor]) -> int:
+        """Take the end of a step's averaging rounds as the model: a new version, as in `mix`."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+        with self._lock:
+            self.version += 1
+            self._snapshot()
+        return self.version
+
+    def local_update(self, round_: int) -> tuple[Update, Batch]:
+        """Take a gradient on a fresh private batch, defend it and file it as own update."""
+        named, batch = self._gradient()
         header = UpdateHeader(
             update_id=f"{self.peer_id}/r{round_}", origin=self.peer_id, sender=self.peer_id,
             round=round_, model_version=self.version, num_samples=self.batch_size,
@@ -229,7 +260,7 @@ class Peer:
         with self._lock:
             self._remember(header.update_id)
             self._file(update, time.time())
-        return update, Batch(x.cpu().numpy().copy(), y.cpu().numpy().copy())
+        return update, batch
 
     @property
     def defence_name(self) -> str:
@@ -249,6 +280,11 @@ class Peer:
         """
         h = update.header
         self.membership.check_update(h, caller)
+        if self.models is not None or h.kind == "model":
+            if self.models is None:
+                raise UpdateRejected(f"peer {self.peer_id} gossips gradients, not models")
+            self.models.accept(update, time.time() if received_at is None else received_at)
+            return
         self._validate(update)
         with self._lock:
             if h.update_id in self._seen_set:
@@ -288,7 +324,7 @@ class Peer:
             self._pending.append((update, received_at))
 
     def pending(self) -> int:
-        """Updates waiting for the next apply (masked ones included)."""
+        """Updates waiting for the next apply (masked ones included; model messages not)."""
         with self._lock:
             return len(self._pending) + sum(len(v) for v in self._masked.values())
 

@@ -1,4 +1,4 @@
-"""The update a peer gossips: public header + named gradient tensors.
+"""The update a peer gossips: public header + named gradient (or, in model gossip, weight) tensors.
 
 This is everything that travels on the wire. Ground truth (the batch the gradient
 came from) is deliberately absent: it goes to the evaluator, never into an Update.
@@ -24,6 +24,10 @@ class UpdateHeader:
     defence: str = "none"  # canonical name of the defence chain applied before sending
     mixing_weight: float = 1.0  # weight the receiver gives it when aggregating
     sent_at: float = 0.0  # sender's wall clock when it sent the update, Unix seconds (0: unknown)
+    # "gradient": tensors are a gradient; "model": the sender's full model state at averaging
+    # round `mix_round` of its local step `round` (model gossip, p2p.model_gossip).
+    kind: str = "gradient"
+    mix_round: int = 0
 
 
 @dataclass(frozen=True)

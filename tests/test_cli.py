@@ -134,3 +134,20 @@ def test_ctrl_c_before_the_run_exists_ends_with_130_and_no_traceback(monkeypatch
     assert cli.entry() == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_model_gossip_flags_reach_the_config_and_bad_combinations_are_refused() -> None:
+    cfg = _cfg("--gossip", "models", "--mixing", "uniform", "--mix-rounds", "3", "--drop", "0.1",
+               "--optimizer", "sgd", "--lr", "0.3")
+    g = cfg.gossip
+    assert (g.exchange, g.mixing, g.mix_rounds, g.drop) == ("models", "uniform", 3, 0.1)
+    assert _cfg().gossip.exchange == "gradients"  # the default keeps gradient gossip
+    for argv, needle in ((["--gossip", "models"], "--optimizer sgd"),
+                         (["--gossip", "models", "--optimizer", "sgd", "--defence", "fp16"], "defences"),
+                         (["--gossip", "weights"], "unknown gossip exchange"),
+                         (["--mixing", "random"], "unknown mixing rule"),
+                         (["--gossip", "models", "--optimizer", "sgd", "--mix-rounds", "0"], "mix_rounds"),
+                         (["--gossip", "models", "--optimizer", "sgd", "--drop", "1"], "drop"),
+                         (["--drop", "0.1"], "model gossip only")):
+        with pytest.raises(ConfigError, match=needle):
+            _cfg(*argv)

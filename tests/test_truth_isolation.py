@@ -46,7 +46,7 @@ def test_attack_algorithms_are_pure() -> None:
 def test_update_header_has_only_public_fields() -> None:
     fields = {f.name for f in dataclasses.fields(UpdateHeader)}
     assert fields == {"update_id", "origin", "sender", "round", "model_version", "num_samples",
-                      "defence", "mixing_weight", "sent_at"}
+                      "defence", "mixing_weight", "sent_at", "kind", "mix_round"}
 
 
 def test_the_wire_does_not_carry_the_batch(digits_data, lenet) -> None:

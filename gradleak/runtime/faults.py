@@ -53,10 +53,11 @@ def rejoin_version(neighbour_version: int, shipped_version: int | None) -> int:
     return neighbour_version if shipped_version is None else max(neighbour_version, shipped_version + 1)
 
 
-def rejoin_sources(me: str, members: Sequence[str], live: Sequence[str], topology: str) -> list[str]:
+def rejoin_sources(me: str, members: Sequence[str], live: Sequence[str], topology: str,
+                   seed: int = 0) -> list[str]:
     """Live peers to pull the model from, in order: topology neighbours first, then the rest."""
     order = sorted(set(members) | {me})
-    near = [p for p in neighbours(topology, me, order) if p in live]
+    near = [p for p in neighbours(topology, me, order, seed) if p in live]
     return near + sorted(p for p in live if p not in near and p != me)
 
 

@@ -43,6 +43,15 @@ class PeerHost:
     def apply(self, evaluate: bool = False) -> list[dict[str, Any]]:
         return [n.apply(evaluate) for n in self.nodes]
 
+    def model_send(self, step: int, mix_round: int) -> list[dict[str, int]]:
+        return [n.model_send(step, mix_round) for n in self.nodes]
+
+    def model_mix(self, step: int, mix_round: int, evaluate: bool = False) -> list[dict[str, Any]]:
+        return [n.model_mix(step, mix_round, evaluate) for n in self.nodes]
+
+    def model_weights(self) -> list[dict[str, Any]]:
+        return [n.model_weights() for n in self.nodes]
+
     def evaluate_all(self) -> list[float]:
         return [n.evaluate() for n in self.nodes]
 

@@ -105,13 +105,22 @@ class MaliciousPeer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.stats = {"reconstructions": 0, "failed": 0}  # per attack run, not per update
+        # per attack run, not per update; models_received: model gossip messages (not attacked)
+        self.stats = {"reconstructions": 0, "failed": 0, "models_received": 0}
         self.chosen: dict[str, int] = {}  # auto mode: updates attacked by each attack
 
     # -- the UpdateHandler protocol the gRPC server calls --------------------------
     def accept_update(self, update: Update, wire_bytes: int = 0, caller: Caller | None = None) -> None:
-        """Accept like an honest peer (which validates), then capture without blocking."""
+        """Accept like an honest peer (which validates), then capture without blocking.
+
+        Model messages (model gossip) are averaged like an honest peer's and counted, not
+        attacked: the live attacks invert gradients; the transcript keeps the models.
+        """
         self.peer.accept_update(update, wire_bytes, caller)
+        if update.header.kind == "model":
+            with self._lock:
+                self.stats["models_received"] += 1
+            return
         self._capture(update)
 
     def model_at(self, version: int | None, caller: Caller | None = None) -> tuple[int, dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -59,6 +60,11 @@ class _PromObserver:
         self.m.attack_failures.labels(reason).inc()
 
 
+ModelStrategy = Callable[[str, int, int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+# What the malicious peer sends its neighbours in model gossip, by name (MaliciousNode.model_for).
+MODEL_STRATEGIES: dict[str, ModelStrategy] = {"honest": lambda _neighbour, _step, _round, z: z}
+
+
 class MaliciousNode(PeerNode):
     """A gossip member that reconstructs the private batches behind the updates it receives."""
 
@@ -82,6 +88,7 @@ class MaliciousNode(PeerNode):
         self._max_age_s = max_age_s
         self._max_batch_size = max_batch_size
         self._device = device
+        self.model_strategy = "honest"
         super().__init__(spec, evaluator)
         torch.set_num_threads(max(spec.threads, attack_threads))
         self.malicious.start()
@@ -99,6 +106,20 @@ class MaliciousNode(PeerNode):
             max_age_s=self._max_age_s, device=self._device, observer=_PromObserver(self.metrics),
         )
         return self.malicious
+
+    def model_for(self, neighbour: str, step: int, mix_round: int, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The hook of active model-gossip attacks: the model `neighbour` gets at (step, mix_round).
+
+        Strategy "honest" (the only one so far) sends z, the model this peer averages with,
+        to everyone; an active strategy registers in MODEL_STRATEGIES and may send each
+        neighbour another one. The peer's own averaging always continues from its true z.
+        """
+        return MODEL_STRATEGIES[self.model_strategy](neighbour, step, mix_round, z)
+
+    def on_model_sent(self, update: Update, neighbour: str, status: str) -> None:
+        """Its own model messages go to the transcript too (the gossip algebra needs them)."""
+        if self.transcript is not None:
+            self.transcript.add_sent(update, neighbour, status)
 
     def accept_update(self, update: Update, wire_bytes: int, caller: Caller | None = None) -> None:
         received_at = time.time()

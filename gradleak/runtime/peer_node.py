@@ -24,6 +24,7 @@ import torch
 from gradleak.core.devices import resolve_device
 from gradleak.core.models import create_model, init_model
 from gradleak.runtime.faults import rejoin_version, resume_step
+from gradleak.runtime.model_exchange import ModelExchange, model_gossip_for
 from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
 from p2p.aggregate import parse_aggregate
 from p2p.clock import PeerClock
@@ -92,6 +93,11 @@ class PeerSpec:
     # label values (anything else a header says is recorded as `other`). Empty: learn a few.
     known_defences: tuple[str, ...] = ()
     known_batch_sizes: tuple[int, ...] = ()
+    run_seed: int = 0  # the run's seed: random topologies are drawn from it, alike on every peer
+    exchange: str = "gradients"  # gradients | models (gossip averaging, gradleak.runtime.model_exchange)
+    mixing: str = "metropolis"  # model gossip's mixing weights (gradleak.core.graphs.MIXINGS)
+    mix_rounds: int = 1  # model gossip: averaging rounds per local step
+    drop: float = 0.0  # model gossip: probability an outgoing model message is dropped (seeded)
 
 
 class PeerNode:
@@ -106,8 +112,10 @@ class PeerNode:
         if spec.known_defences:
             self.metrics.known(defences=spec.known_defences, batch_sizes=spec.known_batch_sizes or None)
         self.exporter = start_exporter(self.metrics, host=self.host, port=spec.metrics_port)
+        model = self.build_model()
+        gossip = model_gossip_for(spec, {n: tuple(p.shape) for n, p in model.named_parameters()})
         self.peer = Peer(
-            spec.peer_id, self.build_model(), spec.shard_images, spec.shard_labels,
+            spec.peer_id, model, spec.shard_images, spec.shard_labels,
             batch_size=spec.batch_size, defence=parse_defence(spec.defence), lr=spec.lr,
             keep_versions=spec.keep_versions, keep_bytes=spec.keep_bytes, seed=spec.seed, optimizer=spec.optimizer,
             device=str(resolve_device(spec.device)), secagg=spec.secagg,
@@ -116,7 +124,9 @@ class PeerNode:
             max_samples=spec.max_samples, inbox=spec.inbox,
             membership=membership_for(spec.peer_id, spec.members or None,
                                       spec.tls.cert_pem if spec.tls is not None else None),
+            models=gossip,
         )
+        self.exchange = ModelExchange(self, gossip) if gossip is not None else None
         self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, port=spec.port,
@@ -198,7 +208,8 @@ class PeerNode:
         if self.spec.secagg is not None:  # masks cancel only in the whole group's sum
             targets = [p for p in self.spec.secagg.group if p != self.spec.peer_id]
         else:
-            targets = choose_targets(self.spec.topology, self.spec.peer_id, order, self.spec.fanout, self._rng)
+            targets = choose_targets(self.spec.topology, self.spec.peer_id, order, self.spec.fanout, self._rng,
+                                     self.spec.run_seed)
         sent = failed = nbytes = 0
         for target in targets:
             try:
@@ -221,7 +232,7 @@ class PeerNode:
         or an invalid model changes nothing and is counted.
         """
         order = sorted(self._members)
-        candidates = choose_targets(self.spec.topology, self.spec.peer_id, order, 1, self._mix_rng)
+        candidates = choose_targets(self.spec.topology, self.spec.peer_id, order, 1, self._mix_rng, self.spec.run_seed)
         if not candidates:
             return False
         version = self.peer.version if self.spec.lockstep else None
@@ -236,14 +247,63 @@ class PeerNode:
         return True
 
     def share_truth(self, update: Update, batch: Batch) -> None:
+        h = update.header
+        self.register_truth(h.update_id, h.round, h.model_version, batch, h.defence)
+
+    def register_truth(self, update_id: str, round_: int, model_version: int, batch: Batch,
+                       defence: str = "none") -> None:
+        """File a private batch with the evaluator (honest peers only); it never goes on the wire."""
         if self.evaluator is None or self.spec.role != "honest":
             return
         # Waiting makes sure the truth is filed before any attacker can score the update.
         ray.get(self.evaluator.register_truth.remote(
-            update.header.update_id, batch.images, batch.labels,
-            origin=self.spec.peer_id, round=update.header.round, defence=update.header.defence,
-            model_version=update.header.model_version, incarnation=self.incarnation,
+            update_id, batch.images, batch.labels, origin=self.spec.peer_id, round=round_, defence=defence,
+            model_version=model_version, incarnation=self.incarnation,
         ))
+
+    # -- model gossip (exchange "models") ----------------------------------------------
+    def _models(self) -> ModelExchange:
+        if self.exchange is None:
+            raise RuntimeError(f"peer {self.spec.peer_id} gossips gradients, not models")
+        return self.exchange
+
+    def model_for(self, neighbour: str, step: int, mix_round: int, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model this peer sends `neighbour` at (step, mix_round): its own z (honest)."""
+        return z
+
+    def on_model_sent(self, update: Update, neighbour: str, status: str) -> None:
+        """Called for every model message this peer sends: status sent | dropped | failed."""
+
+    def model_send(self, step: int, mix_round: int) -> dict[str, int]:
+        """Lock-step model gossip, first half of a round: (the half-step at round 0, then) z to every neighbour."""
+        out = self._models().send(step, mix_round)
+        self.sent, self.failed = self.sent + out["sent"], self.failed + out["failed"]
+        self.sent_bytes += out["bytes"]
+        return out
+
+    def model_mix(self, step: int, mix_round: int, evaluate: bool = False) -> dict[str, Any]:
+        """Second half: average with the round's models; the last round ends the step."""
+        rows = self._models().mix(step, mix_round)
+        if mix_round == self.spec.mix_rounds - 1:
+            self._step_done(evaluate)
+        return {"used": sum(r.lag is not None for r in rows), "missing": sum(r.lag is None for r in rows),
+                "accuracy": self.accuracy}
+
+    def _step_done(self, evaluate: bool) -> None:
+        self.steps_done += 1
+        self.metrics.round.set(self.steps_done)
+        if time.monotonic() - self._log_flushed > 2.0:
+            self.flush_log()
+        if evaluate:
+            self.evaluate()
+
+    def model_weights(self) -> dict[str, Any]:
+        """The current weights as numpy arrays by name (the driver's consensus distance)."""
+        return self._models().weights()
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        """One run record row (updates.jsonl), handed to the evaluator in batches."""
+        self._log.append(row)
 
     def apply(self, evaluate: bool = False) -> dict[str, Any]:
         """Aggregate what arrived since the last apply and step; optionally measure accuracy."""
@@ -341,8 +401,15 @@ class PeerNode:
             for step in range(first_step, steps + 1):
                 if self._stop.wait(max(0.0, clock.next_due() - time.time())):
                     return
+                evaluate = step % eval_every == 0 or step == steps
+                if self.exchange is not None:
+                    # Half the period for the rounds' arrivals; the clock keeps the rest.
+                    gap = 0.5 * self.spec.period_s / self.spec.mix_rounds
+                    if not self.exchange.run_step(step, gap, self._stop, evaluate):
+                        return
+                    continue
                 self.step(step)
-                self.apply(evaluate=step % eval_every == 0 or step == steps)
+                self.apply(evaluate=evaluate)
         except Exception as exc:  # noqa: BLE001 - the driver reports it instead of a silent stop
             self.loop_error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -354,9 +421,11 @@ class PeerNode:
         return {"peer_id": self.spec.peer_id, "role": self.spec.role, "steps": self.steps_done,
                 "running": running, "error": self.loop_error, "accuracy": self.accuracy,
                 "sent": self.sent, "failed": self.failed, "bytes": self.sent_bytes,
-                "pending": self.peer.pending(), "batch_size": self.spec.batch_size,
+                "pending": self.peer.pending() + (self.exchange.gossip.pending() if self.exchange else 0),
+                "batch_size": self.spec.batch_size,
                 "defence": self.peer.defence_name, "accuracy_log": list(self.accuracy_log),
-                "refused_steps": self.peer.aggregate_stats["refused_steps"]}
+                "refused_steps": self.peer.aggregate_stats["refused_steps"],
+                **({"models": {**self.exchange.counts, **self.exchange.gossip.stats}} if self.exchange else {})}
 
     def client(self, peer_id: str) -> GossipClient:
         with self._lock:

@@ -4,8 +4,15 @@ Layout of RUN_DIR/transcript/:
 
 - ``updates.bin``: the file magic ``GLTRUPD1``, then one entry per accepted update.
 - ``weights.bin``: the file magic ``GLTRWTS1``, then one entry per (sender, version) pulled.
+- ``sent.bin``: the file magic ``GLTRSNT1``, then one entry per model message the malicious
+  peer itself sent in model gossip (the gossip algebra needs its own values): frame 0 is
+  UTF-8 JSON ``{"receiver": ..., "status": "sent" | "dropped" | "failed"}``, the rest the
+  message's UpdateFrames. Absent in transcripts written before model gossip.
 - ``meta.json``: format version, model name, input shape, classes, the attack config,
   the counts, bytes and the number of refused entries (rewritten after every entry).
+
+Model gossip: a received model message (header kind "model") is an update entry like any
+other; its tensors are the sender's model, so no weights are pulled for it.
 
 One entry, all integers little-endian::
 
@@ -65,8 +72,10 @@ FORMAT_VERSION = 1
 TRANSCRIPT_DIR = "transcript"
 UPDATES_FILE = "updates.bin"
 WEIGHTS_FILE = "weights.bin"
+SENT_FILE = "sent.bin"
 META_FILE = "meta.json"
-_MAGIC = {UPDATES_FILE: b"GLTRUPD1", WEIGHTS_FILE: b"GLTRWTS1"}
+_MAGIC = {UPDATES_FILE: b"GLTRUPD1", WEIGHTS_FILE: b"GLTRWTS1", SENT_FILE: b"GLTRSNT1"}
+SENT_STATUSES = ("sent", "dropped", "failed")
 _U32 = struct.Struct("<I")
 _F64 = struct.Struct("<d")
 _MAX_FRAMES = 1 << 20  # far more chunks than any real entry; bounds a corrupt count
@@ -120,8 +129,8 @@ class TranscriptWriter:
             "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
             "attack_config": dict(attack_config or {}), "budget_bytes": max_bytes,
         }
-        self.counts = {"updates": 0, "weights": 0, "refused_updates": 0, "refused_weights": 0,
-                       "weights_unpulled": 0}
+        self.counts = {"updates": 0, "weights": 0, "sent": 0, "refused_updates": 0, "refused_weights": 0,
+                       "refused_sent": 0, "weights_unpulled": 0}
         self._weights_seen: set[tuple[str, int]] = set()
         self._files: dict[str, BinaryIO] = {}
         self.bytes = 0
@@ -147,12 +156,22 @@ class TranscriptWriter:
         entry = _entry(time.time() if received_at is None else received_at, frames)
         kept = self._append(UPDATES_FILE, entry, "updates")
         h = update.header
-        if kept and self._pull is not None and not self.has_weights(h.sender, h.model_version):
+        if kept and h.kind == "gradient" and self._pull is not None and not self.has_weights(h.sender, h.model_version):
             try:
                 self._pending.put_nowait((h.sender, int(h.model_version)))
             except queue.Full:
                 self._count("weights_unpulled")
         return kept
+
+    def add_sent(self, update: Update, receiver: str, status: str, sent_at: float | None = None) -> bool:
+        """Append a model message this peer sent (or dropped, or failed to send) to `receiver`."""
+        if status not in SENT_STATUSES:
+            raise ValueError(f"status must be one of {SENT_STATUSES}, got {status!r}")
+        frames = [json.dumps({"receiver": receiver, "status": status}).encode()]
+        frames += [f.SerializeToString() for f in codec.update_to_frames(update, chunk_bytes=self._chunk,
+                                                                           sparse="never")]
+        entry = _entry(update.header.sent_at if sent_at is None else sent_at, frames)
+        return self._append(SENT_FILE, entry, "sent")
 
     def has_weights(self, sender: str, version: int) -> bool:
         with self._lock:
@@ -212,7 +231,8 @@ class TranscriptWriter:
 
     def _write_meta(self) -> None:
         meta = {**self._meta, **self.counts, "bytes": self.bytes,
-                "truncated": self.counts["refused_updates"] + self.counts["refused_weights"]}
+                "truncated": self.counts["refused_updates"] + self.counts["refused_weights"]
+                + self.counts["refused_sent"]}
         tmp = self.dir / (META_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(tmp, self.dir / META_FILE)
@@ -256,6 +276,17 @@ class ReceivedUpdate:
 
     update: Update
     received_at: float
+    offset: int
+
+
+@dataclass(frozen=True)
+class SentModel:
+    """A model message the malicious peer sent (status sent), dropped or failed to send."""
+
+    update: Update
+    receiver: str
+    status: str
+    sent_at: float
     offset: int
 
 
@@ -335,6 +366,7 @@ class TranscriptReader:
             if key not in self.meta:
                 raise TranscriptError(f"{meta_path} lacks '{key}'")
         self._updates = list(_scan(self.dir / UPDATES_FILE))
+        self._sent = list(_scan(self.dir / SENT_FILE)) if (self.dir / SENT_FILE).exists() else []
         self._weights: dict[tuple[str, int], Entry] = {}
         for e in _scan(self.dir / WEIGHTS_FILE):
             header = self._model_header(e)
@@ -369,6 +401,19 @@ class TranscriptReader:
             except MalformedMessage as exc:
                 raise TranscriptError(f"{path}: {exc} in the entry at offset {e.offset}") from None
             yield ReceivedUpdate(update, e.wall_time, e.offset)
+
+    def sent(self) -> Iterator[SentModel]:
+        """Every model message the malicious peer sent, in order, decoded strictly."""
+        path = self.dir / SENT_FILE
+        for e in self._sent:
+            try:
+                info = json.loads(e.frames[0].decode())
+                receiver, status = str(info["receiver"]), str(info["status"])
+                frames = [codec.parse_update_frame(f) for f in e.frames[1:]]
+                update = codec.update_from_frames(frames, max_bytes=self._max_bytes)
+            except (MalformedMessage, ValueError, KeyError, TypeError) as exc:
+                raise TranscriptError(f"{path}: {exc} in the entry at offset {e.offset}") from None
+            yield SentModel(update, receiver, status, e.wall_time, e.offset)
 
     def weights(self, sender: str, version: int) -> dict[str, torch.Tensor] | None:
         """The weights pulled from `sender` at `version`, or None when they were not pulled."""

@@ -62,7 +62,7 @@ class Chunk(_message.Message):
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("update_id", "origin", "sender", "round", "model_version", "num_samples", "defence", "mixing_weight", "tensors", "sent_at")
+    __slots__ = ("update_id", "origin", "sender", "round", "model_version", "num_samples", "defence", "mixing_weight", "tensors", "sent_at", "kind", "mix_round")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class UpdateHeader(_message.Message):
     MIXING_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MIX_ROUND_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     origin: str
     sender: str
@@ -83,7 +85,9 @@ class UpdateHeader(_message.Message):
     mixing_weight: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     sent_at: float
-    def __init__(self, update_id: _Optional[str] = ..., origin: _Optional[str] = ..., sender: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., defence: _Optional[str] = ..., mixing_weight: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    kind: str
+    mix_round: int
+    def __init__(self, update_id: _Optional[str] = ..., origin: _Optional[str] = ..., sender: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., defence: _Optional[str] = ..., mixing_weight: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sent_at: _Optional[float] = ..., kind: _Optional[str] = ..., mix_round: _Optional[int] = ...) -> None: ...
 
 class UpdateFrame(_message.Message):
     __slots__ = ("header", "chunk")

@@ -94,3 +94,31 @@ def test_aggregation_and_inbox_settings_parse_and_bad_ones_say_why() -> None:
             ({"max_update_norm": 0.0}, "max_update_norm"), ({"inbox_per_origin": 0}, "inbox_per_origin"):
         with pytest.raises(ConfigError, match=why):
             from_dict({"gossip": bad}).validate()
+
+
+def test_every_member_draws_the_random_topology_from_the_run_seed(digits_data, monkeypatch) -> None:
+    import dataclasses
+
+    from gradleak.core.graphs import build_graph
+    from gradleak.runtime import peer_node
+    from gradleak.runtime.model_exchange import model_gossip_for
+
+    members = tuple(f"p{i}" for i in range(8))
+    graphs = {seed: build_graph("er:2", sorted(members), seed) for seed in (0, 1)}
+    assert graphs[0] != graphs[1]  # else this test could not tell the seeds apart
+    base = dataclasses.replace(_spec("p3", digits_data, members=members), topology="er:2", exchange="models",
+                               optimizer="sgd")
+    for seed, graph in graphs.items():
+        spec = dataclasses.replace(base, run_seed=seed)
+        gossip = model_gossip_for(spec, {"w": (1,)})
+        assert gossip is not None and gossip.neighbours == list(graph["p3"])
+    # Gradient gossip: the node hands the run seed to the choice of targets.
+    seeds: list[int] = []
+    monkeypatch.setattr(peer_node, "choose_targets", lambda *a: seeds.append(a[-1]) or [])
+    node = PeerNode(dataclasses.replace(base, exchange="gradients", optimizer="adam", run_seed=7))
+    try:
+        node.set_members({"p3": node.server.address})
+        node.step(1)
+    finally:
+        node.stop()
+    assert seeds == [7]

@@ -170,3 +170,27 @@ def test_the_writer_pulls_weights_of_updates_nobody_attacked(tmp_path: Path, len
     r = TranscriptReader(tmp_path)
     assert r.weight_keys() == [("s", 0), ("s", 1), ("s", 3)]
     assert r.meta["weights_unpulled"] == 1 and r.meta["weights"] == 3
+
+
+def test_model_messages_received_and_sent_are_kept_with_their_receiver(tmp_path: Path, lenet) -> None:
+    import dataclasses
+
+    w = _writer(tmp_path)
+    w._pull = lambda s, v: {}  # as if pulling: a model message must queue no pull of weights
+    got = _update(lenet, 1)
+    got = Update(dataclasses.replace(got.header, defence="none", kind="model", mix_round=1), got.tensors)
+    mine = Update(dataclasses.replace(got.header, update_id="m/r1/m1", origin="m", sender="m"),
+                  {n: t + 1 for n, t in got.tensors.items()})
+    assert w.add_update(got) and w.add_sent(mine, "h", "sent") and w.add_sent(mine, "k", "dropped")
+    with pytest.raises(ValueError, match="status"):
+        w.add_sent(mine, "h", "lost")
+    assert w._pending.empty()
+    w.close()
+    r = TranscriptReader(tmp_path)
+    [back] = [u.update for u in r.updates()]
+    assert back.header == got.header
+    sent = list(r.sent())
+    assert [(s.receiver, s.status) for s in sent] == [("h", "sent"), ("k", "dropped")]
+    assert sent[0].update.header == mine.header
+    assert all(_bits_equal(sent[0].update.tensors[n], t) for n, t in mine.tensors.items())
+    assert json.loads((tmp_path / "transcript" / "meta.json").read_text())["sent"] == 2
