@@ -28,7 +28,7 @@ TARGET_ACCURACY = 0.90
 class Trained:
     """A trained model and the data it was judged on."""
 
-    model: nn.Module  # eval-free LeNet (no dropout / BatchNorm), trained weights
+    model: nn.Module  # the LeNet with its trained weights (no dropout or BatchNorm)
     accuracy: float  # on the held-out images below
     steps: int  # Adam steps taken
     test_images: torch.Tensor  # (N, 1, 16, 16) held out, never trained on
