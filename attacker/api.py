@@ -36,6 +36,14 @@ LINE_SEARCHES = ("auto", None, "strong_wolfe")
 # "optimised": DLG's soft labels, learned jointly with the images.
 LABEL_RECOVERIES = ("auto", "analytic", "optimised")
 LAYER_WEIGHTS = ("equal", "linear")  # IG's per-parameter weights of the cosine
+UPDATE_KINDS = ("gradient", "delta")  # what Observation.gradients holds
+# How an attack models a FedAvg delta (update_kind "delta"). "first_order": the delta
+# divided by local_lr * local_steps is taken for the gradient at the round's weights
+# (exact for one step, an approximation for more; every attack accepts it). "exact":
+# dlg, idlg and ig simulate the client's local steps on their dummy batch
+# (gradleak.core.fedavg) and match the simulated delta; the others fall back to
+# first order and say so in stats["update_model"].
+MULTI_STEP_MODELS = ("exact", "first_order")
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,25 @@ class Observation:
     batch_size: int  # number of samples behind the gradient (public header field)
     input_shape: tuple[int, int, int]  # (C, H, W) of one sample
     num_classes: int  # logits of the model
+    # FedAvg-style updates (public headers): "delta" means `gradients` holds the weight
+    # difference w_before - w_after of `local_steps` SGD steps at rate `local_lr`, each
+    # on the whole batch (gradleak.core.fedavg states the client's assumption).
+    update_kind: str = "gradient"  # one of UPDATE_KINDS
+    local_steps: int = 1  # local SGD steps behind a delta; 1 for a gradient
+    local_lr: float | None = None  # the client's SGD rate; required for a delta
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gradients", tuple(self.gradients))
+        if self.update_kind not in UPDATE_KINDS:
+            raise ValueError(f"unknown update_kind '{self.update_kind}' (known: {', '.join(UPDATE_KINDS)})")
+        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
+            raise ValueError(f"local_steps must be an integer >= 1, got {self.local_steps!r}")
+        if self.update_kind == "gradient":
+            if self.local_steps != 1 or self.local_lr is not None:
+                raise ValueError("a 'gradient' update has local_steps 1 and no local_lr; "
+                                 "use update_kind 'delta' for a multi-step update")
+        elif self.local_lr is None or not (self.local_lr > 0 and math.isfinite(self.local_lr)):
+            raise ValueError(f"a 'delta' update needs local_lr, a positive finite number, got {self.local_lr}")
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         if not self.gradients or not all(isinstance(g, torch.Tensor) for g in self.gradients):
             raise ValueError("an observation needs at least one gradient tensor")
@@ -58,6 +82,20 @@ class Observation:
             raise ValueError(f"input_shape must be positive (C, H, W), got {self.input_shape}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+
+    @property
+    def gradient_scale(self) -> float:
+        """What `gradients` is divided by to be read as a gradient: local_lr * local_steps
+        for a delta (its first-order reading), 1 for a gradient."""
+        if self.update_kind == "gradient":
+            return 1.0
+        assert self.local_lr is not None  # checked in __post_init__
+        return self.local_lr * self.local_steps
+
+    @property
+    def multi_step(self) -> bool:
+        """Whether the first-order reading is only an approximation (a delta of K > 1 steps)."""
+        return self.update_kind == "delta" and self.local_steps > 1
 
 
 @dataclass(frozen=True)
@@ -91,6 +129,7 @@ class AttackConfig:
     # Wall seconds one reconstruct may take (None: no limit). The loops check it between
     # steps and the attack returns its best so far with stop_reason "time_budget".
     time_budget_s: float | None = None
+    multi_step: str = "exact"  # how a FedAvg delta is modelled, one of MULTI_STEP_MODELS
 
     def __post_init__(self) -> None:
         counts = (self.max_iters, self.lbfgs_inner, self.lbfgs_history, self.ig_inner, self.restarts)
@@ -120,7 +159,8 @@ class AttackConfig:
             raise ValueError(
                 f"line_search must be 'auto', None or 'strong_wolfe', got {self.line_search}"
             )
-        for name, known in (("label_recovery", LABEL_RECOVERIES), ("layer_weights", LAYER_WEIGHTS)):
+        for name, known in (("label_recovery", LABEL_RECOVERIES), ("layer_weights", LAYER_WEIGHTS),
+                            ("multi_step", MULTI_STEP_MODELS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"unknown {name} '{getattr(self, name)}' (known: {', '.join(known)})")
 
@@ -156,6 +196,8 @@ class Attack(ABC):
         ) -> Reconstruction:
             with time_budget(self.config.time_budget_s):
                 rec: Reconstruction = inner(self, model, obs, callback=callback)
+                # Attacks that simulate a delta's local steps set "exact" themselves.
+                rec.stats.setdefault("update_model", update_model(obs, False))
                 if exhausted():
                     rec.stats["stop_reason"] = TIME_BUDGET
             return rec
@@ -253,7 +295,12 @@ def private_copy(model: nn.Module) -> nn.Module:
 
 
 def checked_targets(model: nn.Module, obs: Observation) -> list[torch.Tensor]:
-    """The observed gradients on the model's device/dtype, after checking they fit it."""
+    """The observed gradients on the model's device/dtype, after checking they fit it.
+
+    A FedAvg delta comes back divided by local_lr * local_steps: its first-order reading
+    as a gradient (exact for one step). Attacks that simulate the local steps
+    (`simulated_steps`) compare their simulated delta on the same scale.
+    """
     params = list(model.parameters())
     if len(obs.gradients) != len(params):
         raise ValueError(f"observation has {len(obs.gradients)} gradients, model has {len(params)}")
@@ -262,7 +309,24 @@ def checked_targets(model: nn.Module, obs: Observation) -> list[torch.Tensor]:
             raise ValueError(
                 f"gradient {i} has shape {tuple(grad.shape)}, parameter {tuple(param.shape)}"
             )
-    return [g.detach().to(device=p.device, dtype=p.dtype) for g, p in zip(obs.gradients, params)]
+    scale = obs.gradient_scale
+    return [(g.detach() / scale).to(device=p.device, dtype=p.dtype) for g, p in zip(obs.gradients, params)]
+
+
+def simulated_steps(config: AttackConfig, obs: Observation) -> tuple[int, float] | None:
+    """(local_steps, local_lr) for an attack to simulate exactly, or None to read the
+    update as one gradient (a gradient, a one-step delta, or multi_step "first_order")."""
+    if not obs.multi_step or config.multi_step != "exact":
+        return None
+    assert obs.local_lr is not None  # a delta always has one
+    return obs.local_steps, obs.local_lr
+
+
+def update_model(obs: Observation, simulated: bool) -> str:
+    """stats["update_model"]: "gradient", "first_order" (a delta read as a gradient) or "exact"."""
+    if obs.update_kind == "gradient":
+        return "gradient"
+    return "exact" if simulated or not obs.multi_step else "first_order"
 
 
 def initial_images(

@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from attacker.analytic import Analytic
-from attacker.api import AttackConfig, Observation, Reconstruction, create_attack
+from attacker.api import (
+    AttackConfig,
+    Observation,
+    Reconstruction,
+    create_attack,
+    simulated_steps,
+    update_model,
+)
 from attacker.ig import Prepared, pick_restart, prepare, schedule_of
 from attacker.stacked import attack_copy, invert_stacked, stack_weights
 
@@ -79,7 +86,10 @@ def reconstruct_many(
     if attack_name == "analytic":
         analytic = create_attack(attack_name, config)
         assert isinstance(analytic, Analytic)
-        return analytic.reconstruct_many(per_obs, list(observations), callback=callback)
+        recons = analytic.reconstruct_many(per_obs, list(observations), callback=callback)
+        for recon, obs in zip(recons, observations, strict=True):
+            recon.stats.setdefault("update_model", update_model(obs, False))
+        return recons
     if attack_name not in STACKED:
         attack = create_attack(attack_name, config)
         return [attack.reconstruct(m, o) for m, o in zip(per_obs, observations, strict=True)]
@@ -88,12 +98,17 @@ def reconstruct_many(
     prepared = [prepare(config, c, o) for c, o in zip(copies, observations, strict=True)]
     groups: dict[tuple, list[int]] = {}
     for j, (obs, prep) in enumerate(zip(observations, prepared, strict=True)):
-        key = (obs.batch_size, obs.input_shape, obs.num_classes, prep.hard is None)
+        # Deltas of different local steps or rates simulate different clients: own stacks.
+        key = (obs.batch_size, obs.input_shape, obs.num_classes, prep.hard is None,
+               simulated_steps(config, obs))
         groups.setdefault(key, []).append(j)
     out: dict[int, Reconstruction] = {}
     for members in groups.values():
+        simulate = simulated_steps(config, observations[members[0]])
         solved = _solve_group(attack_name, config, [copies[j] for j in members],
-                              [prepared[j] for j in members], callback)
+                              [prepared[j] for j in members], callback, simulate)
+        for j, recon in zip(members, solved, strict=True):
+            recon.stats["update_model"] = update_model(observations[j], simulate is not None)
         out.update(zip(members, solved, strict=True))
     return [out[j] for j in range(len(observations))]
 
@@ -123,7 +138,7 @@ def _attack_copies(models: list[nn.Module]) -> list[nn.Module]:
 
 def _solve_group(
     name: str, config: AttackConfig, copies: list[nn.Module], prepared: list[Prepared],
-    callback: ManyCallback | None,
+    callback: ManyCallback | None, simulate: tuple[int, float] | None = None,
 ) -> list[Reconstruction]:
     """One stacked run for updates of equal shapes; rows j*R .. j*R+R-1 are update j's."""
     start = time.perf_counter()
@@ -155,6 +170,7 @@ def _solve_group(
         module, params, buffers, targets, images, labels, schedule_of(config),
         stacked_weights=not shared, learn_labels=prepared[0].hard is None,
         callback=stacked_cb, groups=[j for j in range(len(prepared)) for _ in range(restarts)],
+        simulate=simulate,
     )
     seconds = time.perf_counter() - start
     recons = []

@@ -17,6 +17,8 @@ from attacker.api import (
     initial_images,
     private_copy,
     register_attack,
+    simulated_steps,
+    update_model,
 )
 from attacker.inversion import Callback, MatchResult, match_gradients
 from attacker.labels import analytic_labels
@@ -29,6 +31,7 @@ def _run(
     data: torch.Tensor,
     callback: Callback | None,
     line_search: str | None,
+    simulate: tuple[int, float] | None,
     **labels: torch.Tensor,
 ) -> MatchResult:
     return match_gradients(
@@ -43,12 +46,14 @@ def _run(
         grad_tol=config.grad_tol,
         patience=config.patience,
         callback=callback,
+        simulate=simulate,
         **labels,
     )
 
 
 def _reconstruction(
-    name: str, result: MatchResult, labels: torch.Tensor, source: str, start: float
+    name: str, result: MatchResult, labels: torch.Tensor, source: str, start: float,
+    model_of_update: str,
 ) -> Reconstruction:
     stats = {
         "attack": name,
@@ -60,6 +65,7 @@ def _reconstruction(
         "diverged": result.diverged,
         "stop_reason": result.stop_reason,
         "device": str(result.images.device),
+        "update_model": model_of_update,
     }
     images = torch.nan_to_num(result.images.detach(), nan=0.0).clamp(0.0, 1.0)
     return Reconstruction(
@@ -87,12 +93,15 @@ class DLG(Attack):
         label_logits = torch.randn((obs.batch_size, obs.num_classes), generator=generator)
         label_logits = label_logits.to(targets[0]).requires_grad_(True)
         line_search = None if self.config.line_search == "auto" else self.config.line_search
+        simulate = simulated_steps(self.config, obs)
         result = _run(
-            self.config, victim, targets, data, callback, line_search, label_logits=label_logits
+            self.config, victim, targets, data, callback, line_search, simulate,
+            label_logits=label_logits,
         )
         assert result.label_logits is not None  # joint optimisation always returns them
         labels = result.label_logits.argmax(dim=-1)
-        return _reconstruction(self.name, result, labels, "optimised", start)
+        return _reconstruction(self.name, result, labels, "optimised", start,
+                               update_model(obs, simulate is not None))
 
 
 @register_attack("idlg")
@@ -124,7 +133,10 @@ class IDLG(Attack):
         generator = torch.Generator().manual_seed(self.config.seed)
         data = initial_images(self.config, obs, generator, targets[0])
         line_search = IDLG_LINE_SEARCH if self.config.line_search == "auto" else self.config.line_search
-        result = _run(self.config, victim, targets, data, callback, line_search, hard_labels=labels)
-        return _reconstruction(self.name, result, labels, "analytic", start)
+        simulate = simulated_steps(self.config, obs)
+        result = _run(self.config, victim, targets, data, callback, line_search, simulate,
+                      hard_labels=labels)
+        return _reconstruction(self.name, result, labels, "analytic", start,
+                               update_model(obs, simulate is not None))
 
 

@@ -25,6 +25,8 @@ from attacker.api import (
     Reconstruction,
     checked_targets,
     register_attack,
+    simulated_steps,
+    update_model,
 )
 from attacker.inversion import Callback
 from attacker.labels import analytic_labels
@@ -147,12 +149,16 @@ class InvertingGradients(Attack):
             def stacked_cb(iteration: int, images: torch.Tensor, losses: torch.Tensor) -> bool | None:
                 return user(iteration, images[int(torch.argmin(losses))])
 
+        simulate = simulated_steps(self.config, obs)
         result = invert_stacked(
             victim, params, buffers, targets, prepared.images, prepared.labels,
             schedule_of(self.config), stacked_weights=False,
             learn_labels=prepared.hard is None, callback=stacked_cb, groups=[0] * restarts,
+            simulate=simulate,
         )
-        return pick_restart(
+        recon = pick_restart(
             self.name, self.config, result, range(restarts), prepared,
             time.perf_counter() - start, prepared.images.device,
         )
+        recon.stats["update_model"] = update_model(obs, simulate is not None)
+        return recon

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacker.budget import TIME_BUDGET, expired
+from gradleak.core.fedavg import local_sgd_delta
 
 # (iteration, current best images clamped to [0, 1]) -> True to stop early.
 _LBFGS_TOLERANCE_GRAD = 1e-7  # torch.optim.LBFGS's default, passed explicitly below
@@ -68,12 +69,16 @@ class _Matcher:
         data: torch.Tensor,
         label_logits: torch.Tensor | None,
         hard_labels: torch.Tensor | None,
+        simulate: tuple[int, float] | None = None,
     ) -> None:
         if label_logits is None and hard_labels is None:
             raise ValueError("need label_logits (joint) or hard_labels (fixed)")
         self.model, self.targets, self.data = model, targets, data
         self.label_logits, self.hard_labels = label_logits, hard_labels
         self.params: list[torch.Tensor] = list(model.parameters())
+        self.simulate = simulate
+        self.named = {n: p.detach() for n, p in model.named_parameters()}
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.variables = [data] if label_logits is None else [data, label_logits]
         self.best_distance = math.inf
         self.best_data = data.detach().clone()
@@ -93,10 +98,7 @@ class _Matcher:
         if backward and expired():
             # Out of time: no gradient, so L-BFGS ends its step at once (see below).
             return torch.zeros((), device=self.data.device, dtype=self.data.dtype)
-        logits = self.model(self.data)  # (B, K)
-        # create_graph: the distance is differentiated again, w.r.t. the dummy inputs.
-        grads = torch.autograd.grad(self._loss(logits), self.params, create_graph=backward)
-        distance = gradient_distance(grads, self.targets)
+        distance = gradient_distance(self._dummy_gradients(backward), self.targets)
         self.evaluations += 1
         value = float(distance.detach())
         if not math.isfinite(value):
@@ -111,6 +113,17 @@ class _Matcher:
             if self.label_logits is not None:
                 self.best_label = self.label_logits.detach().clone()
         return distance.detach()
+
+    def _dummy_gradients(self, backward: bool) -> Sequence[torch.Tensor]:
+        """The dummies' gradient, or their simulated FedAvg delta on the gradient's scale."""
+        if self.simulate is None:
+            logits = self.model(self.data)  # (B, K)
+            # create_graph: the distance is differentiated again, w.r.t. the dummy inputs.
+            return torch.autograd.grad(self._loss(logits), self.params, create_graph=backward)
+        steps, lr = self.simulate
+        delta = local_sgd_delta(self.model, self.named, self.buffers, self.data, self._loss,
+                                steps=steps, lr=lr)
+        return [delta[n] / (lr * steps) for n in self.named]
 
     def stop_reason(
         self, evaluations_before: int, best_before: float, grad_tol: float, patience: int
@@ -171,6 +184,7 @@ def match_gradients(
     grad_tol: float,
     patience: int = 0,
     callback: Callback | None = None,
+    simulate: tuple[int, float] | None = None,
 ) -> MatchResult:
     """Optimise dummy inputs (and soft labels) so their gradient matches `targets`.
 
@@ -186,11 +200,14 @@ def match_gradients(
         grad_tol: stop once the gradient distance falls below this.
         patience: stop after this many outer steps without a new best; 0 = never.
         callback: called after every outer step; returning True stops.
+        simulate: (local_steps, local_lr) to match `targets` (a FedAvg delta over
+            local_lr * local_steps) with the dummies' simulated delta of those steps
+            (gradleak.core.fedavg); None matches their gradient.
 
     Returns:
         The best iterate seen and how the run went.
     """
-    matcher = _Matcher(model, targets, data, label_logits, hard_labels)
+    matcher = _Matcher(model, targets, data, label_logits, hard_labels, simulate)
     optimizer = torch.optim.LBFGS(
         matcher.variables,
         lr=lr,

@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from attacker.budget import TIME_BUDGET, expired
+from gradleak.core.fedavg import local_sgd_delta
 
 Tensors = dict[str, torch.Tensor]
 # (iteration, best-so-far images (k, B, C, H, W) in [0, 1], their 1 - cos (k,) float64)
@@ -94,9 +95,11 @@ def layer_weights(kind: str, count: int) -> list[float]:
 class _Objective:
     """IG's objective of one problem as a pure function of (dummies, weights, targets)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], kind: str, tv_weight: float):
+    def __init__(self, model: nn.Module, names: Sequence[str], kind: str, tv_weight: float,
+                 simulate: tuple[int, float] | None = None):
         self.model, self.names, self.tv_weight = model, list(names), tv_weight
         self.weights = layer_weights(kind, len(self.names))
+        self.simulate = simulate
 
     def _ce(self, params: Tensors, buffers: Tensors, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = functional_call(self.model, (params, buffers), (x,))  # (B, K)
@@ -109,7 +112,16 @@ class _Objective:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective, 1 - cos) of one problem; labels are logits when soft."""
         target = F.softmax(labels, dim=-1) if soft else labels  # (B, K)
-        dummy = grad(self._ce)(params, buffers, x, target)
+        if self.simulate is None:
+            dummy = grad(self._ce)(params, buffers, x, target)
+        else:  # the client's local steps on the dummy; cosine is scale-free, the scale is kept
+            steps, lr = self.simulate
+            delta = local_sgd_delta(
+                self.model, params, buffers, x,
+                lambda logits: -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean(),
+                steps=steps, lr=lr,
+            )
+            dummy = {n: d / (lr * steps) for n, d in delta.items()}
         dot = norm_d = norm_t = x.new_zeros(())
         for name, w in zip(self.names, self.weights, strict=True):
             d, t = dummy[name], targets[name]
@@ -201,6 +213,7 @@ def invert_stacked(
     learn_labels: bool = False,
     callback: StackedCallback | None = None,
     groups: Sequence[int] | None = None,
+    simulate: tuple[int, float] | None = None,
 ) -> StackedResult:
     """Minimise IG's objective for k problems at once.
 
@@ -216,12 +229,15 @@ def invert_stacked(
             their gradient losses; returning True stops every problem.
         groups: (k,) group of each problem (the restarts of one update); once one
             converges, the rest of its group stop ("superseded"). None: no groups.
+        simulate: (local_steps, local_lr): targets are FedAvg deltas over
+            local_lr * local_steps, matched by each dummy's simulated delta
+            (gradleak.core.fedavg); None matches gradients.
 
     Returns:
         Each problem's best iterate and how its run went.
     """
     names = list(targets)
-    objective = _Objective(model, names, schedule.layer_weights, schedule.tv_weight)
+    objective = _Objective(model, names, schedule.layer_weights, schedule.tv_weight, simulate)
     step_fn = grad_and_value(objective, argnums=(0, 1) if learn_labels else 0, has_aux=True)
     w_dim = 0 if stacked_weights else None
     batched = vmap(step_fn, in_dims=(0, 0, w_dim, w_dim, 0, None))
