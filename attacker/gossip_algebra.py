@@ -162,6 +162,9 @@ class Solution:
     determined: dict[tuple[str, int], bool]  # unknown -> in the row space of K
     amplification: dict[tuple[str, int], float]  # |row of pinv(K)|: error gain on the way
     residual: dict[tuple[str, int], float]  # relative residual of the rows that involve it
+    # amplification * (the observations' rounding error) / |estimate|: the relative error to
+    # expect of a determined unknown, from public quantities (an order of magnitude)
+    expected_error: dict[tuple[str, int], float]
     estimates: dict[tuple[str, int], np.ndarray]  # determined unknown -> lr * g (d,) float64
     rank: int
     _basis: np.ndarray  # (p, rank) orthonormal basis of the row space of K
@@ -188,7 +191,7 @@ class Solution:
 
 def solve(
     knowledge: Knowledge, observations: Mapping[State, np.ndarray],
-    known: Mapping[tuple, np.ndarray],
+    known: Mapping[tuple, np.ndarray], *, input_eps: float | None = None,
 ) -> Solution:
     """Solve the knowledge system in float64 with rank tracking.
 
@@ -198,6 +201,8 @@ def solve(
             (any float dtype; float32 on the wire).
         known: every key of `knowledge.knowns` -> its value (d,): x0 and the attackers'
             own scaled gradients lr * g_a(s).
+        input_eps: relative rounding error of the observations (default: half an ulp of
+            the coarsest observation dtype, 6e-8 for float32).
 
     Raises:
         ValueError: when an observation or known value is missing or of the wrong size.
@@ -206,7 +211,11 @@ def solve(
     missing += [k for k in knowledge.knowns if k not in known]
     if missing:
         raise ValueError(f"missing values for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    y = np.stack([np.asarray(observations[o], dtype=np.float64).ravel() for o in knowledge.observed])
+    raw = [np.asarray(observations[o]) for o in knowledge.observed]
+    if input_eps is None:
+        floats = [a.dtype for a in raw if np.issubdtype(a.dtype, np.floating)] or [np.dtype(np.float64)]
+        input_eps = max(float(np.finfo(dt).eps) / 2 for dt in floats)
+    y = np.stack([a.astype(np.float64).ravel() for a in raw])
     v = np.stack([np.asarray(known[k], dtype=np.float64).ravel() for k in knowledge.knowns])
     if y.shape[1] != v.shape[1]:
         raise ValueError(f"observations have {y.shape[1]} values, knowns {v.shape[1]}")
@@ -214,14 +223,15 @@ def solve(
     b = y - knowledge.known_rows @ v  # (m, d) what the unknowns must explain
     p = k.shape[1]
     if p == 0:
-        return Solution(knowledge, {}, {}, {}, {}, 0, np.zeros((0, 0)), np.zeros((0, y.shape[1])), v)
+        return Solution(knowledge, {}, {}, {}, {}, {}, 0, np.zeros((0, 0)), np.zeros((0, y.shape[1])), v)
     u, sig, vt = np.linalg.svd(k, full_matrices=False)
     rank = int(np.sum(sig > RCOND * sig[0])) if sig.size and sig[0] > 0 else 0
     basis = vt[:rank].T  # (p, rank)
     pinv = basis / sig[:rank] @ u[:, :rank].T  # (p, m)
     solved = pinv @ b  # (p, d)
     res = b - k @ solved
-    det, amp, resid, est = {}, {}, {}, {}
+    noise = input_eps * float(np.median(np.linalg.norm(y, axis=1)))  # per observation
+    det, amp, resid, est, expect = {}, {}, {}, {}, {}
     for i, key in enumerate(knowledge.unknowns):
         outside = 1.0 - float(np.sum(basis[i] ** 2))  # |P_null e_i|^2
         det[key] = bool(np.sqrt(max(outside, 0.0)) <= NULL_TOL)
@@ -229,6 +239,8 @@ def solve(
         involved = k[:, i] != 0
         scale = float(np.linalg.norm(b[involved]))
         resid[key] = float(np.linalg.norm(res[involved]) / scale) if scale > 0 else 0.0
+        size = float(np.linalg.norm(solved[i]))
+        expect[key] = amp[key] * noise / size if size > 0 else float("inf")
         if det[key]:
             est[key] = solved[i]
-    return Solution(knowledge, det, amp, resid, est, rank, basis, solved, v)
+    return Solution(knowledge, det, amp, resid, expect, est, rank, basis, solved, v)

@@ -81,7 +81,7 @@ def invert_gradients(
     solution: Solution, model: nn.Module, *, lr: float, batch_size: int,
     input_shape: tuple[int, int, int], num_classes: int, own_weights: Mapping[int, np.ndarray],
     attack: str = "analytic", config: AttackConfig | None = None,
-    targets: Sequence[tuple[str, int]] | None = None,
+    targets: Sequence[tuple[str, int]] | None = None, max_expected_error: float | None = None,
 ) -> dict[tuple[str, int], Leak]:
     """Reconstruct the batch behind every determined gradient (or those of `targets`).
 
@@ -94,12 +94,15 @@ def invert_gradients(
             system does not determine.
         attack: the registered image attack.
         targets: the (node, step) unknowns to attack (default: every determined one).
+        max_expected_error: skip gradients whose Solution.expected_error is above this (an
+            image attack on a gradient that is mostly rounding noise only burns time).
     """
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     chosen = create_attack(attack, config)
     keys = [k for k in (targets if targets is not None else solution.estimates)
-            if solution.determined.get(k)]
+            if solution.determined.get(k) and (max_expected_error is None
+                                                or solution.expected_error[k] <= max_expected_error)]
     out: dict[tuple[str, int], Leak] = {}
     for node, step in keys:
         weights = solution.weights(node, step)
@@ -113,6 +116,8 @@ def invert_gradients(
         obs = Observation(gradients=grads, batch_size=batch_size, input_shape=input_shape,
                           num_classes=num_classes)
         rec = chosen.reconstruct(victim, obs)
-        out[(node, step)] = Leak(rec, exact, {"amplification": solution.amplification[(node, step)],
-                                              "residual": solution.residual[(node, step)]})
+        out[(node, step)] = Leak(rec, exact, {
+            "amplification": solution.amplification[(node, step)],
+            "expected_error": solution.expected_error[(node, step)],
+            "residual": solution.residual[(node, step)]})
     return out
