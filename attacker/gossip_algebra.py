@@ -114,7 +114,7 @@ def build_knowledge(
     unknowns = tuple((p, s) for p in honest for s in range(1, steps + 1, span))
     knowns: tuple[tuple, ...] = (X0, *((a, s) for a in attackers for s in range(1, steps + 1)))
     p, q = len(unknowns), len(knowns)
-    col = {u: i for i, u in enumerate(unknowns)}
+    col: dict[tuple, int] = {u: i for i, u in enumerate(unknowns)}
     col.update({k: p + i for i, k in enumerate(knowns)})
     lost = set(drops)
 

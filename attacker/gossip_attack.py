@@ -45,7 +45,7 @@ class Leak:
 
 def node_status(solution: Solution, graph: Mapping[str, Sequence[str]]) -> dict[str, NodeStatus]:
     """Hop distance and determined steps of every honest node."""
-    dist = hops(dict(graph), list(solution.knowledge.attackers))
+    dist = hops({p: tuple(q) for p, q in graph.items()}, list(solution.knowledge.attackers))
     out: dict[str, NodeStatus] = {}
     for node in solution.knowledge.order:
         if node in solution.knowledge.attackers:

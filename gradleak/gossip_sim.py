@@ -53,23 +53,23 @@ def simulate(
     order = list(order)
     index = {p: i for i, p in enumerate(order)}
     rng = np.random.default_rng(seed)
-    x = np.tile(np.asarray(x0, dtype=dtype), (len(order), 1))  # (n, d)
+    x: np.ndarray = np.tile(np.asarray(x0, dtype=dtype), (len(order), 1))  # (n, d)
     view, truth = AttackerView(), Truth()
     view.known[X0] = np.asarray(x0, dtype=dtype).copy()
-    w = mixing.astype(dtype)
+    w: np.ndarray = mixing.astype(dtype)
     for s in range(1, steps + 1):
         view.own_weights[s] = x[index[attackers[0]]].copy()
         z = x.copy()
         for k, node in enumerate(order):
-            u = np.asarray(local_update(node, s, x[k]), dtype=dtype)
+            u: np.ndarray = np.asarray(local_update(node, s, x[k]), dtype=dtype)
             truth.updates[(node, s)] = u
             if node in attackers:
                 view.known[(node, s)] = u
             z[k] = x[k] - u
         for r in range(rounds):
-            lost = [(j, k, s, r) for k in order for j in graph[k] if rng.random() < drop_rate]
-            for k in order:
-                truth.states[(k, s, r)] = z[index[k]].copy()
+            lost = [(j, m, s, r) for m in order for j in graph[m] if rng.random() < drop_rate]
+            for m in order:
+                truth.states[(m, s, r)] = z[index[m]].copy()
             for a in attackers:
                 view.observations[(a, s, r)] = z[index[a]].copy()
                 for j in graph[a]:
@@ -78,11 +78,11 @@ def simulate(
             truth.drops.update(lost)
             view.drops.update(d for d in lost if d[1] in attackers)
             nxt = w @ z
-            for j, k, _, _ in lost:
-                nxt[index[k]] += w[index[k], index[j]] * (z[index[k]] - z[index[j]])
+            for j, m, _, _ in lost:
+                nxt[index[m]] += w[index[m], index[j]] * (z[index[m]] - z[index[j]])
             z = nxt
-        for k in order:
-            truth.states[(k, s, rounds)] = z[index[k]].copy()
+        for m in order:
+            truth.states[(m, s, rounds)] = z[index[m]].copy()
         x = z
     return view, truth
 
