@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--constant-seeds", type=int, default=1, help="seeds of decAttack's setting")
     parser.add_argument("--quick", action="store_true", help="n = 20 only, degrees 3, 5, 8")
     parser.add_argument("--out", default="docs/gossip_attack.png")
+    parser.add_argument("--settings", nargs="*", default=[],
+                        help="(b) only: settings whose name starts so (e.g. 'exact R=D')")
+    parser.add_argument("--only-b", action="store_true", help="skip (a) and (c)")
     args = parser.parse_args()
     start, load0 = time.perf_counter(), os.getloadavg()
     bench = Bench()
@@ -151,7 +154,7 @@ def main() -> None:
 
     print("\n## (a) PSNR (dB, 0 = not inverted) by hop distance, line graphs, S = 1, lr = 0.1")
     lines = {}
-    for label, case in line_cases(sizes):
+    for label, case in ([] if args.only_b else line_cases(sizes)):
         res = bench.run(case)
         lines[label] = by_hop(res)
         det, rec = share([res])
@@ -161,8 +164,11 @@ def main() -> None:
 
     print("\n## (b) share of honest nodes determined / reconstructed >= 30 dB, er:D")
     degrees = (3, 5, 8) if args.quick else (3, 4, 5, 6, 7, 8)
-    settings = (("exact R=1", "exact", 1, 1, 0.1), ("exact R=3", "exact", 3, 1, 0.1),
-                ("constant R=1 (decAttack)", "constant", 1, 10, 1e-4))
+    # rounds 0: decAttack's consensus experiment, R = min(D / attackers, n / 2) (exp_erdos_renyi)
+    settings = [x for x in (("exact R=1", "exact", 1, 1, 0.1), ("exact R=3", "exact", 3, 1, 0.1),
+                            ("exact R=D/att (decAttack)", "exact", 0, 1, 0.1),
+                            ("constant R=1 (decAttack)", "constant", 1, 10, 1e-4))
+                if not args.settings or any(x[0].startswith(w) for w in args.settings)]
     table: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
     print(f"{'setting':26s} {'n':>3s} {'att':>3s} " + " ".join(f"{'D=' + str(d):>9s}" for d in degrees))
     for name, model, rounds, steps, lr in settings:
@@ -171,7 +177,8 @@ def main() -> None:
                 row = []
                 for d in degrees:
                     seeds = args.seeds if model == "exact" else args.constant_seeds
-                    runs = [bench.run(Case(f"er:{d}", n, tuple(range(natt)), rounds, model, steps,
+                    r = rounds or min(max(1, d // natt), n // 2)
+                    runs = [bench.run(Case(f"er:{d}", n, tuple(range(natt)), r, model, steps,
                                            lr, seed=s)) for s in range(seeds)]
                     row.append(share(runs))
                 table[(name, n, natt)] = row
@@ -182,7 +189,7 @@ def main() -> None:
     loss_cases = [("line n=20, end, R=19", Case("line", 20, (0,), rounds=19)),
                   ("er:4 n=20, 1 att, R=3", Case("er:4", 20, (0,), rounds=3))]
     lossy = {}
-    for label, case in loss_cases:
+    for label, case in ([] if args.only_b else loss_cases):
         for rate in (0.0, 0.1):
             runs = [bench.run(Case(**{**case.__dict__, "drop_rate": rate, "seed": s}))
                     for s in range(args.seeds)]
@@ -202,18 +209,22 @@ def figure(out: Path, lines: dict, table: dict, degrees: Sequence[int], lossy: d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
     for label, hop in lines.items():
         axes[0].plot(list(hop), [np.mean(v) for v in hop.values()], marker="o", ms=3, label=label)
     axes[0].axhline(TARGET_DB, color="grey", ls=":")
-    axes[0].set(xlabel="hops to the attacker", ylabel="PSNR (dB)", title="(a) line graphs")
+    axes[0].set(xlabel="hops to the attacker", ylabel="PSNR (dB)", title="(a) line graphs, batch 1")
     for (name, n, natt), row in table.items():
-        axes[1].plot(degrees, [b for _, b in row], marker="o", ms=3, label=f"{name}, n={n}, {natt} att")
-    axes[1].set(xlabel="expected degree D (er:D)", ylabel=">= 30 dB share", title="(b) Erdős–Rényi")
+        ax = axes[1] if natt == 1 else axes[2]
+        ax.plot(degrees, [b for _, b in row], marker="o", ms=3, ls="-" if n == 20 else "--",
+                label=f"{name}, n={n}")
+    for ax, natt in ((axes[1], 1), (axes[2], 3)):
+        ax.set(xlabel="expected degree D (er:D)", ylabel="share reconstructed >= 30 dB",
+               title=f"(b) Erdős–Rényi, {natt} attacker{'s' if natt > 1 else ''}", ylim=(0, 1.05))
     for (label, rate), hop in lossy.items():
-        axes[2].plot(list(hop), [np.mean(v) for v in hop.values()], marker="o", ms=3,
+        axes[3].plot(list(hop), [np.mean(v) for v in hop.values()], marker="o", ms=3,
                      ls="-" if rate == 0 else "--", label=f"{label}, loss {rate:.0%}")
-    axes[2].set(xlabel="hops to the attacker", ylabel="PSNR (dB)", title="(c) 10% message loss")
+    axes[3].set(xlabel="hops to the attacker", ylabel="PSNR (dB)", title="(c) 10% message loss")
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()
