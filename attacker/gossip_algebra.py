@@ -184,6 +184,17 @@ class Solution:
         """z_node(step, rnd) if determined, else None."""
         return self.value_of(self.knowledge.state_row(node, step, rnd))
 
+    def recovered_states(self) -> dict[State, np.ndarray]:
+        """Every determined state z_k(s, r) the attackers did not observe themselves."""
+        seen = set(self.knowledge.observed)
+        out = {}
+        for s in range(1, self.knowledge.steps + 1):
+            for r in range(self.knowledge.rounds + 1):
+                for node in self.knowledge.order:
+                    if (node, s, r) not in seen and (value := self.state(node, s, r)) is not None:
+                        out[(node, s, r)] = value
+        return out
+
     def weights(self, node: str, step: int) -> np.ndarray | None:
         """x_node(step) if determined, else None."""
         return self.value_of(self.knowledge.weights_row(node, step))
