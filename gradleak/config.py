@@ -211,7 +211,10 @@ class AttackSettings:
     fallback: tuple[str, ...] = ("analytic", "idlg", "dlg")  # fastest first
     max_iters: int = 100  # outer optimiser steps per reconstruction
     time_budget_s: float | None = 3.0  # wall seconds per reconstruction (None: unlimited)
-    max_age_s: float | None = 30.0  # queued updates older than this are evicted (None: never)
+    # Queued updates older than this are evicted (None: never). 4 s: a live attacker wants
+    # fresh updates; at 30 s the demo's p95 receive-to-score latency was 8.6-10.9 s (the
+    # drain attacked 30 s old updates), at 4 s 3.1 s for 3 points of coverage (docs/live.md).
+    max_age_s: float | None = 4.0
     queue_size: int = 16  # updates waiting; when full the stalest is evicted and counted
     max_batch_size: int = 8  # updates from larger batches are captured but not attacked
     # `gradleak run` refuses honest batch sizes above max_batch_size unless this is set.
