@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradleak.core.graphs import build_graph, mixing_matrix
+from gradleak.gossip_sim import simulate
 from gradleak.runtime.evaluation import Evaluator
 from gradleak.runtime.record import RunRecord
 from p2p.codec import update_to_frames
@@ -17,7 +19,9 @@ from p2p.peer import Peer
 from p2p.update import UpdateHeader
 
 ROOT = Path(__file__).resolve().parents[1]
-TRUTH_MODULES = {"gradleak.runtime.evaluation", "gradleak.runtime.evaluator_node", "gradleak.runtime.record"}
+# gradleak.gossip_sim holds the simulated gossip's truth (every gradient and state).
+TRUTH_MODULES = {"gradleak.runtime.evaluation", "gradleak.runtime.evaluator_node", "gradleak.runtime.record",
+                 "gradleak.gossip_sim"}
 PURE_FORBIDDEN = {"ray", "grpc", "prometheus_client", "p2p", "gradleak.runtime"}
 
 
@@ -67,3 +71,16 @@ def test_the_evaluator_gives_nothing_back(tmp_path: Path) -> None:
     public = [m for m in dir(ev) if not m.startswith("_")]
     assert not any("truth" in m and m != "register_truth" for m in public)
     assert ev.summary()[0]["mean_psnr"] == torch.tensor(40.0).item()
+
+
+def test_the_gossip_attackers_see_only_their_own_messages() -> None:
+    members = [f"p{i}" for i in range(6)]
+    graph = build_graph("line", members)
+    view, truth = simulate(graph, members, mixing_matrix(graph, members), ["p0", "p3"],
+                           np.zeros(4), steps=2, rounds=3, drop_rate=0.2, seed=1,
+                           local_update=lambda k, s, x: np.full(4, members.index(k) + s, np.float32))
+    heard = {"p0", "p1", "p2", "p3", "p4"}  # the attackers and their neighbours
+    assert {sender for sender, _, _ in view.observations} <= heard
+    assert set(view.known) == {("x0",), *((a, s) for a in ("p0", "p3") for s in (1, 2))}
+    assert all(receiver in ("p0", "p3") for _, receiver, _, _ in view.drops)
+    assert ("p5", 1) in truth.updates and not any(k[0] == "p5" for k in view.observations)
