@@ -47,7 +47,7 @@ SETTINGS = ("attack", "batch_size", "defence", "seed", "peers", "fanout", "topol
 CELL_COLUMNS = (
     "cell_id", "attack", "batch_size", "defence", "seed", "reconstructions", "mean_psnr",
     "best_psnr", "share_psnr_30", "mean_ssim", "label_accuracy", "honest_accuracy",
-    "captured", "dropped", "seconds",
+    "captured", "dropped", "seconds", "nodes",
 )
 
 
@@ -57,8 +57,9 @@ CELL_COLUMNS = (
 def load_done_cells(store: Path) -> tuple[list[dict[str, Any]], int]:
     """The done cells' rows (sorted by cell id) and how many cells are not done.
 
-    Each row gets `best_psnr` (the best single image among its reconstructions) and
-    `grid` (its grid.png path, or None).
+    Each row gets `best_psnr` (the best single image among its reconstructions), `grid`
+    (its grid.png path, or None) and `nodes` (where its peers and attacker ran, node ids cut
+    to 8; None for cells stored before the sweep recorded them).
 
     Raises:
         StoreError: DIR is missing, has no done cell, or one of its files is unreadable.
@@ -70,6 +71,9 @@ def load_done_cells(store: Path) -> tuple[list[dict[str, Any]], int]:
         row["best_psnr"] = leakage(cell_reconstructions(store, row))["best_psnr"]
         folder = run_dir(store, row)
         row["grid"] = folder / GRID if folder and (folder / GRID).is_file() else None
+        if row.get("attacker_node"):
+            row["nodes"] = (f"peers {' '.join(n[:8] for n in row.get('peer_nodes') or [])}, "
+                            f"attacker {row['attacker_node'][:8]}")
     return rows, incomplete
 
 

@@ -36,6 +36,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from attacker.api import AttackConfig
+from gradleak.cell_placement import CellNodes
 from gradleak.config import RunConfig
 from gradleak.data import Dataset, load_dataset, split
 from gradleak.placement import FitError, Node, Plan, plan
@@ -195,8 +196,9 @@ class Testbed:
     __test__ = False  # not a pytest class, despite the name
 
     def __init__(self, cfg: RunConfig, progress: Progress = lambda _s: None, *,
-                 handle_signals: bool = False) -> None:
+                 handle_signals: bool = False, nodes: CellNodes | None = None) -> None:
         self.cfg = cfg.validate()
+        self.placed = nodes  # a sweep's choice of nodes (pinned); None: the fit and Ray choose
         # SIGINT/SIGTERM become a stop request (main thread only: the CLI, not tests).
         self.handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
         self._previous_handlers: dict[int, Any] = {}
@@ -274,7 +276,9 @@ class Testbed:
         self.started_ray = ensure_ray(cfg)
         self._install_handlers()
         self._check()
-        layout = fit(cfg)
+        placed = self.placed
+        layout = fit(cfg) if placed is None else Plan(
+            placed.per_process, len(placed.hosts), (len(placed.hosts) + 1) * cfg.peers.num_cpus)
         tel = cfg.telemetry
         # The evaluator writes the run records: pinned to the driver's node, it writes where the
         # driver writes config.yaml, i.e. where --out is mounted (KubeRay: the head pod's claim).
@@ -284,7 +288,9 @@ class Testbed:
         specs = self._specs(data)
         self._start_hosts(specs[:-1], layout)
         a = cfg.attack
-        marker = {"resources": {a.resource: 1}} if a.resource else {}
+        marker: dict[str, Any] = {"resources": {a.resource: 1}} if a.resource else {}
+        if placed is not None:
+            marker["scheduling_strategy"] = NodeAffinitySchedulingStrategy(placed.attacker, soft=False)
         self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
             specs[-1], self.evaluator, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
             attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed, time_budget_s=a.time_budget_s),
@@ -313,8 +319,10 @@ class Testbed:
     def _start_hosts(self, specs: list[PeerSpec], layout: Plan) -> None:
         cfg, a = self.cfg, self.cfg.attack
         peer_nodes = [i for i, n in cluster_nodes() if a.resource not in n.resources] if a.resource else []
+        if self.placed is not None:
+            peer_nodes = list(self.placed.hosts)
         for k in range(layout.hosts):
-            # Honest peers stay off the nodes marked for the attacker.
+            # Honest peers stay off the nodes marked for the attacker (or where a sweep put them).
             where = ({"scheduling_strategy": NodeAffinitySchedulingStrategy(peer_nodes[k % len(peer_nodes)],
                                                                             soft=False)}
                      if peer_nodes else {})
@@ -325,6 +333,12 @@ class Testbed:
             self._host_rows.append([])
             self._incarnations.append(0)
             self.hosts.append(PeerHostActor.options(**options).remote(group, self.evaluator, cfg.peers.threads))
+
+    def nodes_used(self) -> dict[str, Any]:
+        """The Ray node ids the honest peers (sorted, distinct) and the attacker ran on."""
+        honest = sorted({x["node_id"] for x in self.addresses if x.get("role") == "honest" and x.get("node_id")})
+        attacker = next((x.get("node_id") for x in self.addresses if x.get("role") == "malicious"), None)
+        return {"honest": honest, "attacker": attacker or None}
 
     @property
     def nodes(self) -> list[Any]:
@@ -635,6 +649,7 @@ class Testbed:
             attacker = {**attacker, "lost": True}
         honest_rows = [r for r in self._progress_rows if r["role"] == "honest"]
         accuracy = [(r["batch_size"], r["defence"], r["accuracy"]) for r in honest_rows if r["accuracy"] is not None]
+        extra["nodes"] = self.nodes_used()
         extra["devices"] = {"attacker": attacker.get("device"), "honest": sorted(
             {x["device"] for x in self.addresses if x.get("role") == "honest" and x.get("device")})}
         extra.update({"messages": self._messages, "wire_bytes": self._bytes, "attacker": attacker,

@@ -46,6 +46,7 @@ CELL_COLUMNS = (
     "cell_id", *AXES, "honest_accuracy", "honest_accuracy_min", "messages", "bytes_sent",
     "reconstructions", "mean_psnr", "share_psnr_30", "mean_ssim", "label_accuracy", "captured",
     "dropped", "attacker_share", "seconds", "run_dir", "defence_params", "refused_steps",
+    "cell_placement", "peer_nodes", "attacker_node", "node_hosts",
 )
 # Axes a reconstruction row gets from its cell (batch_size, defence, attack it has already).
 ROW_AXES = ("cell_id", "seed", "peers", "fanout", "topology", "aggregate")

@@ -6,8 +6,10 @@ malicious peer runs that attack. The aggregate axis (`--aggregate mean,median,tr
 measures what a robust rule costs in leakage and accuracy (and `refused_steps` what a
 poisoned step cost).
 Cells run as Ray tasks (each starts its own Testbed actors), at most `--parallel` at a
-time and only as many as the cluster's resources hold at once. See gradleak/store.py
-for the directory layout and why an interrupted sweep loses no finished cell.
+time and only as many as the nodes' resources hold at once; `--cell-placement` chooses the
+nodes of each cell's actors (gradleak/cell_placement.py; docs/scale.md, "Sweeps on a
+cluster"). See gradleak/store.py for the directory layout and why an interrupted sweep
+loses no finished cell.
 """
 
 from __future__ import annotations
@@ -27,8 +29,18 @@ from typing import Any, NoReturn
 import yaml
 
 from gradleak import store
+from gradleak.cell_placement import (
+    POLICIES,
+    CellDemand,
+    CellNodes,
+    Ledger,
+    cell_demand,
+    describe,
+    place,
+)
 from gradleak.config import ConfigError, RunConfig, from_dict
 from gradleak.flags import add_flags, overlay
+from gradleak.placement import FitError
 from gradleak.store import Cell, SweepSpec, defence_params, make_spec
 
 Progress = Callable[[str], None]
@@ -47,13 +59,19 @@ NOT_BASE = {"--peers", "--batch-size", "--defence", "--attack", "--fanout", "--t
 # -- running cells -------------------------------------------------------------------
 
 
-def run_cell(cell: Cell, cfg: RunConfig, root: str) -> dict[str, Any]:
-    """Run one cell's testbed to the end; return its cell.json record (not yet written)."""
+def run_cell(cell: Cell, cfg: RunConfig, root: str, nodes: CellNodes | None = None,
+             policy: str | None = None) -> dict[str, Any]:
+    """Run one cell's testbed to the end; return its cell.json record (not yet written).
+
+    nodes: where its actors go (pinned); None lets the fit and Ray choose, as `gradleak run`.
+    """
+    import ray
+
     from gradleak.runner import Testbed
     from gradleak.runtime.record import RunRecord
 
     t0 = time.monotonic()
-    bed = Testbed(cfg)
+    bed = Testbed(cfg, nodes=nodes)
     try:
         bed.start()
         bed.run_network()
@@ -61,8 +79,11 @@ def run_cell(cell: Cell, cfg: RunConfig, root: str) -> dict[str, Any]:
         result = bed.finish(time.monotonic() - t0)
         honest = [result.accuracy[a["peer_id"]] for a in bed.addresses
                   if a["role"] == "honest" and a["peer_id"] in result.accuracy]
+        used = bed.nodes_used()  # where the actors say they ran, not only where they were sent
     finally:
         bed.shutdown()
+    ran_on = {*used["honest"], used["attacker"]}
+    hostnames = {n["NodeID"]: n.get("NodeManagerHostname", "") for n in ray.nodes() if n["NodeID"] in ran_on}
     a = result.attacker
     received = a["captured"] + a["dropped"]
     return {
@@ -77,35 +98,74 @@ def run_cell(cell: Cell, cfg: RunConfig, root: str) -> dict[str, Any]:
         "run_dir": os.path.relpath(result.run_dir, root),
         "defence_params": defence_params(cell.defence),
         "refused_steps": sum((result.extra.get("refused_steps") or {}).values()),
+        "cell_placement": policy, "peer_nodes": used["honest"], "attacker_node": used["attacker"],
+        "node_hosts": hostnames,
     }
 
 
-def demand(cfg: RunConfig) -> dict[str, float]:
-    """Ray resources a cell's actors hold together (the evaluator asks for none)."""
-    pc, ac = cfg.peers, cfg.attack
-    hosts = -(-pc.honest // pc.per_process) if pc.per_process else pc.honest  # auto: at most one each
-    need = {"CPU": pc.num_cpus * (hosts + 1), "GPU": pc.num_gpus * pc.honest + ac.num_gpus}
-    if ac.resource:
-        need[ac.resource] = 1.0
-    return need
+def demand(cfg: RunConfig) -> tuple[int, CellDemand]:
+    """(peers per process, each actor's resources) of a cell; FitError if the cluster is too small.
+
+    The process layout is the one `gradleak run` of the cell's config would choose here.
+    """
+    from gradleak.runner import fit
+
+    per = fit(cfg).per_process
+    return per, cell_demand(cfg, per)
+
+
+def node_resources() -> dict[str, dict[str, float]]:
+    """Each alive node's CPUs, GPUs and custom resources: the ledger of an idle cluster."""
+    import ray
+
+    skip = ("memory", "object_store_memory")
+    return {n["NodeID"]: {k: float(v) for k, v in n["Resources"].items()
+                          if k not in skip and not k.startswith(("node:", "accelerator_type"))}
+            for n in ray.nodes() if n["Alive"]}
 
 
 class _Scheduler:
     """Launches cells as Ray tasks, commits finished ones, keeps the Prometheus targets."""
 
     def __init__(self, spec: SweepSpec, root: Path, todo: list[Cell], parallel: int,
-                 progress: Progress) -> None:
+                 progress: Progress, policy: str = "spread") -> None:
         import ray
 
+        from gradleak.runner import driver_node
+
         self.root, self.base, self.progress, self.parallel = root, spec.base, progress, parallel
+        self.policy = policy
         self.pending = deque(todo)
         self.total, self.already = len(spec.cells()), len(spec.cells()) - len(todo)
-        self.running: dict[Any, tuple[Cell, dict[str, float]]] = {}
-        self.capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
-        self.task = ray.remote(num_cpus=0, max_retries=0)(run_cell)
+        self.running: dict[Any, tuple[Cell, CellNodes, CellDemand]] = {}
+        # What the sweep's running cells leave free on each node (it assumes the cluster is its own).
+        self.nodes = Ledger(node_resources())
+        # The cell's driver (and so its evaluator, which writes the run dir) on this driver's
+        # node: the records land under --out here (KubeRay: the head pod's claim).
+        self.task = ray.remote(num_cpus=0, max_retries=0)(run_cell).options(scheduling_strategy=driver_node())
         self.done = self.failed = 0
         self.t0 = time.monotonic()
         self._targets: list[Any] | None = None
+        self._demands: dict[int, tuple[int, CellDemand]] = {}
+        self.check(todo)
+
+    def check(self, cells: list[Cell]) -> None:
+        """FitError, one line, when even an idle cluster cannot host one of the cells."""
+        for cell in cells:
+            try:
+                per, need = self._demand(cell)
+            except FitError as exc:
+                raise FitError(f"the cluster cannot host even one cell ({cell.cell_id}): {exc}") from None
+            if place(self.nodes.free, need, policy=self.policy, per_process=per) is None:
+                raise FitError(f"the cluster cannot host even one cell ({cell.cell_id}): it needs "
+                               f"{describe(need)}, and no node has room for them; lower --peer-cpus, "
+                               "raise --peers-per-process, or add nodes")
+
+    def _demand(self, cell: Cell) -> tuple[int, CellDemand]:
+        # Cells differ in their demand only by the peers axis: one fit per count, not per cell.
+        if cell.peers not in self._demands:
+            self._demands[cell.peers] = demand(cell.config(self.base, self.root))
+        return self._demands[cell.peers]
 
     def run(self) -> None:
         import ray
@@ -117,31 +177,24 @@ class _Scheduler:
                 self._collect(ref)
             self._write_targets()
 
-    def _fits(self, need: dict[str, float]) -> bool:
-        if not self.running:
-            return True  # one cell always runs; it waits for resources as `gradleak run` would
-        used: dict[str, float] = {}
-        for _cell, held in self.running.values():
-            for k, v in held.items():
-                used[k] = used.get(k, 0.0) + v
-        return all(used.get(k, 0.0) + v <= self.capacity.get(k, 0.0) + 1e-9
-                   for k, v in need.items() if v > 0)
-
     def _launch(self) -> None:
         while self.pending and len(self.running) < self.parallel:
             cell = self.pending[0]
-            cfg = cell.config(self.base, self.root)
-            need = demand(cfg)
-            if not self._fits(need):
-                return
+            per, need = self._demand(cell)
+            nodes = self.nodes.place(need, policy=self.policy, per_process=per)
+            if nodes is None:
+                return  # in order: the next cell waits until a running one gives its nodes back
             self.pending.popleft()
+            self.nodes.hold(nodes, need)
             store.reset_cell(self.root, cell.cell_id)  # a partial dir from an earlier try
-            self.running[self.task.remote(cell, cfg, str(self.root))] = (cell, need)
+            ref = self.task.remote(cell, cell.config(self.base, self.root), str(self.root), nodes, self.policy)
+            self.running[ref] = (cell, nodes, need)
 
     def _collect(self, ref: Any) -> None:
         import ray
 
-        cell, _need = self.running.pop(ref)
+        cell, nodes, need = self.running.pop(ref)
+        self.nodes.hold(nodes, need, -1)
         try:
             record = ray.get(ref)
         except ray.exceptions.RayError as exc:
@@ -161,10 +214,11 @@ class _Scheduler:
         return (f"[{self.already + self.done}/{self.total}] {r['cell_id']}: "
                 f"{r['reconstructions']} reconstructions, mean PSNR "
                 f"{'-' if psnr is None else f'{psnr:.1f} dB'}, honest accuracy "
-                f"{'-' if acc is None else f'{acc:.2f}'}, elapsed {_dur(elapsed)}, ETA {_dur(eta)}")
+                f"{'-' if acc is None else f'{acc:.2f}'}{_where(r)}, elapsed {_dur(elapsed)}, "
+                f"ETA {_dur(eta)}")
 
     def _write_targets(self) -> None:
-        groups = store.running_targets(self.root, [c.cell_id for c, _n in self.running.values()])
+        groups = store.running_targets(self.root, [c.cell_id for c, _n, _d in self.running.values()])
         if groups != self._targets:
             store.write_atomic(self.root / store.TARGETS_FILE, json.dumps(groups, indent=2))
             self._targets = groups
@@ -182,32 +236,42 @@ class _Scheduler:
         return n
 
 
+def _where(r: dict[str, Any]) -> str:
+    """', peers on node ab12cd34, attacker on ef56ab78' (node ids cut to 8, as Ray's CLI shows)."""
+    peers = ", ".join(n[:8] for n in r.get("peer_nodes") or [])
+    return f", peers on {peers or '-'}, attacker on {(r.get('attacker_node') or '-')[:8]}"
+
+
 def _dur(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def run_sweep(spec: SweepSpec, root: Path, todo: list[Cell], *, parallel: int | None = None,
-              progress: Progress = print) -> int:
+              progress: Progress = print, placement: str = "spread") -> int:
     """Run the cells in `todo` (from `plan`) into the store at `root`; return the exit status.
 
     0 when every cell is done, 1 when some failed, 130 when interrupted (Ctrl-C).
+    placement: the cell placement policy (gradleak/cell_placement.py).
+
+    Raises:
+        FitError: the cluster cannot host even one cell (nothing is written then).
     """
     import ray
 
     from gradleak.runner import ensure_ray
 
-    root.mkdir(parents=True, exist_ok=True)
-    store.write_atomic(root / store.SPEC_FILE, yaml.safe_dump(spec.to_dict(), sort_keys=False))
     started = ensure_ray(spec.base)
     status = 0
     try:
         if parallel is None:
             parallel = max(1, int(ray.cluster_resources().get("CPU", 1)) // 4)
-        sched = _Scheduler(spec, root, todo, parallel, progress)
+        sched = _Scheduler(spec, root, todo, parallel, progress, placement)
+        root.mkdir(parents=True, exist_ok=True)
+        store.write_atomic(root / store.SPEC_FILE, yaml.safe_dump(spec.to_dict(), sort_keys=False))
         progress(f"sweep: {sched.total} cells, {sched.already} done, {len(todo)} to run, "
-                 f"{parallel} at a time; store {root}; Prometheus targets "
-                 f"{root / store.TARGETS_FILE}")
+                 f"{parallel} at a time, cells placed by {placement} over {len(sched.nodes.free)} nodes; "
+                 f"store {root}; Prometheus targets {root / store.TARGETS_FILE}")
         try:
             sched.run()
         except KeyboardInterrupt:
@@ -243,6 +307,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="sweep YAML: axes and a `base:` run config (flags override it)")
     p.add_argument("--resume", action="store_true", help="skip done cells, redo unfinished ones")
     p.add_argument("--parallel", type=int, default=None, help="cells at once (default: CPUs // 4)")
+    p.add_argument("--cell-placement", choices=POLICIES, default="spread",
+                   help="nodes of a cell's actors: spread = parallel cells on different nodes, pack = "
+                        "fill one node before the next; a cell's peers share one node either way "
+                        "when they fit (default: spread)")
     for name, flags in AXIS_FLAGS.items():
         what = "N (seeds 0..N-1) or A,B" if name == "seeds" else "A,B"
         p.add_argument(*flags, dest=f"axis_{name}", metavar="A,B",
@@ -307,8 +375,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         print(f"gradleak: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_sweep(spec, Path(args.out), todo, parallel=args.parallel,
-                     progress=lambda s: print(s, flush=True))
+    try:
+        return run_sweep(spec, Path(args.out), todo, parallel=args.parallel,
+                         progress=lambda s: print(s, flush=True), placement=args.cell_placement)
+    except FitError as exc:
+        print(f"gradleak: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv, needle", [
     (["--peers", "x"], "bad value for --peers"),
-    (["--peers", "1"], "honest peers must be in 2..256"),
+    (["--peers", "1"], "honest peers must be in 2..4096"),
     (["--batch-size", "0"], "batch sizes"),
     (["--defence", "prune:7"], "prune ratio"),
     (["--defence", "shield"], "unknown defence 'shield'"),

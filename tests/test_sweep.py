@@ -193,3 +193,25 @@ def test_the_aggregate_axis_multiplies_the_cells_and_keeps_old_ids() -> None:
     assert spec.to_dict()["aggregates"] == ["mean", "median", "trimmed:0.2", "clip:5"]
     with pytest.raises(ConfigError, match="trimmed:F cuts"):
         spec_from_args(_args("--out", "x", "--aggregate", "trimmed:0.5"))
+
+
+def test_a_cluster_too_small_is_one_line_exit_2_and_the_policy_reaches_the_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gradleak import sweep
+    from gradleak.placement import FitError
+
+    seen: dict[str, object] = {}
+
+    def too_small(*_a: object, placement: str, **_k: object) -> int:
+        seen["placement"] = placement
+        raise FitError("the cluster cannot host even one cell (x): it needs more")
+
+    monkeypatch.setattr(sweep, "run_sweep", too_small)
+    out = tmp_path / "sw"
+    assert run_sweep_command(_args("--out", str(out), "--cell-placement", "pack")) == 2
+    err = capsys.readouterr().err
+    assert err == "gradleak: error: the cluster cannot host even one cell (x): it needs more\n"
+    assert seen == {"placement": "pack"} and not out.exists()
+    with pytest.raises(SystemExit):  # an unknown policy is refused by the parser
+        _args("--out", str(out), "--cell-placement", "scatter")
