@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# What a malicious member sends in model gossip (gradleak/runtime/active_strategy.py).
+STRATEGIES = ("honest", "state-override", "crafted")
+
 
 @dataclass(frozen=True)
 class Override:

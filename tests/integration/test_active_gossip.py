@@ -1,0 +1,77 @@
+"""The active malicious peer in live model gossip (in-process nodes, gRPC on 127.0.0.1, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradleak.config import (
+    AttackSettings,
+    DataConfig,
+    GossipConfig,
+    PeerConfig,
+    RunConfig,
+    TelemetryConfig,
+)
+from gradleak.runtime.malicious_node import MaliciousNode
+from gradleak.runtime.peer_node import PeerNode
+
+from .model_replay import run_specs
+
+STEPS = 3
+
+
+def _cfg(tmp_path, strategy: str) -> RunConfig:
+    return RunConfig(
+        seed=3, out_dir=str(tmp_path), data=DataConfig(limit=600),
+        peers=PeerConfig(honest=3, batch_sizes=(1,), optimizer="sgd", lr=0.3),
+        gossip=GossipConfig(sync="rounds", rounds=STEPS, exchange="models", topology="complete", mix_rounds=1,
+                            period_s=(0.0,)),
+        attack=AttackSettings(attacks=("idlg",), transcript_bytes=0, strategy=strategy),
+        telemetry=TelemetryConfig(metrics_port=0),
+    ).validate()
+
+
+def _run(tmp_path, strategy: str):
+    specs = run_specs(_cfg(tmp_path, strategy))
+    honest = [PeerNode(s) for s in specs[:-1]]
+    mallory = MaliciousNode(specs[-1], model_strategy=strategy)
+    rows: list[dict] = []
+    mallory.log_row = rows.append  # type: ignore[method-assign]
+    x0 = {n: p.detach().numpy().copy() for n, p in mallory.peer.model.named_parameters()}
+    nodes = [*honest, mallory]
+    after_first: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        book = {n.spec.peer_id: n.server.address for n in nodes}
+        for n in nodes:
+            n.set_members(book)
+        for s in range(1, STEPS + 1):
+            for r in range(1):
+                for n in nodes:  # the attacker last: it rushes, as the driver lets it
+                    assert n.model_send(s, r)["failed"] == 0
+                for n in nodes:
+                    n.model_mix(s, r)
+            if s == 1:
+                after_first = {n.spec.peer_id: n.model_weights() for n in honest}
+    finally:
+        for n in nodes:
+            n.stop()
+    return x0, after_first, rows
+
+
+@pytest.mark.slow  # four nodes start, twice (~6 s)
+def test_state_override_sets_every_victim_to_x0_and_records_it(tmp_path) -> None:
+    x0, active, rows = _run(tmp_path / "a", "state-override")
+    _x0, honest, honest_rows = _run(tmp_path / "h", "honest")
+    for peer, weights in active.items():
+        gap = max(float(np.max(np.abs(t - x0[n]))) for n, t in weights.items())
+        assert gap <= 1e-5, peer  # complete graph: every neighbourhood observed, the override is exact
+        moved = max(float(np.max(np.abs(t - x0[n]))) for n, t in honest[peer].items())
+        assert moved > 1e-3, peer  # honest gossip moves the victims off x0
+    sent = [r for r in rows if r["kind"] == "override"]
+    assert len(sent) == 3 * STEPS and all(r["sent"] and r["exact"] and not r["estimated"] for r in sent)
+    # detection scores as the victim computes them, over neighbours the attacker sees (all here)
+    assert all(r["l2"] > 0 and r["l2_ratio"] > 0 and -1 <= r["cosine"] <= 1 for r in sent)
+    read = [r for r in rows if r["kind"] == "override_read"]
+    assert len(read) == 3 * (STEPS - 1) and all(r["grad_norm"] > 0 for r in read)
+    assert not [r for r in honest_rows if r["kind"].startswith("override")]
