@@ -21,6 +21,7 @@ attacker's model to the other neighbours', cosine with their mean difference, ac
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ from attacker.active import recover_gradient
 from attacker.api import AttackConfig, Observation, create_attack
 from attacker.gossip_algebra import build_knowledge, solve
 from attacker.gossip_attack import invert_gradients, load_flat, unflatten
+from attacker.imprint import brightness_thresholds, imprint_weights, read_imprint
 from attacker.metrics import score_batch
 from gradleak.active_sim import simulate_override
 from gradleak.core.graphs import build_graph, mixing_matrix
@@ -48,15 +50,29 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(bunch.target, dtype=torch.int64)
 
 
-def lenet(seed: int, init: str = "dlg") -> torch.nn.Module:
+def lenet(seed: int, init: str = "dlg", arch: str = "lenet") -> torch.nn.Module:
+    if arch == "relu-mlp":  # PyTorch's init, seeded (SPEAR's victim)
+        torch.manual_seed(seed)
+        return create_model(arch, in_channels=1, num_classes=10, image_size=16)
     model = create_model("lenet", in_channels=1, num_classes=10, image_size=16)
     gen = torch.Generator().manual_seed(seed)
     return init_dlg_uniform(model, gen) if init == "dlg" else init_sigmoid(model, gen)
 
 
-def train(images: torch.Tensor, labels: torch.Tensor, steps: int) -> tuple[torch.nn.Module, float]:
-    """A LeNet trained centrally on the first 1000 digits (the network's model mid-run)."""
-    model = lenet(7, "sigmoid")
+def imprint_target(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    """theta* for a ReLU MLP: imprint weights, thresholds at brightness quantiles of public digits."""
+    width = next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).weight.shape[0]
+    crafted = copy.deepcopy(model)
+    state = imprint_weights(crafted, brightness_thresholds(images[1400:], width))  # held-out: public prior
+    with torch.no_grad():
+        for n, p in crafted.named_parameters():
+            p.copy_(state[n])
+    return flat_parameters(crafted)
+
+
+def train(images: torch.Tensor, labels: torch.Tensor, steps: int, arch: str = "lenet") -> tuple[torch.nn.Module, float]:
+    """A model trained centrally on the first 1000 digits (the network's model mid-run)."""
+    model = lenet(7, "sigmoid", arch)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -93,15 +109,21 @@ def run_case(graph_name: str, n: int, model: torch.nn.Module, x0: np.ndarray, ta
 
     update = sgd_update(model, batch, args.lr)
     cfg = AttackConfig(time_budget_s=args.budget, max_iters=args.max_iters)
-    attack = create_attack("analytic", cfg)
+    attack = create_attack(args.attack, cfg)
     keys = [(v, s) for v in victims for s in range(1, steps + 1)]
     out: dict = {}
     # passive: the algebra on the honest run
     view, _truth = simulate(graph, members, w, ["p0"], x0, steps=steps, rounds=args.rounds, local_update=update)
     know = build_knowledge(graph, members, w, ["p0"], steps=steps, rounds=args.rounds)
     sol = solve(know, view.observations, view.known)
-    leaks = invert_gradients(sol, model, lr=args.lr, batch_size=b, input_shape=SHAPE, num_classes=10,
-                             own_weights=view.own_weights, targets=keys, config=cfg)
+    leaks = {}
+    for key in keys:  # one at a time: an attack that raises on one gradient fails only that one
+        try:
+            leaks.update(invert_gradients(sol, model, lr=args.lr, batch_size=b, input_shape=SHAPE, num_classes=10,
+                                          own_weights=view.own_weights, targets=[key], config=cfg,
+                                          attack=args.attack))
+        except (RuntimeError, ValueError) as exc:
+            print(f"  passive {key}: {type(exc).__name__}: {exc}", flush=True)
     out["passive"] = _scores({k: leaks[k].reconstruction for k in leaks}, keys, batch)
     out["passive"]["determined"] = sum(bool(sol.determined.get(k)) for k in keys)
     honest = simulate_override(graph, members, w, ["p0"], victims, x0, steps=steps, rounds=args.rounds,
@@ -112,7 +134,15 @@ def run_case(graph_name: str, n: int, model: torch.nn.Module, x0: np.ndarray, ta
     recs = {}
     for v, s in keys:
         at = x0 if s == 1 else target
-        recs[(v, s)] = invert(model, at, recover_gradient(at, run.half_steps[(v, s)], args.lr), b, attack)
+        grad = recover_gradient(at, run.half_steps[(v, s)], args.lr)
+        if s > 1 and args.model == "relu-mlp":  # read the imprint
+            victim = load_flat(model, at)
+            recs[(v, s)] = read_imprint(victim, unflatten(victim, grad), b, SHAPE)
+        else:
+            try:
+                recs[(v, s)] = invert(model, at, grad, b, attack)
+            except (RuntimeError, ValueError) as exc:
+                print(f"  active {(v, s)}: {type(exc).__name__}: {exc}", flush=True)
     out["active"] = _scores(recs, keys, batch)
     out["active"]["exact"] = sum(o.exact for o in run.sent.values()) / max(1, len(run.sent))
     for name, r in (("passive", honest), ("active", run)):
@@ -154,19 +184,23 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=600)
     ap.add_argument("--budget", type=float, default=3.0, help="seconds per reconstruction")
     ap.add_argument("--max-iters", type=int, default=100)
+    ap.add_argument("--model", default="lenet", choices=("lenet", "relu-mlp"),
+                    help="relu-mlp: passive attack spear, active target the imprint weights")
     args = ap.parse_args()
+    args.attack = "spear" if args.model == "relu-mlp" else "analytic"
     torch.set_num_threads(1)
     data = digits()
-    fresh = lenet(1234)
+    fresh = lenet(1234, arch=args.model)
     rows = []
     for kind in args.models.split(","):
         if kind == "trained":
-            model, acc = train(*data, args.train_steps)
+            model, acc = train(*data, args.train_steps, args.model)
             print(f"trained model: held-out accuracy {acc:.3f}", flush=True)
         else:
             model, acc = fresh, accuracy(fresh, *data)
         x0 = flat_parameters(model)
-        target = flat_parameters(fresh)  # init: = x0; trained: the crafted fresh model
+        # lenet: init theta* = x0, trained the crafted fresh init; relu-mlp: the imprint weights
+        target = imprint_target(model, data[0]) if args.model == "relu-mlp" else flat_parameters(fresh)
         for g in args.graphs.split(","):
             for b in (int(x) for x in args.batches.split(",")):
                 t0 = time.time()

@@ -1,9 +1,9 @@
 """Active model-gossip strategies of the malicious node: the state override (attacker/active.py).
 
 `state-override` sets every neighbour's next model to the run's x0 (the attacker's own
-initial weights, which every peer starts from); `crafted` to a freshly initialised model
-of the same architecture (DLG's uniform init, seeded from the run: attack-friendly weights
-for a network that has trained). At each step's last round the strategy reads the round's
+initial weights, which every peer starts from); `crafted` to attack-friendly weights: on a ReLU
+MLP the imprint of attacker/imprint.py (its gradient reads out a whole batch), else a fresh
+DLG-uniform init (seeded from the run). At each step's last round the strategy reads the round's
 messages already received (the driver lets the attacker send last: a rushing member),
 computes the override per victim and records what it sent, whether it was exact (the
 victim's whole neighbourhood observed) or estimated, and the detection scores the victim
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from attacker.active import detection_scores, override_message, recover_gradient
+from attacker.imprint import brightness_thresholds, imprint_weights, is_relu_mlp
 from gradleak.core.graphs import build_graph, mixing_weights
 from gradleak.core.models import init_dlg_uniform
 from p2p.update import Update
@@ -95,8 +96,14 @@ def initial_target(node: Any) -> dict[str, torch.Tensor]:
 
 
 def crafted_target(node: Any) -> dict[str, torch.Tensor]:
-    """A fresh DLG-uniform init of the architecture (seeded from the run), gradients easy to invert."""
-    model = init_dlg_uniform(node.build_model(), torch.Generator().manual_seed(node.spec.model_seed + 1))
+    """Attack-friendly weights: on a ReLU MLP the imprint (attacker/imprint.py, thresholds from
+    the attacker's own shard), which reads out whole batches; else a fresh DLG-uniform init."""
+    model = node.build_model()
+    if is_relu_mlp(model):
+        width = next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).weight.shape[0]
+        own = torch.as_tensor(np.asarray(node.spec.shard_images, dtype=np.float32))
+        return imprint_weights(model, brightness_thresholds(own, width), seed=node.spec.model_seed)
+    model = init_dlg_uniform(model, torch.Generator().manual_seed(node.spec.model_seed + 1))
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
