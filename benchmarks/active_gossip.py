@@ -167,8 +167,10 @@ def _scores(recs: dict, keys: list, batch) -> dict:
         except ValueError:
             psnrs += [0.0] * len(labels)
     got = [p for p in psnrs if p > 0]
+    per = len(psnrs) // len(keys)
+    later = [p for (_v, s), i in zip(keys, range(0, len(psnrs), per)) if s > 1 for p in psnrs[i:i + per]]
     return {"share30": float(np.mean([p >= 30 for p in psnrs])), "mean": float(np.mean(got)) if got else 0.0,
-            "images": len(psnrs)}
+            "images": len(psnrs), "later30": float(np.mean([p >= 30 for p in later])) if later else 0.0}
 
 
 def main() -> None:
@@ -207,13 +209,13 @@ def main() -> None:
                 res = run_case(g, args.nodes, model, x0, target, data, b, args.steps if b == 1 else args.steps_large, args)
                 rows.append((g, kind, b, res))
                 print(f"{g} {kind} B={b}: {time.time() - t0:.0f} s", flush=True)
-    print("\n| graph | model | B | images | passive >=30 dB | active >=30 dB | passive mean dB | active mean dB "
+    print("\n| graph | model | B | images | passive >=30 dB | active >=30 dB | steps >= 2: passive / active | passive mean dB | active mean dB "
           "| exact overrides | L2 ratio honest/active | cosine honest/active | victim acc honest/active |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for g, kind, b, r in rows:
         p, a = r["passive"], r["active"]
         print(f"| {g} | {kind} | {b} | {p['images']} | {p['share30']:.0%} ({p['determined']} grads det.) | "
-              f"{a['share30']:.0%} | {p['mean']:.1f} | {a['mean']:.1f} | {a['exact']:.0%} | "
+              f"{a['share30']:.0%} | {p['later30']:.0%} / {a['later30']:.0%} | {p['mean']:.1f} | {a['mean']:.1f} | {a['exact']:.0%} | "
               f"{p['l2_ratio']:.2f} / {a['l2_ratio']:.2f} | {p['cosine']:.2f} / {a['cosine']:.2f} | "
               f"{p['acc']:.2f} / {a['acc']:.2f} |")
 
