@@ -162,8 +162,8 @@ class Solution:
     determined: dict[tuple[str, int], bool]  # unknown -> in the row space of K
     amplification: dict[tuple[str, int], float]  # |row of pinv(K)|: error gain on the way
     residual: dict[tuple[str, int], float]  # relative residual of the rows that involve it
-    # amplification * (the observations' rounding error) / |estimate|: the relative error to
-    # expect of a determined unknown, from public quantities (an order of magnitude)
+    # amplification * (error per observation: rounding, or the residual's rms if larger) /
+    # |estimate|: the relative error to expect, from public quantities (an order of magnitude)
     expected_error: dict[tuple[str, int], float]
     estimates: dict[tuple[str, int], np.ndarray]  # determined unknown -> lr * g (d,) float64
     rank: int
@@ -183,6 +183,17 @@ class Solution:
     def state(self, node: str, step: int, rnd: int) -> np.ndarray | None:
         """z_node(step, rnd) if determined, else None."""
         return self.value_of(self.knowledge.state_row(node, step, rnd))
+
+    def recovered_states(self) -> dict[State, np.ndarray]:
+        """Every determined state z_k(s, r) the attackers did not observe themselves."""
+        seen = set(self.knowledge.observed)
+        out = {}
+        for s in range(1, self.knowledge.steps + 1):
+            for r in range(self.knowledge.rounds + 1):
+                for node in self.knowledge.order:
+                    if (node, s, r) not in seen and (value := self.state(node, s, r)) is not None:
+                        out[(node, s, r)] = value
+        return out
 
     def weights(self, node: str, step: int) -> np.ndarray | None:
         """x_node(step) if determined, else None."""
@@ -230,7 +241,11 @@ def solve(
     pinv = basis / sig[:rank] @ u[:, :rank].T  # (p, m)
     solved = pinv @ b  # (p, d)
     res = b - k @ solved
-    noise = input_eps * float(np.median(np.linalg.norm(y, axis=1)))  # per observation
+    # Error per observation: the rounding of the wire, or what the residual shows is there
+    # beyond it (a wrong model: constant gradients that drift, losses the attacker missed).
+    spare = max(k.shape[0] - rank, 1)
+    noise = max(input_eps * float(np.median(np.linalg.norm(y, axis=1))),
+                float(np.linalg.norm(res)) / np.sqrt(spare))
     det, amp, resid, est, expect = {}, {}, {}, {}, {}
     for i, key in enumerate(knowledge.unknowns):
         outside = 1.0 - float(np.sum(basis[i] ** 2))  # |P_null e_i|^2

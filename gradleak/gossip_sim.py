@@ -4,7 +4,7 @@ The protocol exactly as the peers run it (see attacker/gossip_algebra.py): local
 h = x_k(s) - lr * g_k(s), then R averaging rounds with W, each round's values sent to every
 neighbour; in float32 (as on the wire). A lost message j -> k (probability `drop_rate` per
 message, drawn from the seed) makes k use its own value in j's place; the attackers learn
-only of the losses on messages sent to them. The simulation holds the truth (every gradient,
+only of the losses on messages sent to or by them. The simulation holds the truth (every gradient,
 state and batch); it hands the attackers only their `AttackerView`.
 """
 
@@ -30,7 +30,7 @@ class AttackerView:
 
     observations: dict[State, np.ndarray] = field(default_factory=dict)  # received + own
     known: dict[tuple, np.ndarray] = field(default_factory=dict)  # x0, own lr * g
-    drops: set[Drop] = field(default_factory=set)  # losses of messages sent to an attacker
+    drops: set[Drop] = field(default_factory=set)  # losses of messages to or from an attacker
     own_weights: dict[int, np.ndarray] = field(default_factory=dict)  # first attacker's x(s)
 
 
@@ -76,7 +76,7 @@ def simulate(
                     if (j, a, s, r) not in lost:
                         view.observations[(j, s, r)] = z[index[j]].copy()
             truth.drops.update(lost)
-            view.drops.update(d for d in lost if d[1] in attackers)
+            view.drops.update(d for d in lost if d[0] in attackers or d[1] in attackers)
             nxt = w @ z
             for j, m, _, _ in lost:
                 nxt[index[m]] += w[index[m], index[j]] * (z[index[m]] - z[index[j]])

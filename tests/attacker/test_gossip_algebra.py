@@ -54,6 +54,10 @@ def test_planted_non_neighbour_values_are_recovered_exactly() -> None:
     for state in [("p4", 1, 0), ("p5", 2, 3), ("p3", 2, 6)]:  # none is p0's neighbour
         value = sol.state(*state)
         assert value is not None and _rel(value, truth.states[state]) <= 1e-9, state
+    recovered = sol.recovered_states()
+    assert ("p4", 1, 0) in recovered and ("p1", 1, 0) not in recovered  # p1's was observed
+    assert len(recovered) == 6 * 2 * 7 - len(sol.knowledge.observed)  # all the rest
+    assert max(_rel(v, truth.states[key]) for key, v in recovered.items()) <= 1e-9
     weights = sol.weights("p5", 2)
     assert weights is not None and _rel(weights, truth.states[("p5", 1, 6)]) <= 1e-9
 
