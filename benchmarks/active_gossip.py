@@ -126,10 +126,10 @@ def run_case(graph_name: str, n: int, model: torch.nn.Module, x0: np.ndarray, ta
             print(f"  passive {key}: {type(exc).__name__}: {exc}", flush=True)
     out["passive"] = _scores({k: leaks[k].reconstruction for k in leaks}, keys, batch)
     out["passive"]["determined"] = sum(bool(sol.determined.get(k)) for k in keys)
-    honest = simulate_override(graph, members, w, ["p0"], victims, x0, steps=steps, rounds=args.rounds,
+    _hv, honest = simulate_override(graph, members, w, ["p0"], victims, x0, steps=steps, rounds=args.rounds,
                                local_update=update, target=None)
     # active
-    run = simulate_override(graph, members, w, ["p0"], victims, x0, steps=steps, rounds=args.rounds,
+    run, truth = simulate_override(graph, members, w, ["p0"], victims, x0, steps=steps, rounds=args.rounds,
                             local_update=update, target=target)
     recs = {}
     for v, s in keys:
@@ -145,11 +145,11 @@ def run_case(graph_name: str, n: int, model: torch.nn.Module, x0: np.ndarray, ta
                 print(f"  active {(v, s)}: {type(exc).__name__}: {exc}", flush=True)
     out["active"] = _scores(recs, keys, batch)
     out["active"]["exact"] = sum(o.exact for o in run.sent.values()) / max(1, len(run.sent))
-    for name, r in (("passive", honest), ("active", run)):
+    for name, r in (("passive", honest), ("active", truth)):
         d = [r.detection[(v, s)]["p0"] for v in victims for s in range(1, steps)]
         out[name]["l2_ratio"] = float(np.median([x.l2_ratio for x in d]))
         out[name]["cosine"] = float(np.nanmedian([x.cosine for x in d])) if graph_name != "star" else float("nan")
-        out[name]["acc"] = float(np.mean([accuracy(load_flat(model, r.truth_weights[(v, s)]), images, labels)
+        out[name]["acc"] = float(np.mean([accuracy(load_flat(model, r.weights[(v, s)]), images, labels)
                                           for v in victims for s in range(2, steps + 1)]))
     return out
 

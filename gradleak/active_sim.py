@@ -5,7 +5,8 @@ the peers do, no drops), except that at every step's last round each attacker th
 designated neighbour of a victim sends it the override message instead of its own z. The
 attackers rush: they compute the override from the round's messages they hold (their own
 neighbours' and their colluders', pooled). Their own averaging continues from their true z.
-`target=None` runs the honest protocol (the passive baseline on the same batches).
+`target=None` runs the honest protocol (the passive baseline on the same batches). The
+attackers' part (ActiveView) is returned apart from the truth (ActiveTruth).
 """
 
 from __future__ import annotations
@@ -20,21 +21,27 @@ from gradleak.gossip_sim import LocalUpdate
 
 
 @dataclass
-class ActiveRun:
-    """What the attackers hold (`half_steps`, `sent`) and, for scoring only, the truth."""
+class ActiveView:
+    """What the attackers hold: the victims' half-steps as received and what they sent."""
 
-    half_steps: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # victim's h(s) as received
+    half_steps: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # victim's h(s)
     sent: dict[tuple[str, int], Override] = field(default_factory=dict)  # (victim, step) -> override
-    detection: dict[tuple[str, int], dict[str, Detection]] = field(default_factory=dict)  # victim's view
-    truth_updates: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # lr * g_k(s)
-    truth_weights: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # x_k(s)
+
+
+@dataclass
+class ActiveTruth:
+    """Everything else, for scoring only: updates, weights, and what the victims computed."""
+
+    updates: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # lr * g_k(s)
+    weights: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # x_k(s)
+    detection: dict[tuple[str, int], dict[str, Detection]] = field(default_factory=dict)  # victim's scores
 
 
 def simulate_override(
     graph: Mapping[str, Sequence[str]], order: Sequence[str], mixing: np.ndarray,
     attackers: Sequence[str], victims: Sequence[str], x0: np.ndarray, *, steps: int, rounds: int,
     local_update: LocalUpdate, target: np.ndarray | None,
-) -> ActiveRun:
+) -> tuple[ActiveView, ActiveTruth]:
     """Run S steps of R rounds with the attackers overriding `victims` toward `target`."""
     order = list(order)
     index = {p: i for i, p in enumerate(order)}
@@ -44,17 +51,17 @@ def simulate_override(
     if missing:
         raise ValueError(f"victims {missing} are attackers or have no attacker neighbour")
     seen = {j for a in attackers for j in graph[a]} | set(attackers)  # whose messages the attackers hold
-    out = ActiveRun()
+    view, truth = ActiveView(), ActiveTruth()
     x = np.tile(np.asarray(x0, dtype=np.float32), (len(order), 1))  # (n, d)
     for s in range(1, steps + 1):
         z = x.copy()
         for k, node in enumerate(order):
-            out.truth_weights[(node, s)] = x[k].copy()
+            truth.weights[(node, s)] = x[k].copy()
             u = np.asarray(local_update(node, s, x[k]), dtype=np.float32)
-            out.truth_updates[(node, s)] = u
+            truth.updates[(node, s)] = u
             z[k] = x[k] - u
         for v in victims:
-            out.half_steps[(v, s)] = z[index[v]].copy()
+            view.half_steps[(v, s)] = z[index[v]].copy()
         for r in range(rounds):
             sent: dict[tuple[str, str], np.ndarray] = {}  # (sender, receiver) -> message, if not z
             if target is not None and r == rounds - 1:
@@ -63,15 +70,15 @@ def simulate_override(
                     row = {p: float(mixing[index[v], index[p]]) for p in (v, *graph[v])}
                     ov = override_message(row=row, victim=v, attacker=str(lead[v]), target=target,
                                           held={j: held[j] for j in row if j in held})
-                    out.sent[(v, s)] = ov
+                    view.sent[(v, s)] = ov
                     sent[(ov.attacker, v)] = ov.message.astype(np.float32)
-            z = _average(z, mixing, graph, order, index, sent, out, victims, s, r == rounds - 1)
+            z = _average(z, mixing, graph, order, index, sent, truth, victims, s, r == rounds - 1)
         x = z
-    return out
+    return view, truth
 
 
 def _average(z: np.ndarray, w: np.ndarray, graph: Mapping[str, Sequence[str]], order: list[str],
-             index: dict[str, int], sent: Mapping[tuple[str, str], np.ndarray], out: ActiveRun,
+             index: dict[str, int], sent: Mapping[tuple[str, str], np.ndarray], truth: ActiveTruth,
              victims: Sequence[str], step: int, last: bool) -> np.ndarray:
     """One round as each peer computes it: float64 sum over sorted neighbours, rounded to float32."""
     nxt = np.empty_like(z)
@@ -84,5 +91,5 @@ def _average(z: np.ndarray, w: np.ndarray, graph: Mapping[str, Sequence[str]], o
             acc += w[k, index[j]] * m.astype(np.float64)
         nxt[k] = acc.astype(np.float32)
         if last and node in victims:
-            out.detection[(node, step)] = detection_scores(z[k], got)
+            truth.detection[(node, step)] = detection_scores(z[k], got)
     return nxt

@@ -43,18 +43,18 @@ def test_observed_neighbourhood_gives_the_target_and_the_true_gradient(shape: st
     update, x0 = _planted(300)
     target = (np.random.default_rng(9).standard_normal(300) * 0.5).astype(np.float32)
     victims = members[1:]
-    run = simulate_override(graph, members, w, ["p0"], victims, x0, steps=4, rounds=2,
+    view, truth = simulate_override(graph, members, w, ["p0"], victims, x0, steps=4, rounds=2,
                             local_update=update, target=target)
     eps = np.finfo(np.float32).eps
     for v in victims:
         for s in range(2, 5):
-            assert run.sent[(v, s - 1)].exact and not run.sent[(v, s - 1)].estimated
-            x = run.truth_weights[(v, s)]
+            assert view.sent[(v, s - 1)].exact and not view.sent[(v, s - 1)].estimated
+            x = truth.weights[(v, s)]
             # float32 precision: a few ulps of the largest term the victim sums
-            bound = 8 * eps * max(_scale(target), w[1, 0] * _scale(run.sent[(v, s - 1)].message))
+            bound = 8 * eps * max(_scale(target), w[1, 0] * _scale(view.sent[(v, s - 1)].message))
             assert _scale(x - target) <= bound
-            g = recover_gradient(target, run.half_steps[(v, s)], LR)
-            true = run.truth_updates[(v, s)] / LR
+            g = recover_gradient(target, view.half_steps[(v, s)], LR)
+            true = truth.updates[(v, s)] / LR
             assert np.linalg.norm(g - true) <= 1e-4 * np.linalg.norm(true)
 
 
@@ -64,17 +64,17 @@ def test_an_unobserved_neighbour_is_estimated_and_its_gap_lands_in_the_gradient(
     w = mixing_matrix(graph, members)
     update, x0 = _planted(200, seed=3)
     target = np.zeros(200, dtype=np.float32)
-    run = simulate_override(graph, members, w, ["p0"], ["p1"], x0, steps=3, rounds=1,
+    view, truth = simulate_override(graph, members, w, ["p0"], ["p1"], x0, steps=3, rounds=1,
                             local_update=update, target=target)
-    ov = run.sent[("p1", 2)]
+    ov = view.sent[("p1", 2)]
     assert not ov.exact and ov.estimated == ("p2",)
     # the honest p2 state of step 2 round 0 is its half-step: x_p2(2) - u_p2(2)
-    z_p2 = run.truth_weights[("p2", 2)] - run.truth_updates[("p2", 2)]
-    z_p1 = run.half_steps[("p1", 2)]
+    z_p2 = truth.weights[("p2", 2)] - truth.updates[("p2", 2)]
+    z_p1 = view.half_steps[("p1", 2)]
     expected = target + w[1, 2] * (z_p2.astype(np.float64) - z_p1)
-    assert np.allclose(run.truth_weights[("p1", 3)], expected, atol=1e-5)
-    g = recover_gradient(target, run.half_steps[("p1", 3)], LR)
-    true = run.truth_updates[("p1", 3)] / LR
+    assert np.allclose(truth.weights[("p1", 3)], expected, atol=1e-5)
+    g = recover_gradient(target, view.half_steps[("p1", 3)], LR)
+    true = truth.updates[("p1", 3)] / LR
     assert np.linalg.norm(g - true) > 0.1 * np.linalg.norm(true)  # not exact: the gap is O(g)
 
 
@@ -84,10 +84,10 @@ def test_colluder_makes_a_ring_victim_exact() -> None:
     w = mixing_matrix(graph, members)
     update, x0 = _planted(100, seed=5)
     target = np.ones(100, dtype=np.float32)
-    run = simulate_override(graph, members, w, ["p0", "p2"], ["p1"], x0, steps=3, rounds=1,
+    view, truth = simulate_override(graph, members, w, ["p0", "p2"], ["p1"], x0, steps=3, rounds=1,
                             local_update=update, target=target)
-    assert run.sent[("p1", 1)].exact and run.sent[("p1", 1)].attacker == "p0"
-    assert np.allclose(run.truth_weights[("p1", 3)], target, atol=1e-6)
+    assert view.sent[("p1", 1)].exact and view.sent[("p1", 1)].attacker == "p0"
+    assert np.allclose(truth.weights[("p1", 3)], target, atol=1e-6)
 
 
 def test_detection_flags_a_far_override() -> None:

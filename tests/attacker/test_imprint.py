@@ -58,12 +58,12 @@ def test_the_override_to_the_imprint_leaks_a_victims_batch_through_gossip(digits
 
     lr = 0.05
     target = flat_parameters(crafted)
-    run = simulate_override(graph, members, w, ["a"], ["v1", "v2"], flat_parameters(net), steps=2, rounds=1,
+    view, _truth = simulate_override(graph, members, w, ["a"], ["v1", "v2"], flat_parameters(net), steps=2, rounds=1,
                             local_update=sgd_update(net, batch, lr), target=target)
     got = []
     for v in ("v1", "v2"):
         victim = load_flat(net, target)
-        grad = unflatten(victim, recover_gradient(target, run.half_steps[(v, 2)], lr))
+        grad = unflatten(victim, recover_gradient(target, view.half_steps[(v, 2)], lr))
         got += _psnrs(read_imprint(victim, grad, 8, SHAPE), *batch(v, 2))
     assert np.mean(np.array(got) >= 30) >= 0.8
 
