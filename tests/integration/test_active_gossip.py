@@ -13,6 +13,7 @@ from gradleak.config import (
     RunConfig,
     TelemetryConfig,
 )
+from gradleak.runtime.active_strategy import crafted_target
 from gradleak.runtime.malicious_node import MaliciousNode
 from gradleak.runtime.peer_node import PeerNode
 
@@ -21,10 +22,10 @@ from .model_replay import run_specs
 STEPS = 3
 
 
-def _cfg(tmp_path, strategy: str) -> RunConfig:
+def _cfg(tmp_path, strategy: str, model: str = "lenet") -> RunConfig:
     return RunConfig(
         seed=3, out_dir=str(tmp_path), data=DataConfig(limit=600),
-        peers=PeerConfig(honest=3, batch_sizes=(1,), optimizer="sgd", lr=0.3),
+        peers=PeerConfig(honest=3, batch_sizes=(1,), optimizer="sgd", lr=0.3, model=model),
         gossip=GossipConfig(sync="rounds", rounds=STEPS, exchange="models", topology="complete", mix_rounds=1,
                             period_s=(0.0,)),
         attack=AttackSettings(attacks=("idlg",), transcript_bytes=0, strategy=strategy),
@@ -32,13 +33,15 @@ def _cfg(tmp_path, strategy: str) -> RunConfig:
     ).validate()
 
 
-def _run(tmp_path, strategy: str):
-    specs = run_specs(_cfg(tmp_path, strategy))
+def _run(tmp_path, strategy: str, model: str = "lenet"):
+    specs = run_specs(_cfg(tmp_path, strategy, model))
     honest = [PeerNode(s) for s in specs[:-1]]
     mallory = MaliciousNode(specs[-1], model_strategy=strategy)
     rows: list[dict] = []
     mallory.log_row = rows.append  # type: ignore[method-assign]
     x0 = {n: p.detach().numpy().copy() for n, p in mallory.peer.model.named_parameters()}
+    if mallory._active is not None and strategy == "crafted":  # the target it chose
+        x0 = {n: t.numpy().copy() for n, t in crafted_target(mallory).items()}
     nodes = [*honest, mallory]
     after_first: dict[str, dict[str, np.ndarray]] = {}
     try:
@@ -75,3 +78,14 @@ def test_state_override_sets_every_victim_to_x0_and_records_it(tmp_path) -> None
     read = [r for r in rows if r["kind"] == "override_read"]
     assert len(read) == 3 * (STEPS - 1) and all(r["grad_norm"] > 0 for r in read)
     assert not [r for r in honest_rows if r["kind"].startswith("override")]
+
+
+@pytest.mark.slow  # four nodes start (~3 s)
+def test_crafted_sets_a_relu_mlp_network_to_the_imprint(tmp_path) -> None:
+    target, after, rows = _run(tmp_path, "crafted", "relu-mlp")
+    first_weight, first_bias = (n for n in list(target)[:2])
+    assert np.all(np.diff(-target[first_bias]) >= 0)  # the imprint's ascending brightness thresholds
+    assert np.ptp(target[first_weight]) == 0  # every first-layer unit measures mean brightness
+    for peer, weights in after.items():
+        assert max(float(np.max(np.abs(t - target[n]))) for n, t in weights.items()) <= 1e-5, peer
+    assert all(r["exact"] and r["target"] == "crafted" for r in rows if r["kind"] == "override")
