@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from attacker.api import Reconstruction
+from attacker.api import Attack, Observation, Reconstruction, register_attack
+from attacker.inversion import Callback
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
@@ -99,3 +100,28 @@ def read_imprint(model: nn.Module, gradients: Sequence[torch.Tensor], batch_size
         else torch.zeros(batch_size, dtype=torch.int64)
     filled = int((ddb[order].abs() > 1e-9 * scale).sum()) if scale > 0 else 0
     return Reconstruction(images.clamp(0, 1), labels.to(torch.int64), {"bins_filled": filled})
+
+
+def is_imprinted(model: nn.Module) -> bool:
+    """Whether `model` holds imprint weights (a ReLU MLP whose first-layer rows are all alike)."""
+    if not is_relu_mlp(model):
+        return False
+    w = _linears(model)[0].weight
+    return bool((w == w[0, 0]).all())
+
+
+@register_attack("imprint")
+class Imprint(Attack):
+    """Read a batch out of a gradient taken at imprint weights (set by an active gossip attacker)."""
+
+    def supports(self, model: nn.Module, obs: Observation) -> str | None:
+        return None if is_imprinted(model) else "not an imprinted ReLU MLP (attacker/imprint.py)"
+
+    def reconstruct(self, model: nn.Module, obs: Observation, *, callback: Callback | None = None) -> Reconstruction:
+        reason = self.supports(model, obs)
+        if reason is not None:
+            raise ValueError(reason)
+        params = list(model.parameters())
+        rec = read_imprint(model, [g.to(params[0].device) for g in obs.gradients], obs.batch_size, obs.input_shape)
+        rec.stats.update({"attack": "imprint", "iterations": 0, "label_source": "analytic"})
+        return rec

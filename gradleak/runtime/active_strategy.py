@@ -8,12 +8,14 @@ messages already received (the driver lets the attacker send last: a rushing mem
 computes the override per victim and records what it sent, whether it was exact (the
 victim's whole neighbourhood observed) or estimated, and the detection scores the victim
 could compute, as run record rows of kind "override". When the victim's next half-step
-arrives it records the norm of the gradient read from it ("override_read"). The messages
-sent and received are in the transcript, so the gradients can be inverted offline.
+arrives it records the norm of the gradient read from it ("override_read") and queues that
+gradient for the live attacks like a received gradient update, taken at theta* (the
+evaluator scores it under the victim's step id). The transcript holds both messages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +50,7 @@ class StateOverride:
         self.last = spec.mix_rounds - 1
         self.lr = float(spec.lr)
         self.sent: dict[tuple[str, int], bool] = {}  # (victim, step) -> exact
+        self._at_target: set[tuple[str, int]] = set()  # (victim, model version) taken at theta*
 
     def __call__(self, neighbour: str, step: int, mix_round: int, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if mix_round != self.last or neighbour not in self.rows:
@@ -82,8 +85,31 @@ class StateOverride:
         if h.kind != "model" or h.mix_round != 0 or (h.origin, h.round - 1) not in self.sent:
             return
         g = recover_gradient(self.target, _flat(update.tensors, self.names), self.lr)
+        exact = self.sent[(h.origin, h.round - 1)]
         self.node.log_row({"kind": "override_read", "strategy": self.label, "victim": h.origin, "step": h.round,
-                           "exact": self.sent[(h.origin, h.round - 1)], "grad_norm": float(np.linalg.norm(g))})
+                           "exact": exact, "grad_norm": float(np.linalg.norm(g))})
+        # To the attack queue as the gradient it is, taken at theta* (weights_for serves them):
+        # the evaluator scores it against the batch the victim filed under its step's id.
+        tensors, at = {}, 0
+        for n in self.names:
+            size = int(np.prod(self.shapes[n]))
+            tensors[n] = torch.from_numpy(g[at:at + size].reshape(self.shapes[n]).astype(np.float32))
+            at += size
+        self._at_target.add((h.origin, h.model_version))
+        header = dataclasses.replace(h, update_id=f"{h.origin}/r{h.round}", kind="gradient", mix_round=0,
+                                     mixing_weight=1.0)
+        self.node.malicious.capture(Update(header, tensors))
+
+    def weights_for(self, sender: str, version: int) -> dict[str, torch.Tensor] | None:
+        """theta* for a gradient read back from `sender` at `version`, else None (pull as usual)."""
+        if (sender, version) not in self._at_target:
+            return None
+        out, at = {}, 0
+        for n in self.names:
+            size = int(np.prod(self.shapes[n]))
+            out[n] = torch.from_numpy(self.target[at:at + size].reshape(self.shapes[n]).astype(np.float32))
+            at += size
+        return out
 
 
 def _num(x: float) -> float | None:

@@ -88,7 +88,9 @@ class MaliciousNode(PeerNode):
             pull=self._pull_weights,
         ) if run_dir is not None and transcript_bytes > 0 else None)
         self._attacks = () if tuple(attacks) == ("auto",) else tuple(attacks)
-        self._fallback = tuple(fallback)
+        # A crafted override makes an imprinted ReLU MLP read out whole batches: try that first
+        # (it declines any other model).
+        self._fallback = (("imprint",) if model_strategy == "crafted" and "imprint" not in fallback else ()) + tuple(fallback)
         self._attack_config = attack_config or AttackConfig()
         self._queue_size = queue_size
         self._max_age_s = max_age_s
@@ -140,6 +142,8 @@ class MaliciousNode(PeerNode):
             self.transcript.add_update(update, received_at)
 
     def _fetch_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
+        if self._active is not None and (chosen := self._active.weights_for(sender, version)) is not None:
+            return chosen  # a gradient read back after an override: taken at the attacker's theta*
         _v, state = self.client(sender).get_model(version)
         if self.transcript is not None:
             self.transcript.add_weights(sender, version, state)

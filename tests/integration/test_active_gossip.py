@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from attacker.metrics import psnr
 from gradleak.config import (
     AttackSettings,
     DataConfig,
@@ -39,6 +40,12 @@ def _run(tmp_path, strategy: str, model: str = "lenet"):
     mallory = MaliciousNode(specs[-1], model_strategy=strategy)
     rows: list[dict] = []
     mallory.log_row = rows.append  # type: ignore[method-assign]
+    # No evaluator here: the truth the victims file and the attacker's reports are kept aside.
+    truths: dict[str, np.ndarray] = {}
+    for n in honest:
+        n.register_truth = (lambda uid, _r, _v, batch, defence="none": truths.__setitem__(uid, batch.images))  # type: ignore[method-assign]
+    reports: list = []
+    mallory.malicious._report = lambda h, attack, rec, _at: reports.append((h.update_id, attack, rec))
     x0 = {n: p.detach().numpy().copy() for n, p in mallory.peer.model.named_parameters()}
     if mallory._active is not None and strategy == "crafted":  # the target it chose
         x0 = {n: t.numpy().copy() for n, t in crafted_target(mallory).items()}
@@ -56,16 +63,18 @@ def _run(tmp_path, strategy: str, model: str = "lenet"):
                     n.model_mix(s, r)
             if s == 1:
                 after_first = {n.spec.peer_id: n.model_weights() for n in honest}
+        assert mallory.wait_idle(60)
     finally:
         for n in nodes:
             n.stop()
-    return x0, after_first, rows
+    leaks = {uid: (attack, psnr(rec.images[0].numpy(), truths[uid][0])) for uid, attack, rec in reports}
+    return x0, after_first, rows, leaks
 
 
 @pytest.mark.slow  # four nodes start, twice (~6 s)
 def test_state_override_sets_every_victim_to_x0_and_records_it(tmp_path) -> None:
-    x0, active, rows = _run(tmp_path / "a", "state-override")
-    _x0, honest, honest_rows = _run(tmp_path / "h", "honest")
+    x0, active, rows, leaks = _run(tmp_path / "a", "state-override")
+    _x0, honest, honest_rows, honest_leaks = _run(tmp_path / "h", "honest")
     for peer, weights in active.items():
         gap = max(float(np.max(np.abs(t - x0[n]))) for n, t in weights.items())
         assert gap <= 1e-5, peer  # complete graph: every neighbourhood observed, the override is exact
@@ -78,14 +87,18 @@ def test_state_override_sets_every_victim_to_x0_and_records_it(tmp_path) -> None
     read = [r for r in rows if r["kind"] == "override_read"]
     assert len(read) == 3 * (STEPS - 1) and all(r["grad_norm"] > 0 for r in read)
     assert not [r for r in honest_rows if r["kind"].startswith("override")]
+    # every read-back gradient was attacked live at x0 and leaks the victim's image; honest: nothing
+    assert len(leaks) == 3 * (STEPS - 1) and all(db >= 30 for _, db in leaks.values()), leaks
+    assert not honest_leaks
 
 
 @pytest.mark.slow  # four nodes start (~3 s)
 def test_crafted_sets_a_relu_mlp_network_to_the_imprint(tmp_path) -> None:
-    target, after, rows = _run(tmp_path, "crafted", "relu-mlp")
+    target, after, rows, leaks = _run(tmp_path, "crafted", "relu-mlp")
     first_weight, first_bias = (n for n in list(target)[:2])
     assert np.all(np.diff(-target[first_bias]) >= 0)  # the imprint's ascending brightness thresholds
     assert np.ptp(target[first_weight]) == 0  # every first-layer unit measures mean brightness
     for peer, weights in after.items():
         assert max(float(np.max(np.abs(t - target[n]))) for n, t in weights.items()) <= 1e-5, peer
     assert all(r["exact"] and r["target"] == "crafted" for r in rows if r["kind"] == "override")
+    assert len(leaks) == 3 * (STEPS - 1) and all(a == "imprint" and db >= 30 for a, db in leaks.values()), leaks
