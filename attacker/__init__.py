@@ -4,4 +4,4 @@ Importing any part of the package registers every attack: the implementations
 register themselves when imported here.
 """
 
-from attacker import analytic, dlg, ig, spear  # noqa: F401  (registration)
+from attacker import analytic, dlg, ig, imprint, spear  # noqa: F401  (registration)

@@ -229,6 +229,9 @@ class AttackSettings:
     # Bytes the malicious peer may write to RUN_DIR/transcript/ (updates received, weights
     # pulled); entries past it are refused and counted. 0 = no transcript.
     transcript_bytes: int = 256 << 20
+    # What the malicious peer sends in model gossip: honest | state-override (its neighbours'
+    # next model := x0) | crafted (:= a fresh attack-friendly init); attacker/active.py.
+    strategy: str = "honest"
 
     @property
     def effective_device(self) -> str:
@@ -273,6 +276,9 @@ class AttackSettings:
             raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.transcript_bytes < 0:
             raise ConfigError(f"transcript_bytes must be >= 0 (0: off), got {self.transcript_bytes}")
+        from attacker.active import STRATEGIES
+
+        _known("strategy", self.strategy, STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -315,6 +321,9 @@ class RunConfig:
             )
         if self.gossip.exchange == "models":
             _check_model_gossip(self)
+        if self.attack.strategy != "honest" and (self.gossip.exchange != "models" or self.gossip.sync != "rounds"):
+            raise ConfigError(f"--strategy {self.attack.strategy} overrides models in lock-step model gossip: "
+                              "pass --gossip models --sync rounds")
         if self.gossip.fanout > self.peers.honest:
             raise ConfigError(
                 f"fanout {self.gossip.fanout} exceeds the {self.peers.honest} other peers"

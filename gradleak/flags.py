@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from attacker.active import STRATEGIES
 from gradleak.config import ConfigError, RunConfig
 
 
@@ -194,6 +195,9 @@ FLAGS: dict[str, Flag] = {
                             "seconds after the last step for the attacker to finish", metavar="S"),
     "--attack-resource": Flag("attack", "resource", str,
                               "custom Ray resource of the nodes the attacker must run on", metavar="NAME"),
+    "--strategy": Flag("attack", "strategy", str, "what the malicious peer sends in model gossip: honest, "
+                       "state-override (each neighbour's next model := x0) or crafted (:= a fresh "
+                       "attack-friendly init); lock-step model gossip only", STRATEGIES),
     "--transcript-bytes": Flag("attack", "transcript_bytes", int,
                                "bytes of RUN_DIR/transcript (every update the attacker receives and "
                                "the weights it pulls; entries past it are refused and counted; 0: off)",

@@ -296,6 +296,7 @@ class Testbed:
             attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed, time_budget_s=a.time_budget_s),
             queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
             attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
+            model_strategy=a.strategy,
         )
         try:  # an actor whose device is missing on its node fails here: say why in one line
             honest = self._get([h.addresses.remote() for h in self.hosts], START_TIMEOUT_S)
@@ -382,7 +383,11 @@ class Testbed:
             t0 = time.monotonic()
             evaluate = s % pc.eval_every == 0 or s == gc.rounds
             for r in range(gc.mix_rounds):
-                sent = self._get([h.model_send.remote(s, r) for h in self.hosts] + [self.attacker.model_send.remote(s, r)])
+                if self.cfg.attack.strategy == "honest":
+                    sent = self._get([h.model_send.remote(s, r) for h in self.hosts] + [self.attacker.model_send.remote(s, r)])
+                else:  # a rushing attacker: it sends once the round's honest models are in (attacker/active.py)
+                    sent = self._get([h.model_send.remote(s, r) for h in self.hosts])
+                    sent.append(self._get(self.attacker.model_send.remote(s, r)))
                 flat = [x for group in sent[:-1] for x in group] + [sent[-1]]
                 self._messages += sum(x["sent"] for x in flat)
                 self._bytes += sum(x["bytes"] for x in flat)

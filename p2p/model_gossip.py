@@ -206,6 +206,13 @@ class ModelGossip:
         held.clear()
         return got, newest
 
+    def held(self, step: int, mix_round: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The round (step, mix_round) models already received, by neighbour, without using them
+        (what a rushing attacker reads before it sends its own round message)."""
+        with self._lock:
+            return {p: got[0].tensors for p, held in self._inbox.items()
+                    if (got := held.get((step, mix_round))) is not None}
+
     def pending(self) -> int:
         with self._lock:
             return sum(len(v) for v in self._inbox.values())

@@ -129,6 +129,10 @@ class MaliciousPeer:
     def schema(self) -> dict[str, tuple[int, ...]]:
         return self.peer.schema()
 
+    def capture(self, update: Update) -> None:
+        """Queue a gradient the attacker derived itself (an active strategy's read-back)."""
+        self._capture(update)
+
     def _capture(self, update: Update) -> None:
         h = update.header
         payload = Captured(update, time.time())

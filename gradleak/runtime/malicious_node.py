@@ -18,6 +18,7 @@ import torch
 
 from attacker.api import AttackConfig, Reconstruction, create_attack
 from attacker.scheduler import CAPACITY
+from gradleak.runtime.active_strategy import ACTIVE_STRATEGIES, StateOverride
 from gradleak.runtime.malicious import MaliciousPeer
 from gradleak.runtime.peer_node import PeerNode, PeerSpec
 from gradleak.runtime.telemetry import Metrics
@@ -63,6 +64,8 @@ class _PromObserver:
 ModelStrategy = Callable[[str, int, int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 # What the malicious peer sends its neighbours in model gossip, by name (MaliciousNode.model_for).
 MODEL_STRATEGIES: dict[str, ModelStrategy] = {"honest": lambda _neighbour, _step, _round, z: z}
+# The active ones need the node (its inbox, graph, record): built per node (runtime/active_strategy.py).
+STRATEGY_NAMES = (*MODEL_STRATEGIES, *ACTIVE_STRATEGIES)
 
 
 class MaliciousNode(PeerNode):
@@ -74,7 +77,10 @@ class MaliciousNode(PeerNode):
         attack_config: AttackConfig | None = None, queue_size: int = 16,
         max_batch_size: int = 8, max_age_s: float | None = None, device: str = "auto",
         attack_threads: int = 1, run_dir: str | None = None, transcript_bytes: int = 0,
+        model_strategy: str = "honest",
     ) -> None:
+        if model_strategy not in STRATEGY_NAMES:
+            raise ValueError(f"unknown model strategy '{model_strategy}' (known: {', '.join(STRATEGY_NAMES)})")
         # Set before the base __init__, which calls make_handler() and starts the server.
         self.transcript = (TranscriptWriter(
             run_dir, max_bytes=transcript_bytes, model=spec.model, input_shape=spec.input_shape,
@@ -82,14 +88,18 @@ class MaliciousNode(PeerNode):
             pull=self._pull_weights,
         ) if run_dir is not None and transcript_bytes > 0 else None)
         self._attacks = () if tuple(attacks) == ("auto",) else tuple(attacks)
-        self._fallback = tuple(fallback)
+        # A crafted override makes an imprinted ReLU MLP read out whole batches: try that first
+        # (it declines any other model).
+        self._fallback = (("imprint",) if model_strategy == "crafted" and "imprint" not in fallback else ()) + tuple(fallback)
         self._attack_config = attack_config or AttackConfig()
         self._queue_size = queue_size
         self._max_age_s = max_age_s
         self._max_batch_size = max_batch_size
         self._device = device
-        self.model_strategy = "honest"
+        self.model_strategy = model_strategy
+        self._active: StateOverride | None = None  # accept_update may run before __init__ ends
         super().__init__(spec, evaluator)
+        self._active = ACTIVE_STRATEGIES[model_strategy](self) if model_strategy in ACTIVE_STRATEGIES else None
         torch.set_num_threads(max(spec.threads, attack_threads))
         self.malicious.start()
         self.metrics.device.info({"role": "malicious", "device": str(self.malicious.device)})
@@ -110,10 +120,12 @@ class MaliciousNode(PeerNode):
     def model_for(self, neighbour: str, step: int, mix_round: int, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The hook of active model-gossip attacks: the model `neighbour` gets at (step, mix_round).
 
-        Strategy "honest" (the only one so far) sends z, the model this peer averages with,
-        to everyone; an active strategy registers in MODEL_STRATEGIES and may send each
-        neighbour another one. The peer's own averaging always continues from its true z.
+        Strategy "honest" sends z, the model this peer averages with, to everyone; an active
+        one (ACTIVE_STRATEGIES: state-override, crafted) may send each neighbour another
+        one. The peer's own averaging always continues from its true z.
         """
+        if self._active is not None:
+            return self._active(neighbour, step, mix_round, z)
         return MODEL_STRATEGIES[self.model_strategy](neighbour, step, mix_round, z)
 
     def on_model_sent(self, update: Update, neighbour: str, status: str) -> None:
@@ -124,10 +136,14 @@ class MaliciousNode(PeerNode):
     def accept_update(self, update: Update, wire_bytes: int, caller: Caller | None = None) -> None:
         received_at = time.time()
         super().accept_update(update, wire_bytes, caller)  # raises on a rejected update: not transcribed
+        if self._active is not None:
+            self._active.received(update)
         if self.transcript is not None:
             self.transcript.add_update(update, received_at)
 
     def _fetch_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
+        if self._active is not None and (chosen := self._active.weights_for(sender, version)) is not None:
+            return chosen  # a gradient read back after an override: taken at the attacker's theta*
         _v, state = self.client(sender).get_model(version)
         if self.transcript is not None:
             self.transcript.add_weights(sender, version, state)
