@@ -12,6 +12,10 @@ to bytes, bytes to a checked update), without gRPC; the rest of a push is gRPC's
     .venv/bin/python benchmarks/transport.py --quick      # fewer repetitions
     .venv/bin/python benchmarks/transport.py --chunk-kib 4096   # bigger chunk frames
 
+Rows marked "(bare)" are gRPC Python alone on the same bytes (a raw-bytes client stream in
+chunks of the same size, no codec, no protobuf, no checks): the ceiling any codec on top of
+grpcio can reach on this machine.
+
 Target (issue 12): the 45 MB dense update at least 50% of raw TCP's throughput; sparse
 bytes on the wire proportional to k.
 """
@@ -24,7 +28,8 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import torch
 
@@ -135,6 +140,35 @@ def grpc_push(update: Update, tls: bool, reps: int, chunk_bytes: int) -> tuple[l
     return times, sent
 
 
+def bare_grpc(nbytes: int, chunk_bytes: int, reps: int) -> list[float]:
+    """Seconds per client-streamed push of nbytes as raw bytes messages: gRPC Python's own
+    ceiling here, with no codec, no protobuf and no checks (the server only counts bytes)."""
+    import grpc
+
+    def consume(chunks: Iterator[bytes], _ctx: object) -> bytes:
+        return str(sum(len(c) for c in chunks)).encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(consume)})
+    limit = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler], options=limit)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    payload = os.urandom(nbytes)
+    chunks = [payload[i:i + chunk_bytes] for i in range(0, nbytes, chunk_bytes)]  # made once, outside the clock
+    times = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=limit) as ch:
+            push = ch.stream_unary("/bench.Sink/Push")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                assert int(push(iter(chunks))) == nbytes
+                times.append(time.perf_counter() - t0)
+    finally:
+        server.stop(None)
+    return times
+
+
 def p50(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -173,6 +207,10 @@ def main() -> None:
             print(f"{label:<20} {'TLS' if tls else 'plain':<6} {dense / 1e6:9.3f} {wire / 1e6:9.3f} {per_kept} "
                   f"{enc * 1e3:7.1f} {dec * 1e3:7.1f} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} "
                   f"{dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
+        if "dense" in label:
+            t = p50(bare_grpc(dense, chunk_bytes, reps))
+            print(f"{label + ' (bare)':<20} {'plain':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} "
+                  f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
 
 
 if __name__ == "__main__":
