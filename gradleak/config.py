@@ -226,6 +226,9 @@ class AttackSettings:
     # Bytes the malicious peer may write to RUN_DIR/transcript/ (updates received, weights
     # pulled); entries past it are refused and counted. 0 = no transcript.
     transcript_bytes: int = 256 << 20
+    # Model gossip: wall seconds for the passive gossip-algebra attack at the end of the run
+    # (solve, then invert each determined gradient; 0: off).
+    gossip_budget_s: float = 30.0
 
     @property
     def effective_device(self) -> str:
@@ -270,6 +273,8 @@ class AttackSettings:
             raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.transcript_bytes < 0:
             raise ConfigError(f"transcript_bytes must be >= 0 (0: off), got {self.transcript_bytes}")
+        if not (self.gossip_budget_s >= 0 and math.isfinite(self.gossip_budget_s)):
+            raise ConfigError(f"gossip_budget_s must be >= 0 seconds (0: off), got {self.gossip_budget_s}")
 
 
 @dataclass(frozen=True)
