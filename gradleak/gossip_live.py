@@ -46,7 +46,7 @@ def live_gossip_attack(cfg: RunConfig, run_dir: Path, evaluator: Any, get: Calla
             refs.append(evaluator.score.remote(update_id, attack, images, labels, stats))
 
         report = run_gossip_attack(reader, GossipPublic.from_config(cfg), score,
-                                   budget_s=cfg.attack.gossip_budget_s)
+                                   budget_s=cfg.attack.gossip_budget_s, max_batch_size=cfg.attack.max_batch_size)
         if refs:
             get(refs)  # every score is in reconstructions.jsonl before the rows are read
         report = join_scores(report, RunRecord(run_dir).rows())
@@ -75,7 +75,8 @@ def offline_gossip_attack(run_dir: str | Path, out: str | Path, *, budget_s: flo
     def keep(update_id: str, name: str, images: np.ndarray, labels: np.ndarray, _stats: dict[str, Any]) -> None:
         held.append((update_id, name, images, labels))
 
-    report = run_gossip_attack(reader, GossipPublic.from_config(cfg), keep, budget_s=budget_s, attack=attack)
+    report = run_gossip_attack(reader, GossipPublic.from_config(cfg), keep, budget_s=budget_s, attack=attack,
+                               max_batch_size=cfg.attack.max_batch_size)
     rows = []
     for update_id, name, images, labels in held:  # scoring, after the attack: the only truth read
         truth = load_truth(run_dir, update_id)

@@ -147,9 +147,12 @@ def transcript_inputs(reader: TranscriptReader, public: GossipPublic, x0: np.nda
 
 def run_gossip_attack(
     reader: TranscriptReader, public: GossipPublic, score: Score, *, budget_s: float = 30.0,
-    attack: str = "analytic", attack_time_s: float = 0.5,
+    attack: str = "analytic", attack_time_s: float = 0.5, max_batch_size: int = 8,
 ) -> dict[str, Any]:
     """Solve, invert and score; returns the report (no PSNR: see `join_scores`).
+
+    Nodes whose (public) batch size is over `max_batch_size` are solved for, not inverted;
+    an inversion the image attack refuses is recorded on its step (`failed`).
 
     A skipped attack (async run, truncated transcript, system too large, no complete step)
     returns {"status": "skipped", "reason": ...}; nothing is scored then.
@@ -183,7 +186,8 @@ def run_gossip_attack(
                      "reconstructed": False, "psnr": None}
             for s in range(1, inputs.steps + 1)}}
     # Nearest first: when the budget runs out, what is left is the least likely to invert.
-    targets = sorted((k for k in sol.estimates if sol.expected_error[k] <= MAX_EXPECTED_ERROR),
+    targets = sorted((k for k in sol.estimates if sol.expected_error[k] <= MAX_EXPECTED_ERROR
+                      and public.batch_size.get(k[0], 1) <= max_batch_size),
                      key=lambda k: (status[k[0]].hops, k[1], k[0]))
     skipped_budget = 0
     for node, s in targets:
@@ -192,9 +196,13 @@ def run_gossip_attack(
             skipped_budget += 1
             continue
         cfg = AttackConfig(time_budget_s=max(0.05, min(attack_time_s, left)))
-        leaks = invert_gradients(sol, model, lr=public.lr, batch_size=int(public.batch_size.get(node, 1)),
-                                 input_shape=reader.input_shape, num_classes=reader.num_classes,
-                                 own_weights=inputs.own_weights, attack=attack, config=cfg, targets=[(node, s)])
+        try:
+            leaks = invert_gradients(sol, model, lr=public.lr, batch_size=int(public.batch_size.get(node, 1)),
+                                     input_shape=reader.input_shape, num_classes=reader.num_classes,
+                                     own_weights=inputs.own_weights, attack=attack, config=cfg, targets=[(node, s)])
+        except (ValueError, RuntimeError) as exc:  # what the live worker counts as a failed attack
+            nodes[node]["steps"][str(s)]["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            continue
         leak = leaks.get((node, s))
         if leak is None:
             continue
