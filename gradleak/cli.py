@@ -74,6 +74,11 @@ def _add_attack_parser(sub: Any) -> None:
                    help="classes of the victim's output layer (default: 10)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="torch device of the attack (default: auto, CUDA when torch sees one)")
+    p.add_argument("--gossip-algebra", action="store_true",
+                   help="with --transcript of a --gossip models run: re-run the passive multi-hop "
+                        "gossip-algebra attack (OUT/gossip_attack.json), scored against RUN_DIR/truth")
+    p.add_argument("--budget", type=float, default=30.0, metavar="S",
+                   help="wall seconds of the --gossip-algebra attack (default: 30)")
 
 
 def _attack(args: argparse.Namespace) -> int:
@@ -88,6 +93,8 @@ def _attack(args: argparse.Namespace) -> int:
         return 2
     if args.corpus is not None:
         return _attack_text(args)
+    if args.gossip_algebra:
+        return _attack_gossip(args)
     if args.transcript is not None:
         return _attack_transcript(args)
     fields = {k: v for k, v in vars(args).items()
@@ -103,6 +110,31 @@ def _attack(args: argparse.Namespace) -> int:
               f"labels {a['label_accuracy']:.2f}, {a['iterations']} it, {a['seconds']:.2f} s, "
               f"to target {'-' if t is None else f'{t:.2f} s'}")
     print(f"wrote {Path(args.out) / 'result.json'} and grid.png")
+    return 0
+
+
+def _attack_gossip(args: argparse.Namespace) -> int:
+    from gradleak.gossip_live import offline_gossip_attack
+
+    if args.transcript is None:
+        print("gradleak: error: --gossip-algebra needs --transcript RUN_DIR", file=sys.stderr)
+        return 2
+    if not args.budget > 0:
+        print("gradleak: error: --budget must be > 0 seconds", file=sys.stderr)
+        return 2
+    try:
+        report = offline_gossip_attack(args.transcript, args.out, budget_s=args.budget,
+                                       attack=args.attack or "analytic")
+    except ValueError as exc:  # no run dir or config, a gradient run, a corrupt transcript
+        print(f"gradleak: error: {exc}", file=sys.stderr)
+        return 2
+    if report["status"] != "done":
+        print(f"gossip-algebra attack skipped: {report['reason']}")
+    else:
+        hops = " ".join(f"{h}:{v['reconstructed']}/{v['nodes']}" for h, v in report["by_hop"].items())
+        print(f"gossip-algebra: {report['determined_share']:.0%} of {report['honest']} honest nodes determined, "
+              f"{report['reconstructed_share']:.0%} reconstructed >= 30 dB (by hop {hops})")
+    print(f"wrote {Path(args.out) / 'gossip_attack.json'}")
     return 0
 
 

@@ -232,6 +232,9 @@ class AttackSettings:
     # What the malicious peer sends in model gossip: honest | state-override (its neighbours'
     # next model := x0) | crafted (:= a fresh attack-friendly init); attacker/active.py.
     strategy: str = "honest"
+    # Model gossip: wall seconds for the passive gossip-algebra attack at the end of the run
+    # (solve, then invert each determined gradient; 0: off).
+    gossip_budget_s: float = 30.0
 
     @property
     def effective_device(self) -> str:
@@ -279,6 +282,8 @@ class AttackSettings:
         from attacker.active import STRATEGIES
 
         _known("strategy", self.strategy, STRATEGIES)
+        if not (self.gossip_budget_s >= 0 and math.isfinite(self.gossip_budget_s)):
+            raise ConfigError(f"gossip_budget_s must be >= 0 seconds (0: off), got {self.gossip_budget_s}")
 
 
 @dataclass(frozen=True)

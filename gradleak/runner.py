@@ -664,6 +664,8 @@ class Testbed:
                       "refused_steps": {r["peer_id"]: r.get("refused_steps", 0) for r in self._progress_rows}})
         extra["faults"] = self.faults.to_dict(extra["steps"])
         extra.update(self._gossip_summary())
+        if self.cfg.gossip.exchange == "models" and self.faults.lost_actor != EVALUATOR:
+            extra["gossip_attack"] = self._gossip_attack(interrupted)
         summary: list[dict[str, Any]] = []
         if self.faults.lost_actor != EVALUATOR:
             try:
@@ -699,6 +701,20 @@ class Testbed:
             log.warning("could not read the honest models for the consensus distance: %s", exc)
             out["consensus_distance"] = None
         return out
+
+    def _gossip_attack(self, interrupted: bool) -> dict[str, Any]:
+        """The passive gossip-algebra attack on the transcript (gradleak/gossip_live.py), bounded in time."""
+        from gradleak.gossip_live import live_gossip_attack
+
+        if interrupted or self.cfg.attack.gossip_budget_s <= 0 or self.cfg.attack.transcript_bytes <= 0:
+            why = "interrupted" if interrupted else "off (gossip_budget_s or transcript_bytes is 0)"
+            return {"status": "skipped", "reason": why}
+        self.progress(f"gossip-algebra attack on the transcript (up to {self.cfg.attack.gossip_budget_s:.0f} s)")
+        try:
+            return live_gossip_attack(self.cfg, self.run_dir, self.evaluator, lambda refs: self._get(refs, 60.0))
+        except (ray.exceptions.RayError, TimeoutError, ValueError) as exc:
+            log.warning("the gossip-algebra attack failed: %s", exc)
+            return {"status": "failed", "reason": _one_line(exc)}
 
     def shutdown(self) -> None:
         """Stop every actor (in parallel, bounded), kill them, and stop a Ray we started."""

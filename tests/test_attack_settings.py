@@ -32,6 +32,7 @@ def test_flags_map_to_the_new_fields() -> None:
 def test_yaml_mapping() -> None:
     cfg = from_dict({"attack": {"fallback": ["dlg"], "time_budget_s": None, "max_age_s": 5}})
     assert cfg.attack.fallback == ("dlg",) and cfg.attack.time_budget_s is None
+    assert from_dict({"attack": {"gossip_budget_s": 0}}).attack.gossip_budget_s == 0
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -41,6 +42,8 @@ def test_yaml_mapping() -> None:
     ({"fallback": ("dlg", "dlg")}, "fallback names an attack twice"),
     ({"time_budget_s": 0.0}, "time_budget_s must be a positive number"),
     ({"max_age_s": -1.0}, "max_age_s must be a positive number"),
+    ({"gossip_budget_s": -1.0}, "gossip_budget_s must be >= 0"),
+    ({"gossip_budget_s": float("inf")}, "gossip_budget_s must be >= 0"),
 ])
 def test_validation(kwargs, needle) -> None:
     with pytest.raises(ConfigError, match=needle):

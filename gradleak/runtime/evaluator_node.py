@@ -43,6 +43,10 @@ class EvaluatorNode:
         self.metrics.peers_lost.inc(lost)
         self.metrics.peer_restarts.inc(restarted)
 
+    def set_reconstructible(self, topology: str, exchange: str, share: float) -> None:
+        """The gossip-algebra attack's share of honest nodes reconstructed (the driver joins it)."""
+        self.metrics.reconstructible.labels(topology, exchange).set(float(share))
+
     def log_updates(self, rows: list[dict[str, Any]]) -> None:
         self.evaluator.record.append_updates(rows)
 

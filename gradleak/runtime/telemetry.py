@@ -159,6 +159,11 @@ class Metrics:
         self.update_lag = Histogram(
             "gradleak_gossip_update_lag_versions", "Local steps a receiver was ahead of an update's weights.",
             buckets=LAG_BUCKETS, registry=r)
+        # Model gossip: the passive gossip-algebra attack's outcome at the end of the run
+        # (labels from the run's config only: its topology name, the exchange).
+        self.reconstructible = Gauge(
+            "gradleak_reconstructible_nodes_ratio", "Share of honest nodes with at least one local step "
+            "reconstructed >= 30 dB by the gossip-algebra attack.", ("topology", "exchange"), registry=r)
         # The driver's fault record, on the evaluator's exporter (the run's endpoint).
         self.peers_lost = Counter(
             "gradleak_peers_lost_total", "Honest peers whose host process was lost mid-run.", registry=r)
