@@ -98,7 +98,7 @@ def _attack(args: argparse.Namespace) -> int:
     if args.transcript is not None:
         return _attack_transcript(args)
     fields = {k: v for k, v in vars(args).items()
-              if k not in ("command", "corpus", "transcript") and v is not None}
+              if k not in ("command", "corpus", "transcript", "gossip_algebra", "budget") and v is not None}
     try:
         result = run_offline(OfflineConfig(**fields))
     except ValueError as exc:  # bad input of any kind: one line, nothing written

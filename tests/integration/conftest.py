@@ -19,6 +19,12 @@ from gradleak.runner import Testbed
 from .prom import Prometheus
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of the session testbed run last: it holds CPUs, the GPU and the attacker marker of
+    the shared cluster until the session ends, and a run started after it would wait for them."""
+    items.sort(key=lambda item: "testbed" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def prometheus(tmp_path_factory: pytest.TempPathFactory):
     prom = Prometheus(tmp_path_factory.mktemp("prometheus"))
