@@ -14,7 +14,9 @@ to bytes, bytes to a checked update), without gRPC; the rest of a push is gRPC's
 
 Rows marked "(bare)" are gRPC Python alone on the same bytes (a raw-bytes client stream in
 chunks of the same size, no codec, no protobuf, no checks): the ceiling any codec on top of
-grpcio can reach on this machine.
+grpcio can reach on this machine. Rows marked "(2 procs)" put the receiver in a child
+process, as peers are deployed (benchmarks/transport_procs.py), against a raw TCP
+baseline across the same two processes: sender and receiver then overlap on two cores.
 
 Target (issue 12): the 45 MB dense update at least 50% of raw TCP's throughput; sparse
 bytes on the wire proportional to k.
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import torch
+from transport_procs import push_two_processes, tcp_two_processes
 
 from gradleak.core.models import create_model
 from p2p import codec
@@ -178,6 +181,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="payload KiB per chunk frame (< 8 MiB)")
     ap.add_argument("--only", default="", help="run only the cases whose label contains this")
+    ap.add_argument("--one-process", action="store_true", help="skip the two-process rows")
     args = ap.parse_args()
     chunk_bytes = args.chunk_kib << 10
     torch.set_num_threads(1)
@@ -211,6 +215,12 @@ def main() -> None:
             t = p50(bare_grpc(dense, chunk_bytes, reps))
             print(f"{label + ' (bare)':<20} {'plain':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} "
                   f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
+            if not args.one_process:
+                tcp2 = p50(tcp_two_processes(dense, reps))
+                t = p50(push_two_processes(update, reps, chunk_bytes))
+                print(f"{label + ' (2 procs)':<20} {'plain':<6} {dense / 1e6:9.3f} {wire / 1e6:9.3f} {'-':>7} "
+                      f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp2 / 1e6:9.1f} "
+                      f"{tcp2 / t:7.2f}")
 
 
 if __name__ == "__main__":
