@@ -61,6 +61,7 @@ the others once the gradient couples them (B = 8: 18.5 -> 15.6 dB).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -571,8 +572,5 @@ def _distance(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _rebind(layer: Layer, model: nn.Module) -> Layer:
     """The same layer description pointing at `model`'s module of that name."""
-    module = model.get_submodule(layer.name)
-    assert isinstance(module, (nn.Conv2d, nn.Linear))
-    return Layer(layer.name, module, layer.weight_index, layer.bias_index, layer.activation,
-                 layer.in_shape, layer.out_shape)
+    return dataclasses.replace(layer, module=model.get_submodule(layer.name))  # type: ignore[arg-type]
 
