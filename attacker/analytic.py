@@ -49,6 +49,7 @@ seed is not used. Ground truth is never seen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -72,9 +73,11 @@ from attacker.api import (
     compute_gradients,
     private_copy,
     register_attack,
+    shared,
 )
 from attacker.inversion import Callback, gradient_distance, match_gradients
 from attacker.labels import recover_label_batch1, recover_labels
+from attacker.params import from_config
 
 # Polish only when the analytic image's gradient misses the observation by more than
 # this relative squared distance. For scale, on the benchmark's LeNet white noise
@@ -96,6 +99,26 @@ UNDERDETERMINED_FACTOR = 3.0
 PIXEL_SECONDS_PER_UNKNOWN = 2.5e-3
 
 
+@dataclass(frozen=True)
+class AnalyticParams:
+    """analytic's own parameters (attack.params.analytic)."""
+
+    cg_tol: float = CG_TOL  # relative residual each convolution's CG solve stops at
+    cg_max_iters: int = CG_MAX_ITERS  # CG iterations per convolution, at most
+    polish_above: float = POLISH_ABOVE  # polish a batch-1 image by L-BFGS above this misfit
+    batch_method: str = "auto"  # B > 1: one of BATCH_METHODS, or "auto" (chosen per layer)
+    # AttackConfig's, for the polish and the batch inversion (see the class docstring).
+    max_iters: int = shared("max_iters")
+    line_search: str | None = shared("line_search")
+    label_recovery: str = shared("label_recovery")
+
+    def __post_init__(self) -> None:
+        if not (self.cg_tol > 0 and self.cg_max_iters >= 1 and self.polish_above >= 0):
+            raise ValueError("need cg_tol > 0, cg_max_iters >= 1 and polish_above >= 0")
+        if self.batch_method != "auto" and self.batch_method not in BATCH_METHODS:
+            raise ValueError(f"unknown batch_method '{self.batch_method}' (known: {', '.join(BATCH_METHODS)})")
+
+
 @register_attack("analytic")
 class Analytic(Attack):
     """R-GAP-style layer-by-layer inversion for batch 1, optionally polished by L-BFGS;
@@ -108,22 +131,22 @@ class Analytic(Attack):
     deterministic); label_recovery must be "auto" or "analytic".
     """
 
+    params_type = AnalyticParams
+
     def __init__(
         self,
         config: AttackConfig | None = None,
-        *,
-        cg_tol: float = CG_TOL,
-        cg_max_iters: int = CG_MAX_ITERS,
-        polish_above: float = POLISH_ABOVE,
-        batch_method: str = "auto",
+        params: AnalyticParams | None = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(config)
-        if not (cg_tol > 0 and cg_max_iters >= 1 and polish_above >= 0):
-            raise ValueError("need cg_tol > 0, cg_max_iters >= 1 and polish_above >= 0")
-        if batch_method != "auto" and batch_method not in BATCH_METHODS:
-            raise ValueError(f"unknown batch_method '{batch_method}' (known: {', '.join(BATCH_METHODS)})")
-        self.cg_tol, self.cg_max_iters, self.polish_above = cg_tol, cg_max_iters, polish_above
-        self.batch_method = batch_method
+        """`settings` (cg_tol=..., batch_method=...) set single fields of AnalyticParams."""
+        if settings:
+            base = params if params is not None else from_config(AnalyticParams, config or AttackConfig())
+            params = dataclasses.replace(base, **settings)
+        super().__init__(config, params)
+        p = self.params
+        self.cg_tol, self.cg_max_iters, self.polish_above = p.cg_tol, p.cg_max_iters, p.polish_above
+        self.batch_method = p.batch_method
 
     def supports(self, model: nn.Module, obs: Observation) -> str | None:
         """A chain of Conv2d/Linear with invertible activations (sigmoid, tanh, leaky ReLU),
