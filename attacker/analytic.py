@@ -49,18 +49,20 @@ seed is not used. Ground truth is never seen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from attacker.analytic_batch import BATCH_METHODS, reconstruct_batch
+from attacker.analytic_batch import reconstruct_batch
 from attacker.analytic_layers import Layer, parse_chain
+from attacker.analytic_params import POLISH_ABOVE, AnalyticParams
 from attacker.analytic_pixels import pixel_counts, supports_pixels
+from attacker.analytic_problem import Problem, determined, gradient_misfit, reconstruction
 from attacker.analytic_single import CG_MAX_ITERS, CG_TOL, invert_batch1, invert_many
 from attacker.api import (
     IDLG_LINE_SEARCH,
@@ -69,18 +71,13 @@ from attacker.api import (
     Observation,
     Reconstruction,
     checked_targets,
-    compute_gradients,
     private_copy,
     register_attack,
 )
-from attacker.inversion import Callback, gradient_distance, match_gradients
-from attacker.labels import recover_label_batch1, recover_labels
+from attacker.inversion import Callback, match_gradients
+from attacker.labels import recover_labels
+from attacker.params import from_config
 
-# Polish only when the analytic image's gradient misses the observation by more than
-# this relative squared distance. For scale, on the benchmark's LeNet white noise
-# at 40 dB PSNR gives about 1e-4 and at 60 dB about 1e-6; the analytic images of
-# the benchmark land far below (PSNR > 60 dB), so they are returned unpolished.
-POLISH_ABOVE = 1e-5
 # The cost model of `Analytic.expected_seconds`: seconds per element of the layers'
 # inputs (times B), on one thread of this 2-core CPU. Batch 1: 0.11-0.21 s for the
 # 32x32 colour LeNet's 6912 elements; batches: benchmarks/batch_analytic.py.
@@ -108,22 +105,22 @@ class Analytic(Attack):
     deterministic); label_recovery must be "auto" or "analytic".
     """
 
+    params_type = AnalyticParams
+
     def __init__(
         self,
         config: AttackConfig | None = None,
-        *,
-        cg_tol: float = CG_TOL,
-        cg_max_iters: int = CG_MAX_ITERS,
-        polish_above: float = POLISH_ABOVE,
-        batch_method: str = "auto",
+        params: AnalyticParams | None = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(config)
-        if not (cg_tol > 0 and cg_max_iters >= 1 and polish_above >= 0):
-            raise ValueError("need cg_tol > 0, cg_max_iters >= 1 and polish_above >= 0")
-        if batch_method != "auto" and batch_method not in BATCH_METHODS:
-            raise ValueError(f"unknown batch_method '{batch_method}' (known: {', '.join(BATCH_METHODS)})")
-        self.cg_tol, self.cg_max_iters, self.polish_above = cg_tol, cg_max_iters, polish_above
-        self.batch_method = batch_method
+        """`settings` (cg_tol=..., batch_method=...) set single fields of AnalyticParams."""
+        if settings:
+            base = params if params is not None else from_config(AnalyticParams, config or AttackConfig())
+            params = dataclasses.replace(base, **settings)
+        super().__init__(config, params)
+        p = self.params
+        self.cg_tol, self.cg_max_iters, self.polish_above = p.cg_tol, p.cg_max_iters, p.polish_above
+        self.batch_method = p.batch_method
 
     def supports(self, model: nn.Module, obs: Observation) -> str | None:
         """A chain of Conv2d/Linear with invertible activations (sigmoid, tanh, leaky ReLU),
@@ -195,7 +192,7 @@ class Analytic(Attack):
         layers = parse_chain(victim, obs.input_shape)
         if obs.batch_size > 1:
             return self._reconstruct_batch(victim, layers, obs, start, callback)
-        problem = _Problem.of(victim, layers, obs)
+        problem = Problem.of(victim, layers, obs)
         raw64, layer_stats = invert_batch1(
             layers, problem.work, obs.input_shape, tol=self.cg_tol, max_iters=self.cg_max_iters,
         )
@@ -208,7 +205,7 @@ class Analytic(Attack):
             raw = self._polish(victim, problem.targets, raw, problem.labels, stats,
                                problem.norm2, callback)
         stats["seconds"] = time.perf_counter() - start
-        return _reconstruction(raw, problem.labels, stats)
+        return reconstruction(raw, problem.labels, stats)
 
     def _reconstruct_batch(
         self, victim: nn.Module, layers: list[Layer], obs: Observation, start: float,
@@ -235,7 +232,7 @@ class Analytic(Attack):
             inner=config.lbfgs_inner, history=config.lbfgs_history, working=dtype,
             callback=callback, method=self._batch_method(layers, obs.batch_size),
         )
-        distance = _distance(victim, raw, labels, targets)
+        distance = gradient_misfit(victim, raw, labels, targets)
         norm2 = float(sum(torch.sum(t * t) for t in targets))
         stats.update(
             attack=self.name, grad_distance=distance,
@@ -243,7 +240,7 @@ class Analytic(Attack):
             label_source="analytic", diverged=not bool(torch.isfinite(raw).all()),
             device=str(raw.device), seconds=time.perf_counter() - start,
         )
-        return _reconstruction(raw, labels, stats)
+        return reconstruction(raw, labels, stats)
 
     def _batch_method(self, layers: list[Layer], batch: int) -> str:
         """"auto": the closed-form layers where every layer's batch solve is determined,
@@ -251,7 +248,7 @@ class Analytic(Attack):
         them (analytic_pixels), else the feature inversion (docs/benchmarks.md)."""
         if self.batch_method != "auto":
             return self.batch_method
-        if all(_determined(layer, batch) for layer in layers[:-1]):
+        if all(determined(layer, batch) for layer in layers[:-1]):
             return "layers"
         return "pixels" if supports_pixels(layers) else "features"
 
@@ -297,7 +294,7 @@ class Analytic(Attack):
         self._check_config()
         batches = [j for j, obs in enumerate(observations) if obs.batch_size > 1]
         victims: dict[int, tuple[nn.Module, dict[tuple[int, int, int], list[Layer]]]] = {}
-        problems: dict[int, _Problem] = {}
+        problems: dict[int, Problem] = {}
         chains: dict[int, list[Layer]] = {}
         groups: dict[tuple[Any, ...], list[int]] = {}
         for j, (model, obs) in enumerate(zip(models, observations, strict=True)):
@@ -308,7 +305,7 @@ class Analytic(Attack):
                 if obs.input_shape not in by_shape:
                     by_shape[obs.input_shape] = parse_chain(victim, obs.input_shape)
                 layers = by_shape[obs.input_shape]
-                problems[j] = _Problem.of(victim, layers, obs)
+                problems[j] = Problem.of(victim, layers, obs)
             except ValueError as exc:
                 raise ValueError(f"update {j}: {exc}") from exc
             chains[j] = layers
@@ -328,7 +325,7 @@ class Analytic(Attack):
         return [out[j] for j in range(len(observations))]
 
     def _solve_stack(
-        self, problems: list[_Problem], chains: list[list[Layer]],
+        self, problems: list[Problem], chains: list[list[Layer]],
         callback: Callable[[int, list[torch.Tensor]], bool | None] | None,
     ) -> list[Reconstruction]:
         start = time.perf_counter()
@@ -351,7 +348,7 @@ class Analytic(Attack):
             elif not st["relative_grad_distance"] <= self.polish_above:
                 raw = self._polish(p.victim, p.targets, raw, p.labels, st, p.norm2, None)
             st["seconds"] = stack_seconds / k + time.perf_counter() - polish_start
-            recons.append(_reconstruction(raw, p.labels, st))
+            recons.append(reconstruction(raw, p.labels, st))
         return recons
 
     def _check_config(self) -> None:
@@ -384,75 +381,4 @@ class Analytic(Attack):
         return raw
 
 
-def _determined(layer: Layer, batch: int) -> bool:
-    """Whether the batch's solve of `layer` has at least as many equations as unknowns."""
-    unknowns = batch * math.prod(layer.in_shape[1:])
-    equations = batch * math.prod(layer.out_shape[1:]) + layer.module.weight.numel()
-    return equations >= unknowns
-
-
-def _reconstruction(raw: torch.Tensor, labels: torch.Tensor, stats: dict[str, Any]) -> Reconstruction:
-    images = torch.nan_to_num(raw.detach(), nan=0.0).clamp(0.0, 1.0)
-    return Reconstruction(images=images, labels=labels, stats=stats, raw_images=raw.detach())
-
-
-@dataclass
-class _Problem:
-    """One batch-1 update ready for inversion: its victim copy, gradients and label."""
-
-    victim: nn.Module
-    input_shape: tuple[int, int, int]
-    targets: list[torch.Tensor]  # observed gradients, the model's dtype and device
-    work: list[torch.Tensor]  # the same in the working dtype (float64; float32 on mps)
-    labels: torch.Tensor  # (1,) int64
-    norm2: float  # ||observed gradient||^2
-
-    @classmethod
-    def of(cls, victim: nn.Module, layers: list[Layer], obs: Observation) -> _Problem:
-        targets = checked_targets(victim, obs)
-        if not all(bool(torch.isfinite(t).all()) for t in targets):
-            raise ValueError("analytic attack needs a finite gradient")
-        top = layers[-1]
-        assert top.bias_index is not None  # parse_chain requires the final bias
-        label = recover_label_batch1(targets[top.weight_index], targets[top.bias_index])
-        labels = torch.tensor([label], dtype=torch.int64, device=targets[0].device)
-        dtype = torch.float32 if targets[0].device.type == "mps" else torch.float64
-        norm2 = float(sum(torch.sum(t * t) for t in targets))
-        return cls(victim, obs.input_shape, targets, [t.to(dtype) for t in targets], labels,
-                   norm2)
-
-    def analytic_stats(
-        self, name: str, raw64: torch.Tensor, layer_stats: list[dict[str, Any]], seconds: float,
-    ) -> dict[str, Any]:
-        """The stats of the unpolished analytic image raw64 (1, C, H, W)."""
-        raw = raw64.to(self.targets[0].dtype)
-        distance = _distance(self.victim, raw, self.labels, self.targets)
-        norm2 = self.norm2
-        return {
-            "attack": name,
-            "iterations": 0,
-            "evaluations": 1,
-            "grad_distance": distance,
-            "analytic_grad_distance": distance,
-            "relative_grad_distance": distance / norm2 if norm2 > 0 else float("inf"),
-            "analytic_seconds": seconds,
-            "label_source": "analytic",
-            "diverged": False,
-            "stop_reason": "analytic",
-            "device": str(raw.device),
-            "polished_steps": 0,
-            "cg_iterations": sum(int(s["iterations"]) for s in layer_stats),
-            "layers": layer_stats,
-        }
-
-
-def _distance(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: list[torch.Tensor]
-) -> float:
-    """DLG's squared gradient distance of `images` to the observation."""
-    with torch.enable_grad():
-        grads = compute_gradients(model, images, labels)
-    return float(gradient_distance(grads, targets))
-
-
-__all__ = ["CG_MAX_ITERS", "CG_TOL", "POLISH_ABOVE", "Analytic", "invert_batch1", "invert_many"]
+__all__ = ["CG_MAX_ITERS", "CG_TOL", "POLISH_ABOVE", "Analytic", "AnalyticParams", "invert_batch1", "invert_many"]

@@ -218,7 +218,7 @@ def _layer_inputs(layers: list[Layer], images: torch.Tensor) -> list[torch.Tenso
     x = images
     with torch.no_grad():
         for layer in layers:
-            if isinstance(layer.module, nn.Linear) and x.dim() > 2:
+            if layer.kind == "linear" and x.dim() > 2:
                 x = x.flatten(1)
             inputs.append(x)
             out = layer.module(x.to(layer.module.weight.dtype))

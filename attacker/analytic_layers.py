@@ -16,8 +16,9 @@ here, so `from attacker.analytic_layers import ConvOps, solve_conv_input, ...` w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,11 @@ from attacker.analytic_solvers import (
 )
 
 __all__ = [
-    "ACTIVATION_EPS", "IDENTITY", "STACK_CHUNK", "STOP_EVERY", "Activation", "ConvOps", "Layer",
-    "NormalSystem", "SolveInfo", "StackedNormal", "chain_forward", "conjugate_gradients",
-    "conjugate_gradients_many", "linear_input", "numeric_padding", "parse_chain", "relative",
-    "solve_conv_input", "solve_conv_inputs",
+    "ACTIVATION_EPS", "AFFINE_KINDS", "IDENTITY", "LAYER_RULES", "SHAPE_ONLY", "STACK_CHUNK",
+    "STOP_EVERY", "Activation", "Affine", "ConvOps", "Layer", "NormalSystem", "Refused", "SolveInfo",
+    "StackedNormal", "chain_forward", "conjugate_gradients", "conjugate_gradients_many", "leaky",
+    "linear_input", "numeric_padding", "parse_chain", "register_layer", "relative", "role_of",
+    "sigmoid", "solve_conv_input", "solve_conv_inputs", "tanh",
 ]
 
 # Clamp of activation outputs before inverting them: keeps logit/atanh finite in float64.
@@ -61,7 +63,7 @@ class Activation:
     centre: float  # a neutral starting value for an unknown output of this activation
 
 
-def _sigmoid() -> Activation:
+def sigmoid() -> Activation:
     def inverse(h: torch.Tensor) -> torch.Tensor:
         return torch.logit(h.clamp(ACTIVATION_EPS, 1.0 - ACTIVATION_EPS))
 
@@ -72,7 +74,7 @@ def _sigmoid() -> Activation:
     return Activation("sigmoid", torch.sigmoid, inverse, slope, 0.5)
 
 
-def _tanh() -> Activation:
+def tanh() -> Activation:
     def inverse(h: torch.Tensor) -> torch.Tensor:
         return torch.atanh(h.clamp(-1.0 + ACTIVATION_EPS, 1.0 - ACTIVATION_EPS))
 
@@ -82,7 +84,7 @@ def _tanh() -> Activation:
     return Activation("tanh", torch.tanh, inverse, slope, 0.0)
 
 
-def _leaky(negative_slope: float) -> Activation:
+def leaky(negative_slope: float) -> Activation:
     def apply(z: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(z, negative_slope)
 
@@ -113,49 +115,121 @@ class Layer:
     activation: Activation | None
     in_shape: tuple[int, ...] = ()  # (1, C, H, W) for convolutions, (1, n) for linears
     out_shape: tuple[int, ...] = ()  # shape of its output, before the activation
+    kind: str = "linear"  # its Affine kind, one of AFFINE_KINDS: which solver inverts it
 
     @property
     def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
+        return self.kind == "conv"
 
 
-def _activation_of(module: nn.Module) -> Activation | None:
-    """The Activation for an activation module, or None when `module` is not one."""
-    if isinstance(module, nn.Sigmoid):
-        return _sigmoid()
-    if isinstance(module, nn.Tanh):
-        return _tanh()
-    if isinstance(module, nn.LeakyReLU) and module.negative_slope > 0:
-        return _leaky(float(module.negative_slope))
-    return None
+@dataclass(frozen=True)
+class Affine:
+    """A layer the chain solves through: its input from its output and weight gradient,
+    by the solver of its kind (analytic_single, analytic_joint)."""
+
+    kind: str  # "linear" (closed form) or "conv" (CG on the normal equations)
 
 
-def _is_shape_only(module: nn.Module) -> bool:
-    """Modules that leave one sample's values unchanged (flattening, identities)."""
-    if isinstance(module, nn.Flatten | nn.Identity):
-        return True
-    return isinstance(module, nn.Dropout) and (module.p == 0 or not module.training)
+@dataclass(frozen=True)
+class Refused:
+    """A layer the chain cannot invert, and why ("it ..." completes the sentence)."""
+
+    why: str
 
 
-def _refusal(module: nn.Module, name: str) -> ValueError:
-    kind = type(module).__name__
-    if isinstance(module, nn.ReLU | nn.LeakyReLU | nn.ReLU6 | nn.ELU | nn.GELU | nn.SiLU):
-        why = "is not invertible elementwise (it loses information below zero)"
-    elif isinstance(module, nn.Dropout):
-        why = "drops random units in train mode"
-    else:
-        why = "is not an affine layer or an invertible elementwise activation"
+SHAPE_ONLY = "shape-only"  # leaves one sample's values as they are (flattening, identities)
+AFFINE_KINDS = ("linear", "conv")
+# What a rule says of one leaf module at `name`: an Affine layer, an Activation after one,
+# SHAPE_ONLY, or Refused. A rule may raise ValueError for a layer it refuses outright.
+Role = Affine | Activation | Refused | str
+Rule = Callable[[nn.Module, str], Role]
+_RULES: dict[type[nn.Module], Rule] = {}
+# The registered layer types and their rules, read-only (`parse_chain` looks a module's
+# class up here, then its base classes, as Opacus looks up its per-layer grad samplers).
+LAYER_RULES: Mapping[type[nn.Module], Rule] = MappingProxyType(_RULES)
+
+
+def register_layer(*types: type[nn.Module]) -> Callable[[Rule], Rule]:
+    """Register `rule` as what the analytic attack makes of modules of `types`
+    (ValueError if a type already has one)."""
+
+    def wrap(rule: Rule) -> Rule:
+        for kind in types:
+            if kind in _RULES:
+                raise ValueError(f"analytic layer type {kind.__name__} is already registered")
+            _RULES[kind] = rule
+        return rule
+
+    return wrap
+
+
+def role_of(module: nn.Module, name: str) -> Role:
+    """The registered rule's answer for `module`; Refused for a type with no rule."""
+    for kind in type(module).__mro__:
+        rule = _RULES.get(kind)
+        if rule is not None:
+            return rule(module, name)
+    return Refused("is not a layer type the attack has an inverter for "
+                   "(attacker.analytic_layers.register_layer)")
+
+
+NOT_INVERTIBLE = "is not invertible elementwise (it loses information below zero)"
+
+
+@register_layer(nn.Linear)
+def _linear(module: nn.Module, name: str) -> Role:
+    return Affine("linear")
+
+
+@register_layer(nn.Conv2d)
+def _conv(module: nn.Module, name: str) -> Role:
+    assert isinstance(module, nn.Conv2d)
+    if module.padding_mode != "zeros":
+        raise ValueError(f"analytic attack needs zero padding, '{name}' uses {module.padding_mode}")
+    numeric_padding(module, name)
+    return Affine("conv")
+
+
+@register_layer(nn.Sigmoid)
+def _sigmoid_rule(module: nn.Module, name: str) -> Role:
+    return sigmoid()
+
+
+@register_layer(nn.Tanh)
+def _tanh_rule(module: nn.Module, name: str) -> Role:
+    return tanh()
+
+
+@register_layer(nn.LeakyReLU)
+def _leaky_rule(module: nn.Module, name: str) -> Role:
+    assert isinstance(module, nn.LeakyReLU)
+    return leaky(float(module.negative_slope)) if module.negative_slope > 0 else Refused(NOT_INVERTIBLE)
+
+
+@register_layer(nn.Flatten, nn.Identity)
+def _shape_only(module: nn.Module, name: str) -> Role:
+    return SHAPE_ONLY
+
+
+@register_layer(nn.Dropout)
+def _dropout(module: nn.Module, name: str) -> Role:
+    assert isinstance(module, nn.Dropout)
+    if module.p == 0 or not module.training:
+        return SHAPE_ONLY
+    return Refused("drops random units in train mode")
+
+
+@register_layer(nn.ReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU)
+def _not_invertible(module: nn.Module, name: str) -> Role:
+    return Refused(NOT_INVERTIBLE)
+
+
+def _refusal(module: nn.Module, name: str, why: str) -> ValueError:
     return ValueError(
-        f"analytic attack cannot invert {kind} at '{name}': it {why}; it supports chains of "
-        "Conv2d/Linear layers with Sigmoid, Tanh, LeakyReLU(slope > 0) or no activation "
+        f"analytic attack cannot invert {type(module).__name__} at '{name}': it {why}; it supports "
+        "chains of Conv2d/Linear layers with Sigmoid, Tanh, LeakyReLU(slope > 0) or no activation "
         "(use dlg, idlg or ig for other models)"
     )
-
-
-def _check_conv(conv: nn.Conv2d, name: str) -> None:
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"analytic attack needs zero padding, '{name}' uses {conv.padding_mode}")
-    numeric_padding(conv, name)
 
 
 def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Layer]:
@@ -175,30 +249,29 @@ def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
             if any(True for _ in module.parameters(recurse=False)):
                 raise ValueError(f"analytic attack cannot invert the parameters of '{name}'")
             continue
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            if isinstance(module, nn.Conv2d):
-                _check_conv(module, name)
+        role = role_of(module, name)
+        if isinstance(role, Affine):
             bias = module.bias
-            layers.append(Layer(name, module, index[id(module.weight)],
-                                None if bias is None else index[id(bias)], None))
-            continue
-        act = _activation_of(module)
-        if act is not None:
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+            layers.append(Layer(name, module, index[id(weight)],  # type: ignore[arg-type]
+                                None if bias is None else index[id(bias)], None, kind=role.kind))
+        elif isinstance(role, Activation):
             if not layers or layers[-1].activation is not None:
                 raise ValueError(
                     f"analytic attack needs each activation right after a Conv2d/Linear; "
                     f"'{name}' is not"
                 )
-            layers[-1].activation = act
-        elif not _is_shape_only(module):
-            raise _refusal(module, name)
+            layers[-1].activation = role
+        elif isinstance(role, Refused):
+            raise _refusal(module, name, role.why)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Conv2d/Linear layer to invert")
     for layer in layers[:-1]:
         if layer.activation is None:
             layer.activation = IDENTITY
     last = layers[-1]
-    if not isinstance(last.module, nn.Linear) or last.activation is not None:
+    if last.kind != "linear" or last.activation is not None:
         raise ValueError("analytic attack needs the logits to come from a final nn.Linear")
     if last.bias_index is None:
         raise ValueError("analytic attack needs a bias on the final nn.Linear")
@@ -212,9 +285,9 @@ def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
 def chain_forward(layers: list[Layer], x: torch.Tensor, record: bool = False) -> torch.Tensor:
     """Run the chain on x (B, C, H, W); with record, store each layer's shapes (B = 1)."""
     for layer in layers:
-        if isinstance(layer.module, nn.Linear) and x.dim() > 2:
+        if layer.kind == "linear" and x.dim() > 2:
             x = x.flatten(1)
-        if isinstance(layer.module, nn.Conv2d) and x.dim() != 4:
+        if layer.is_conv and x.dim() != 4:
             raise ValueError(f"analytic attack: '{layer.name}' gets a {x.dim()}-D input")
         out = layer.module(x)
         if record:

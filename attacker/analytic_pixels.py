@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacker.analytic_conv import numeric_padding
 from attacker.analytic_layers import Activation, Layer
-from attacker.analytic_solvers import numeric_padding
 
 PRIOR_WEIGHT = 1e-2  # smoothness weight where the pixel count falls short (tuned on colour B = 8)
 LM_STEPS = 60  # Levenberg-Marquardt steps at most

@@ -11,12 +11,13 @@ whenever any part of the package is imported).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import nn
 
 from attacker.budget import TIME_BUDGET, exhausted, time_budget
 from attacker.inversion import Callback
+from attacker.params import CONFIG_KEY, NoParams, apply_shared, from_config, parse_params
 from gradleak.core.registry import Registry
 
 INITS = ("randn", "rand")  # dummy-image starts: N(0, 1) as DLG, or uniform [0, 1)
@@ -165,6 +167,13 @@ class AttackConfig:
                 raise ValueError(f"unknown {name} '{getattr(self, name)}' (known: {', '.join(known)})")
 
 
+def shared(config_field: str) -> Any:
+    """An attack parameter (attacker.params) standing for AttackConfig.`config_field`:
+    its default is that field's, and the attack's config takes its value."""
+    default = {f.name: f.default for f in dataclasses.fields(AttackConfig)}[config_field]
+    return dataclasses.field(default=default, metadata={CONFIG_KEY: config_field})
+
+
 @dataclass
 class Reconstruction:
     """An attack's answer: images, labels and how it got there."""
@@ -176,12 +185,25 @@ class Reconstruction:
 
 
 class Attack(ABC):
-    """A gradient-inversion attack: (model, observation) -> reconstruction."""
+    """A gradient-inversion attack: (model, observation) -> reconstruction.
+
+    `params_type` is the attack's own frozen dataclass of parameters (attacker.params):
+    `self.params` holds them, and `self.config` is the config given with the shared
+    ones (those standing for AttackConfig fields) applied.
+    """
 
     name = "attack"
+    params_type: ClassVar[type] = NoParams
 
-    def __init__(self, config: AttackConfig | None = None) -> None:
-        self.config = config if config is not None else AttackConfig()
+    def __init__(self, config: AttackConfig | None = None, params: Any = None) -> None:
+        config = config if config is not None else AttackConfig()
+        if params is None:
+            params = from_config(self.params_type, config)
+        elif not isinstance(params, self.params_type):
+            raise TypeError(f"{type(self).__name__} takes {self.params_type.__name__} parameters, "
+                            f"got {type(params).__name__}")
+        self.params = params
+        self.config = apply_shared(config, params)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Every implementation runs under its config's time budget and says when it hit it.
@@ -242,20 +264,30 @@ def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
     return wrap
 
 
-def create_attack(name: str, config: AttackConfig | None = None) -> Attack:
-    """Instantiate a registered attack (ValueError listing the known names on an unknown one)."""
-    return _REGISTRY.get(name)(config)
+def create_attack(
+    name: str, config: AttackConfig | None = None, params: Mapping[str, Any] | None = None
+) -> Attack:
+    """Instantiate a registered attack with `config` and its own `params` (field -> value,
+    as `attack.params.NAME` of a run config). ValueError on an unknown name (listing the
+    known ones), an unknown parameter or a bad value (naming it)."""
+    cls = _REGISTRY.get(name)
+    config = config if config is not None else AttackConfig()
+    if not params:
+        return cls(config)
+    return cls(config, parse_params(name, cls.params_type, params, config))
 
 
 def choose_attack(
     chain: Sequence[str | Attack], model: nn.Module, obs: Observation,
-    config: AttackConfig | None = None,
+    config: AttackConfig | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[Attack | None, dict[str, str]]:
     """The first attack of `chain` that supports `obs` of `model`, and why the earlier ones
-    do not (name -> reason). Names are created with `config`. (None, reasons) if none does."""
+    do not (name -> reason). Names are created with `config` and their `params[name]`.
+    (None, reasons) if none does."""
     reasons: dict[str, str] = {}
+    params = params or {}
     for entry in chain:
-        attack = create_attack(entry, config) if isinstance(entry, str) else entry
+        attack = create_attack(entry, config, params.get(entry)) if isinstance(entry, str) else entry
         why = attack.supports(model, obs)
         if why is None:
             return attack, reasons

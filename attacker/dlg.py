@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,11 +18,35 @@ from attacker.api import (
     initial_images,
     private_copy,
     register_attack,
+    shared,
     simulated_steps,
     update_model,
 )
 from attacker.inversion import Callback, MatchResult, match_gradients
 from attacker.labels import analytic_labels
+
+
+@dataclass(frozen=True)
+class DLGParams:
+    """dlg's own parameters (attack.params.dlg); each stands for the AttackConfig field
+    of its name, whose comments there say what it does."""
+
+    max_iters: int = shared("max_iters")
+    lr: float = shared("lr")
+    line_search: str | None = shared("line_search")
+    init: str = shared("init")
+    lbfgs_inner: int = shared("lbfgs_inner")
+    lbfgs_history: int = shared("lbfgs_history")
+    grad_tol: float = shared("grad_tol")
+    patience: int = shared("patience")
+    multi_step: str = shared("multi_step")
+
+
+@dataclass(frozen=True)
+class IDLGParams(DLGParams):
+    """idlg's (attack.params.idlg): dlg's and where its labels come from."""
+
+    label_recovery: str = shared("label_recovery")
 
 
 def _run(
@@ -80,6 +105,8 @@ def _reconstruction(
 class DLG(Attack):
     """Deep Leakage from Gradients (Zhu et al. 2019): images and soft labels jointly."""
 
+    params_type = DLGParams
+
     def reconstruct(
         self, model: nn.Module, obs: Observation, *, callback: Callback | None = None
     ) -> Reconstruction:
@@ -116,6 +143,8 @@ class IDLG(Attack):
     recovery's labels (labels.recover_labels).
     line_search "auto" means "strong_wolfe" here (see AttackConfig.line_search).
     """
+
+    params_type = IDLGParams
 
     def reconstruct(
         self, model: nn.Module, obs: Observation, *, callback: Callback | None = None

@@ -25,12 +25,31 @@ from attacker.api import (
     Reconstruction,
     checked_targets,
     register_attack,
+    shared,
     simulated_steps,
     update_model,
 )
 from attacker.inversion import Callback
 from attacker.labels import analytic_labels
 from attacker.stacked import Schedule, StackedResult, attack_copy, invert_stacked, one_hot
+
+
+@dataclass(frozen=True)
+class IGParams:
+    """ig's own parameters (attack.params.ig), each standing for an AttackConfig field
+    (named where it differs): see the comments there."""
+
+    max_iters: int = shared("max_iters")
+    lr: float = shared("ig_lr")
+    inner: int = shared("ig_inner")
+    tv_weight: float = shared("tv_weight")
+    restarts: int = shared("restarts")
+    tol: float = shared("ig_tol")
+    layer_weights: str = shared("layer_weights")
+    init: str = shared("init")
+    patience: int = shared("patience")
+    label_recovery: str = shared("label_recovery")
+    multi_step: str = shared("multi_step")
 
 
 def schedule_of(config: AttackConfig) -> Schedule:
@@ -122,6 +141,8 @@ def pick_restart(
 @register_attack("ig")
 class InvertingGradients(Attack):
     """Inverting Gradients: cosine gradient matching + TV, signed Adam, restarts."""
+
+    params_type = IGParams
 
     def reconstruct(
         self, model: nn.Module, obs: Observation, *, callback: Callback | None = None

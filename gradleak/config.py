@@ -235,6 +235,9 @@ class AttackSettings:
     # Model gossip: wall seconds for the passive gossip-algebra attack at the end of the run
     # (solve, then invert each determined gradient; 0: off).
     gossip_budget_s: float = 30.0
+    # Each attack's own parameters, attack name -> {field: value} (attacker.params; the
+    # fields of e.g. attacker.dlg.DLGParams). Unset fields keep the attack's defaults.
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def effective_device(self) -> str:
@@ -284,6 +287,30 @@ class AttackSettings:
         _known("strategy", self.strategy, STRATEGIES)
         if not (self.gossip_budget_s >= 0 and math.isfinite(self.gossip_budget_s)):
             raise ConfigError(f"gossip_budget_s must be >= 0 seconds (0: off), got {self.gossip_budget_s}")
+        self.attack_params()
+
+    def attack_config(self, seed: int) -> Any:
+        """The attacker.api.AttackConfig a run of this section gives its attacks."""
+        from attacker.api import AttackConfig
+
+        return AttackConfig(max_iters=self.max_iters, seed=seed, time_budget_s=self.time_budget_s)
+
+    def attack_params(self) -> dict[str, Any]:
+        """`params` checked against each attack's parameter type: name -> its parameters."""
+        from attacker.api import ATTACKS
+        from attacker.params import parse_params
+
+        if not isinstance(self.params, dict):
+            raise ConfigError(f"attack.params must map attack names to fields, got {self.params!r}")
+        out = {}
+        for name, fields in self.params.items():
+            if name not in ATTACKS:
+                raise ConfigError(f"attack.params names an unknown attack '{name}' (known: {', '.join(sorted(ATTACKS))})")
+            try:
+                out[name] = parse_params(name, ATTACKS[name].params_type, fields, self.attack_config(0))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return out
 
 
 @dataclass(frozen=True)
@@ -389,7 +416,20 @@ def _section(name: str, current: Any, value: Any) -> Any:
         if key not in names:
             raise ConfigError(f"unknown key '{name}.{key}' (known: {', '.join(sorted(names))})")
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    # attack.params merges field by field: a later layer (file, flags) sets single fields.
+    if "params" in fixed and isinstance(fixed["params"], dict) and isinstance(getattr(current, "params", None), dict):
+        fixed["params"] = _merged(current.params, fixed["params"])
     return dataclasses.replace(current, **fixed)
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in old.items()}
+    for name, fields in new.items():
+        if isinstance(fields, dict) and isinstance(out.get(name), dict):
+            out[name] = {**out[name], **fields}
+        else:
+            out[name] = fields
+    return out
 
 
 def _checked_types(cfg: RunConfig) -> RunConfig:
@@ -444,6 +484,21 @@ def _check_model_gossip(cfg: RunConfig) -> None:
 # rounds reach 0.91 mean (worst 0.89) accuracy in 300 steps (0.89 at 0.5; 0.45 at 0.1 in 150 steps;
 # lr 1 diverges; benchmarks/model_gossip.py).
 MODEL_GOSSIP_LR = 0.3
+
+
+def parse_scalar(text: str) -> Any:
+    """A value given as text (a flag, a sweep axis): 3, 0.5, 1e-4, true/false, none, else the text."""
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _known(what: str, name: str, known: Any) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attacker.active import STRATEGIES
-from gradleak.config import ConfigError, RunConfig
+from gradleak.config import ConfigError, RunConfig, parse_scalar
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -27,6 +27,18 @@ def _names(s: str) -> tuple[str, ...]:
 
 def _seconds_or_none(s: str) -> float | None:
     return None if s.strip().lower() == "none" else float(s)
+
+
+def _attack_params(items: list[str]) -> dict[str, dict[str, Any]]:
+    """['idlg.lr=0.5', 'ig.restarts=4'] -> {'idlg': {'lr': 0.5}, 'ig': {'restarts': 4}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not (eq and dot and name and field):
+            raise ValueError(item)
+        out.setdefault(name, {})[field] = parse_scalar(raw)
+    return out
 
 
 def _on_off(s: str) -> bool:
@@ -71,11 +83,12 @@ def _datasets() -> Iterable[str]:
 class Flag:
     section: str  # RunConfig section, "" for a top-level field
     field: str
-    parse: Callable[[str], Any]
+    parse: Callable[[Any], Any]  # the flag's text (a list of them for a `repeat` flag) -> value
     help: str  # meaning; the default and the choices are appended
     choices: Callable[[], Iterable[str]] | tuple[str, ...] | None = None
     metavar: str = "X"
     bare: str | None = None  # the value of the flag given without one (e.g. `--insecure`)
+    repeat: bool = False  # may be given many times; `parse` gets the list of values
 
     @property
     def where(self) -> str:
@@ -88,6 +101,9 @@ class Flag:
             return ",".join(str(v) for v in value)
         if isinstance(value, bool):
             return "on" if value else "off"
+        if isinstance(value, dict):  # attack.params: NAME.FIELD=V pairs
+            pairs = [f"{n}.{k}={v}" for n, fields in value.items() for k, v in fields.items()]
+            return " ".join(pairs) or "none"
         return value
 
     def help_line(self, base: RunConfig) -> str:
@@ -177,6 +193,11 @@ FLAGS: dict[str, Flag] = {
     "--max-age": Flag("attack", "max_age_s", _seconds_or_none,
                       "seconds a received update may wait for the attacker before it is evicted "
                       "('none': no limit)", metavar="S"),
+    "--attack-param": Flag("attack", "params", _attack_params,
+                           "one of an attack's own parameters, NAME.FIELD=VALUE (e.g. idlg.lr=0.5, "
+                           "analytic.cg_tol=1e-6); repeat the flag for more; the fields per attack "
+                           "are listed in README.md, 'Attack parameters'", _attacks,
+                           metavar="NAME.FIELD=V", repeat=True),
     "--max-iters": Flag("attack", "max_iters", int, "outer optimiser steps per reconstruction",
                         metavar="N"),
     "--queue-size": Flag("attack", "queue_size", int,
@@ -231,6 +252,8 @@ def add_flags(parser: argparse.ArgumentParser, *, prefix: str = "", skip: Iterab
     for flag, spec in FLAGS.items():
         if flag not in skip:
             extra: dict[str, Any] = {} if spec.bare is None else {"nargs": "?", "const": spec.bare}
+            if spec.repeat:
+                extra["action"] = "append"
             parser.add_argument(flag, dest=dest(flag, prefix), metavar=spec.metavar,
                                 help=what + spec.help_line(base), **extra)
 

@@ -35,7 +35,6 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from attacker.api import AttackConfig
 from gradleak.cell_placement import CellNodes
 from gradleak.config import RunConfig
 from gradleak.data import Dataset, load_dataset, split
@@ -293,7 +292,7 @@ class Testbed:
             marker["scheduling_strategy"] = NodeAffinitySchedulingStrategy(placed.attacker, soft=False)
         self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
             specs[-1], self.evaluator, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
-            attack_config=AttackConfig(max_iters=a.max_iters, seed=cfg.seed, time_budget_s=a.time_budget_s),
+            attack_config=a.attack_config(cfg.seed), attack_params=a.params,
             queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
             attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
             model_strategy=a.strategy,

@@ -218,7 +218,6 @@ def build_spec(plan: Plan) -> PeerSpec:
 
 def start_node(plan: Plan, spec: PeerSpec) -> PeerNode:
     """The honest or malicious node, serving. PeerError when its addresses cannot be bound."""
-    from attacker.api import AttackConfig
     from gradleak.runtime.malicious_node import MaliciousNode
     from gradleak.runtime.peer_node import PeerNode
 
@@ -227,7 +226,7 @@ def start_node(plan: Plan, spec: PeerSpec) -> PeerNode:
             a = plan.cfg.attack
             return MaliciousNode(
                 spec, None, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
-                attack_config=AttackConfig(max_iters=a.max_iters, seed=plan.cfg.seed, time_budget_s=a.time_budget_s),
+                attack_config=a.attack_config(plan.cfg.seed), attack_params=a.params,
                 queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
                 attack_threads=a.threads)
         return PeerNode(spec)

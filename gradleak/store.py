@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from gradleak.config import ConfigError, RunConfig, check_attackable, from_dict
+from gradleak.config import ConfigError, RunConfig, check_attackable, from_dict, parse_scalar
 
 CELLS_DIR = "cells"
 CELL_FILE = "cell.json"
@@ -46,14 +46,16 @@ CELL_COLUMNS = (
     "cell_id", *AXES, "honest_accuracy", "honest_accuracy_min", "messages", "bytes_sent",
     "reconstructions", "mean_psnr", "share_psnr_30", "mean_ssim", "label_accuracy", "captured",
     "dropped", "attacker_share", "seconds", "run_dir", "defence_params", "refused_steps",
-    "cell_placement", "peer_nodes", "attacker_node", "node_hosts",
+    "cell_placement", "peer_nodes", "attacker_node", "node_hosts", "attack_params",
 )
 # Axes a reconstruction row gets from its cell (batch_size, defence, attack it has already).
-ROW_AXES = ("cell_id", "seed", "peers", "fanout", "topology", "aggregate")
+ROW_AXES = ("cell_id", "seed", "peers", "fanout", "topology", "aggregate", "attack_params")
 RECONSTRUCTION_COLUMNS = (
-    *ROW_AXES, "update_id", "origin", "round", "batch_size", "defence", "attack", "psnr", "ssim",
-    "mean_psnr", "mean_ssim", "label_accuracy", "seconds",
+    *ROW_AXES[:-1], "update_id", "origin", "round", "batch_size", "defence", "attack", "psnr", "ssim",
+    "mean_psnr", "mean_ssim", "label_accuracy", "seconds", "attack_params",
 )
+# A sweep.yaml key `attack.params.NAME.FIELD: [values]` is an axis over one attack parameter.
+PARAM_AXIS = "attack.params."
 
 # sweep.yaml axis key -> the base RunConfig field its default comes from
 SPEC_AXES = {
@@ -76,6 +78,8 @@ class Cell:
     fanout: int
     topology: str
     aggregate: str = "mean"  # canonical rule (p2p.aggregate), e.g. "trimmed:0.2"
+    # The parameter axes' values: ("idlg.lr", 0.5), ... set in attack.params of the cell.
+    params: tuple[tuple[str, Any], ...] = ()
 
     @property
     def cell_id(self) -> str:
@@ -85,11 +89,16 @@ class Cell:
         made before the aggregate axis existed stay as they were.
         """
         rule = "" if self.aggregate == "mean" else f"-{_safe(self.aggregate)}"
+        params = "".join(f"-{_safe(f'{key}:{value}')}" for key, value in self.params)
         return (f"bs{self.batch_size}-{_safe(self.defence)}-{_safe(self.attack)}-s{self.seed}"
-                f"-p{self.peers}-f{self.fanout}-{_safe(self.topology)}{rule}")
+                f"-p{self.peers}-f{self.fanout}-{_safe(self.topology)}{rule}{params}")
 
     def axes(self) -> dict[str, Any]:
-        return {"cell_id": self.cell_id, **dataclasses.asdict(self)}
+        """The cell's axes; `attack_params` ({"idlg.lr": 0.5}) only where the sweep has such axes."""
+        axes = dataclasses.asdict(self)
+        del axes["params"]
+        extra = {"attack_params": dict(self.params)} if self.params else {}
+        return {"cell_id": self.cell_id, **axes, **extra}
 
     def config(self, base: RunConfig, root: Path) -> RunConfig:
         """The cell's RunConfig: the base with this cell's axes, its own out dir, any port."""
@@ -99,8 +108,17 @@ class Cell:
                  peers=r(base.peers, honest=self.peers, batch_sizes=(self.batch_size,),
                          defences=(defence,), secagg=secagg),
                  gossip=r(base.gossip, fanout=self.fanout, topology=self.topology, aggregate=self.aggregate),
-                 attack=r(base.attack, attacks=(self.attack,)),
+                 attack=r(base.attack, attacks=(self.attack,), params=self.attack_params(base)),
                  telemetry=r(base.telemetry, metrics_port=0))
+
+
+    def attack_params(self, base: RunConfig) -> dict[str, dict[str, Any]]:
+        """The base's attack.params with this cell's parameter values set."""
+        out = {name: dict(fields) for name, fields in base.attack.params.items()}
+        for key, value in self.params:
+            name, field = key.split(".", 1)
+            out.setdefault(name, {})[field] = value
+        return out
 
 
 def _safe(name: str) -> str:
@@ -120,12 +138,21 @@ class SweepSpec:
     topologies: tuple[str, ...]
     base: RunConfig
     aggregates: tuple[str, ...] = ("mean",)
+    # Axes over attack parameters: ("idlg.lr", (0.5, 1.0)), ...; after the others, in order.
+    params: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def cells(self) -> list[Cell]:
-        """The cross product, in axis order (batch size slowest, aggregation rule fastest)."""
+        """The cross product, in axis order (batch size slowest, then aggregation rule, then
+        the parameter axes)."""
         axes = (self.batch_sizes, self.defences, self.attacks, self.seeds, self.peers,
-                self.fanouts, self.topologies, self.aggregates)
-        return [Cell(*combo) for combo in itertools.product(*axes)]
+                self.fanouts, self.topologies, self.aggregates, *(values for _, values in self.params))
+        keys = [key for key, _ in self.params]
+        cells = []
+        for combo in itertools.product(*axes):
+            bs, defence, attack, seed, peers, fanout, topology, aggregate = combo[:8]
+            cells.append(Cell(bs, defence, attack, seed, peers, fanout, topology, aggregate,
+                              params=tuple(zip(keys, combo[8:], strict=True))))
+        return cells
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as sweep.yaml holds it (itself a valid `--config` file)."""
@@ -134,7 +161,8 @@ class SweepSpec:
             for name in names:
                 (base[section] if section else base).pop(name)
         axes = {name: list(getattr(self, name)) for name in SPEC_AXES}
-        return {**axes, "base": base}
+        params = {PARAM_AXIS + key: list(values) for key, values in self.params}
+        return {**axes, **params, "base": base}
 
 
 def make_spec(raw: dict[str, Any], base: RunConfig) -> SweepSpec:
@@ -159,6 +187,7 @@ def make_spec(raw: dict[str, Any], base: RunConfig) -> SweepSpec:
         peers=_ints("peers", values["peers"]), fanouts=_ints("fanouts", values["fanouts"]),
         topologies=_names("topologies", values["topologies"]), base=base,
         aggregates=tuple(dict.fromkeys(_aggregate(a) for a in _names("aggregates", values["aggregates"]))),
+        params=param_axes(raw),
     )
     cells = spec.cells()
     for cell in cells:  # every cell must be a valid run before anything starts
@@ -166,6 +195,24 @@ def make_spec(raw: dict[str, Any], base: RunConfig) -> SweepSpec:
     if len({c.cell_id for c in cells}) != len(cells):
         raise ConfigError("two cells would share a cell_id; rename an axis value")
     return spec
+
+
+def param_axes(raw: dict[str, Any]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The `attack.params.NAME.FIELD` axes of a sweep mapping: (("NAME.FIELD", values), ...).
+
+    Values are a list or a comma string (read as `gradleak run --attack-param` reads one);
+    whether NAME and FIELD exist and the values fit is checked with every cell's config."""
+    out = []
+    for key, value in raw.items():
+        if not key.startswith(PARAM_AXIS):
+            continue
+        name, dot, field = key[len(PARAM_AXIS):].partition(".")
+        if not (name and dot and field) or "." in field:
+            raise ConfigError(f"sweep axis '{key}' must be {PARAM_AXIS}NAME.FIELD")
+        items = _items(key, value)
+        values = [parse_scalar(x) if isinstance(value, str) else x for x in items]
+        out.append((f"{name}.{field}", tuple(dict.fromkeys(values))))
+    return tuple(out)
 
 
 def _get(cfg: RunConfig, dotted: str) -> Any:

@@ -315,6 +315,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         what = "N (seeds 0..N-1) or A,B" if name == "seeds" else "A,B"
         p.add_argument(*flags, dest=f"axis_{name}", metavar="A,B",
                        help=f"axis {name}: {what} (default: the base's {store.SPEC_AXES[name]})")
+    p.add_argument("--param-axis", action="append", metavar="NAME.FIELD=A,B",
+                   help="an axis over one attack parameter (attack.params.NAME.FIELD of the cells' "
+                        "config; e.g. idlg.lr=0.1,1.0), repeatable; sweep.yaml: a key "
+                        f"{store.PARAM_AXIS}NAME.FIELD: [A, B] (default: none, the base's value)")
     add_flags(p, prefix="base_", skip=NOT_BASE, what="base run: ")
 
 
@@ -323,21 +327,27 @@ def spec_from_args(args: argparse.Namespace, config: str | None = None) -> Sweep
     config = config or args.config
     raw = store.read_yaml(Path(config)) if config else {}
     known = [*store.SPEC_AXES, "base"]
-    if set(raw) - set(known):
-        raise ConfigError(f"unknown sweep key '{min(set(raw) - set(known))}' (known: "
-                          f"{', '.join(known)})")
+    unknown = {k for k in set(raw) - set(known) if not str(k).startswith(store.PARAM_AXIS)}
+    if unknown:
+        raise ConfigError(f"unknown sweep key '{min(unknown)}' (known: "
+                          f"{', '.join(known)}, {store.PARAM_AXIS}NAME.FIELD)")
     base = from_dict(raw.get("base") or {})
     base = from_dict(overlay(args, prefix="base_"), base)
     for name in AXIS_FLAGS:
         if getattr(args, f"axis_{name}") is not None:
             raw[name] = getattr(args, f"axis_{name}")
+    for item in getattr(args, "param_axis", None) or ():
+        key, eq, values = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--param-axis takes NAME.FIELD=A,B, got {item!r}")
+        raw[store.PARAM_AXIS + key.strip()] = values
     return make_spec(raw, base)
 
 
 def _spec_flags_given(args: argparse.Namespace) -> bool:
     return args.config is not None or any(
         v is not None for k, v in vars(args).items()
-        if k.startswith(("axis_", "base_")) and k != "base_ray_address")
+        if k.startswith(("axis_", "base_", "param_axis")) and k != "base_ray_address")
 
 
 def plan(args: argparse.Namespace) -> tuple[SweepSpec, list[Cell]]:

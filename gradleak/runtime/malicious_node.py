@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -74,7 +74,8 @@ class MaliciousNode(PeerNode):
     def __init__(
         self, spec: PeerSpec, evaluator: Any = None, *, attacks: tuple[str, ...] = ("auto",),
         fallback: tuple[str, ...] = ("analytic", "idlg", "dlg"),
-        attack_config: AttackConfig | None = None, queue_size: int = 16,
+        attack_config: AttackConfig | None = None,
+        attack_params: Mapping[str, Mapping[str, Any]] | None = None, queue_size: int = 16,
         max_batch_size: int = 8, max_age_s: float | None = None, device: str = "auto",
         attack_threads: int = 1, run_dir: str | None = None, transcript_bytes: int = 0,
         model_strategy: str = "honest",
@@ -92,6 +93,7 @@ class MaliciousNode(PeerNode):
         # (it declines any other model).
         self._fallback = (("imprint",) if model_strategy == "crafted" and "imprint" not in fallback else ()) + tuple(fallback)
         self._attack_config = attack_config or AttackConfig()
+        self._attack_params = dict(attack_params or {})  # name -> attack.params.NAME
         self._queue_size = queue_size
         self._max_age_s = max_age_s
         self._max_batch_size = max_batch_size
@@ -106,10 +108,10 @@ class MaliciousNode(PeerNode):
         log.warning("malicious peer %s attacks on %s", spec.peer_id, self.malicious.device)
 
     def make_handler(self) -> MaliciousPeer:
-        config = self._attack_config
+        config, params = self._attack_config, self._attack_params
         self.malicious = MaliciousPeer(
-            self.peer, attacks={name: create_attack(name, config) for name in self._attacks},
-            fallback=[create_attack(name, config) for name in self._fallback],
+            self.peer, attacks={name: create_attack(name, config, params.get(name)) for name in self._attacks},
+            fallback=[create_attack(name, config, params.get(name)) for name in self._fallback],
             build_model=self.build_model, fetch_weights=self._fetch_weights, report=self._report,
             input_shape=self.spec.input_shape, num_classes=self.spec.num_classes,
             queue_size=self._queue_size, max_batch_size=self._max_batch_size,
