@@ -66,7 +66,8 @@ def cell_demand(cfg: RunConfig, per_process: int) -> CellDemand:
     pc, ac = cfg.peers, cfg.attack
     sizes = [min(per_process, pc.honest - k) for k in range(0, pc.honest, per_process)]
     hosts = tuple({"CPU": pc.num_cpus, "GPU": pc.num_gpus * n} for n in sizes)
-    attacker = {"CPU": pc.num_cpus, "GPU": ac.num_gpus}  # the attacker's CPU share is a peer's
+    # the attacker's CPU share is a peer's; colluders (attack.count) all go to the attacker's node
+    attacker = {"CPU": pc.num_cpus * ac.count, "GPU": ac.num_gpus * ac.count}
     if ac.resource:
         attacker[ac.resource] = 1.0
     return CellDemand(hosts, attacker, ac.resource)

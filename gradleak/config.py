@@ -238,6 +238,16 @@ class AttackSettings:
     # Each attack's own parameters, attack name -> {field: value} (attacker.params; the
     # fields of e.g. attacker.dlg.DLGParams). Unset fields keep the attack's defaults.
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Malicious peers in the run, each its own Ray actor with its own scheduler, attacks and
+    # transcript (RUN_DIR/transcript/<id>/ when more than one); they collude: the end-of-run
+    # gossip algebra pools their transcripts.
+    count: int = 1
+    # Where they sit in the graph (gradleak/core/colluders.py): spread (evenly over the member
+    # order, the first at slot 0) | random (slots drawn with the run seed).
+    placement: str = "spread"
+    # Colluders share one pool: an update one of them took for attack is not attacked again
+    # by another that also received it (the evaluator holds the claims).
+    dedupe: bool = True
 
     @property
     def effective_device(self) -> str:
@@ -287,6 +297,11 @@ class AttackSettings:
         _known("strategy", self.strategy, STRATEGIES)
         if not (self.gossip_budget_s >= 0 and math.isfinite(self.gossip_budget_s)):
             raise ConfigError(f"gossip_budget_s must be >= 0 seconds (0: off), got {self.gossip_budget_s}")
+        from gradleak.core.colluders import PLACEMENTS
+
+        if self.count < 1:
+            raise ConfigError(f"the number of malicious peers (count) must be >= 1, got {self.count}")
+        _known("placement", self.placement, PLACEMENTS)
         self.attack_params()
 
     def attack_config(self, seed: int) -> Any:
@@ -356,6 +371,12 @@ class RunConfig:
         if self.attack.strategy != "honest" and (self.gossip.exchange != "models" or self.gossip.sync != "rounds"):
             raise ConfigError(f"--strategy {self.attack.strategy} overrides models in lock-step model gossip: "
                               "pass --gossip models --sync rounds")
+        if self.attack.count > self.peers.honest:
+            raise ConfigError(f"{self.attack.count} malicious peers need at least as many honest ones, "
+                              f"got {self.peers.honest}: lower --malicious or raise --peers")
+        if self.attack.count > 1 and self.attack.strategy != "honest":
+            raise ConfigError(f"--strategy {self.attack.strategy} runs with one malicious peer; "
+                              "pass --malicious 1 or --strategy honest")
         if self.gossip.fanout > self.peers.honest:
             raise ConfigError(
                 f"fanout {self.gossip.fanout} exceeds the {self.peers.honest} other peers"

@@ -219,6 +219,13 @@ FLAGS: dict[str, Flag] = {
     "--strategy": Flag("attack", "strategy", str, "what the malicious peer sends in model gossip: honest, "
                        "state-override (each neighbour's next model := x0) or crafted (:= a fresh "
                        "attack-friendly init); lock-step model gossip only", STRATEGIES),
+    "--malicious": Flag("attack", "count", int, "number of colluding malicious peers, each its own "
+                        "actor with its own attacks and transcript (1..--peers)", metavar="N"),
+    "--malicious-placement": Flag("attack", "placement", str, "where the malicious peers sit in the "
+                                  "graph: spread (evenly over the member order) or random (seeded)",
+                                  ("random", "spread")),
+    "--dedupe": Flag("attack", "dedupe", _on_off, "colluders share one pool: an update one attacked is "
+                     "not attacked again by another", ON_OFF),
     "--transcript-bytes": Flag("attack", "transcript_bytes", int,
                                "bytes of RUN_DIR/transcript (every update the attacker receives and "
                                "the weights it pulls; entries past it are refused and counted; 0: off)",

@@ -1,7 +1,7 @@
 """The gossip-algebra attack on a model-gossip run: at its end (live) and from its run dir (offline).
 
 Live (`Testbed.finish`, after the network stopped, before the summary): the attack reads the
-malicious peer's transcript and hands each reconstruction to the evaluator's score(); the
+malicious peers' transcripts (pooled when they collude: RUN_DIR/transcript/<id>/ each) and hands each reconstruction to the evaluator's score(); the
 driver then joins the PSNRs from the scored rows (reconstructions.jsonl), writes
 RUN_DIR/gossip_attack.json, sets the evaluator's gradleak_reconstructible_nodes_ratio and
 returns the summary part. Offline (`gradleak attack --transcript RUN_DIR --gossip-algebra`):
@@ -22,7 +22,7 @@ from gradleak.config import RunConfig, load_yaml
 from gradleak.runtime.evaluation import load_truth
 from gradleak.runtime.gossip_leak import GossipPublic, join_scores, run_gossip_attack, summary_of
 from gradleak.runtime.record import RunRecord, clean
-from gradleak.runtime.transcript import TranscriptError, TranscriptReader
+from gradleak.runtime.transcript import TranscriptError, TranscriptReader, transcript_path
 
 REPORT_FILE = "gossip_attack.json"
 
@@ -32,10 +32,22 @@ def _write(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2, allow_nan=False))
 
 
+def colluder_readers(cfg: RunConfig, run_dir: Path) -> dict[str, TranscriptReader]:
+    """Each attacker's transcript by id: RUN_DIR/transcript for one, RUN_DIR/transcript/<id> for several.
+
+    Raises:
+        TranscriptError: an attacker's transcript is missing or corrupt.
+    """
+    ids = GossipPublic.from_config(cfg).attackers
+    if len(ids) == 1:
+        return {ids[0]: TranscriptReader(run_dir)}
+    return {a: TranscriptReader(transcript_path(run_dir, a)) for a in ids}
+
+
 def live_gossip_attack(cfg: RunConfig, run_dir: Path, evaluator: Any, get: Callable[[Any], Any]) -> dict[str, Any]:
     """Run the attack on a finished live run; `get` resolves Ray refs (the Testbed's _get)."""
     try:
-        reader = TranscriptReader(run_dir)
+        readers = colluder_readers(cfg, run_dir)
     except TranscriptError as exc:
         report: dict[str, Any] = {"status": "skipped", "reason": f"no usable transcript: {exc}"}
     else:
@@ -45,7 +57,7 @@ def live_gossip_attack(cfg: RunConfig, run_dir: Path, evaluator: Any, get: Calla
                   stats: dict[str, Any]) -> None:
             refs.append(evaluator.score.remote(update_id, attack, images, labels, stats))
 
-        report = run_gossip_attack(reader, GossipPublic.from_config(cfg), score,
+        report = run_gossip_attack(readers, GossipPublic.from_config(cfg), score,
                                    budget_s=cfg.attack.gossip_budget_s, max_batch_size=cfg.attack.max_batch_size)
         if refs:
             get(refs)  # every score is in reconstructions.jsonl before the rows are read
@@ -69,13 +81,13 @@ def offline_gossip_attack(run_dir: str | Path, out: str | Path, *, budget_s: flo
     cfg = load_yaml(run_dir / "config.yaml")
     if cfg.gossip.exchange != "models":
         raise ValueError(f"{run_dir} is a {cfg.gossip.exchange} run; the gossip-algebra attack needs --gossip models")
-    reader = TranscriptReader(run_dir)  # TranscriptError is a ValueError
+    readers = colluder_readers(cfg, run_dir)  # TranscriptError is a ValueError
     held: list[tuple[str, str, np.ndarray, np.ndarray]] = []
 
     def keep(update_id: str, name: str, images: np.ndarray, labels: np.ndarray, _stats: dict[str, Any]) -> None:
         held.append((update_id, name, images, labels))
 
-    report = run_gossip_attack(reader, GossipPublic.from_config(cfg), keep, budget_s=budget_s, attack=attack,
+    report = run_gossip_attack(readers, GossipPublic.from_config(cfg), keep, budget_s=budget_s, attack=attack,
                                max_batch_size=cfg.attack.max_batch_size)
     rows = []
     for update_id, name, images, labels in held:  # scoring, after the attack: the only truth read

@@ -31,7 +31,12 @@ from gradleak.core.devices import resolve_device
 from gradleak.core.models import create_model
 from gradleak.runtime.evaluation import load_truth
 from gradleak.runtime.record import clean, write_grid
-from gradleak.runtime.transcript import ReceivedUpdate, TranscriptError, TranscriptReader
+from gradleak.runtime.transcript import (
+    ReceivedUpdate,
+    TranscriptError,
+    TranscriptReader,
+    transcript_path,
+)
 
 
 class ReplayError(ValueError):
@@ -84,6 +89,11 @@ def run_replay(cfg: ReplayConfig, progress: Callable[[dict[str, Any]], None] = l
         raise ReplayError(f"run directory not found: {run_dir}")
     if cfg.attack not in ATTACKS:
         raise ReplayError(f"unknown attack '{cfg.attack}' (known: {', '.join(sorted(ATTACKS))})")
+    colluders = sorted(p.parent.name for p in transcript_path(run_dir).glob("*/meta.json"))
+    if colluders and not (transcript_path(run_dir) / "meta.json").exists():
+        raise ReplayError(f"{run_dir} holds the transcripts of {len(colluders)} colluding attackers "
+                          f"({', '.join(colluders)}): the gradient replay "
+                          "reads one attacker's; --gossip-algebra pools them")
     try:
         reader = TranscriptReader(run_dir)
     except TranscriptError as exc:

@@ -35,8 +35,10 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from gradleak.attackers import attacker_name, pool_status
 from gradleak.cell_placement import CellNodes
 from gradleak.config import RunConfig
+from gradleak.core.colluders import attacker_ids, honest_ids, placement_record
 from gradleak.data import Dataset, load_dataset, split
 from gradleak.placement import FitError, Node, Plan, plan
 from gradleak.runtime.evaluation import summarise
@@ -55,7 +57,7 @@ Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0  # actors not up by then: the cluster is busy or short
 RESEED = 1_000_003  # a restarted peer's seed moves by this per incarnation: it draws other batches
-ATTACKER, EVALUATOR = "the attacker (mallory)", "the evaluator"
+EVALUATOR = "the evaluator"
 
 
 class Interrupted(Exception):
@@ -186,7 +188,13 @@ def fit(cfg: RunConfig) -> Plan:
     pc, ac = cfg.peers, cfg.attack
     return plan([n for _id, n in cluster_nodes()], honest=pc.honest, per_process=pc.per_process,
                 host_cpus=pc.num_cpus, attacker_cpus=pc.num_cpus, attacker_gpus=ac.num_gpus,
-                peer_gpus=pc.num_gpus, attacker_resource=ac.resource)
+                peer_gpus=pc.num_gpus, attacker_resource=ac.resource, attackers=ac.count)
+
+
+def member_ids(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """(honest ids in index order, the malicious peers' ids in slot order) of a run."""
+    a, h = cfg.attack, cfg.peers.honest
+    return honest_ids(h), attacker_ids(h, a.count, a.placement, cfg.seed)
 
 
 class Testbed:
@@ -205,7 +213,9 @@ class Testbed:
         self.run_dir = make_run_dir(cfg.out_dir, cfg.seed)
         self.started_ray = False
         self.hosts: list[Any] = []
-        self.attacker: Any = None
+        self.attackers: list[Any] = []  # the malicious peers' actors, in slot order
+        self.attacker_ids: list[str] = []
+        self.placement: dict[str, Any] = {}  # where the attackers sit (RUN_DIR/attackers.json)
         self.evaluator: Any = None
         self.addresses: list[dict[str, str]] = []  # honest peers first, the attacker last
         self.metrics_url = ""
@@ -221,8 +231,8 @@ class Testbed:
         self._incarnations: list[int] = []
         self._found_dead: dict[int, str] = {}  # hosts a poll found dead -> why
         self._dead: set[int] = set()  # hosts lost and not (yet, or ever) re-created
-        self._attacker_status: dict[str, Any] = {}  # the last one read: kept if the attacker is lost
-        self._attacker_row: dict[str, Any] | None = None
+        self._attacker_status: dict[str, dict[str, Any]] = {}  # the last read per attacker: kept if one is lost
+        self._attacker_rows: dict[str, dict[str, Any]] = {}
         self._loop_args: tuple[int, float, int] | None = None  # (steps, start_at, eval_every) of async loops
         self.faults = FaultLog(cfg.peers.max_restarts)
 
@@ -277,7 +287,7 @@ class Testbed:
         self._check()
         placed = self.placed
         layout = fit(cfg) if placed is None else Plan(
-            placed.per_process, len(placed.hosts), (len(placed.hosts) + 1) * cfg.peers.num_cpus)
+            placed.per_process, len(placed.hosts), (len(placed.hosts) + cfg.attack.count) * cfg.peers.num_cpus)
         tel = cfg.telemetry
         # The evaluator writes the run records: pinned to the driver's node, it writes where the
         # driver writes config.yaml, i.e. where --out is mounted (KubeRay: the head pod's claim).
@@ -285,35 +295,30 @@ class Testbed:
             str(self.run_dir), host=tel.host, metrics_port=tel.metrics_port)
         self.metrics_url = f"http://{self._get(self.evaluator.metrics_address.remote(), START_TIMEOUT_S)}/metrics"
         specs = self._specs(data)
-        self._start_hosts(specs[:-1], layout)
-        a = cfg.attack
-        marker: dict[str, Any] = {"resources": {a.resource: 1}} if a.resource else {}
-        if placed is not None:
-            marker["scheduling_strategy"] = NodeAffinitySchedulingStrategy(placed.attacker, soft=False)
-        self.attacker = MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus, **marker).remote(
-            specs[-1], self.evaluator, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
-            attack_config=a.attack_config(cfg.seed), attack_params=a.params,
-            queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
-            attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
-            model_strategy=a.strategy,
-        )
+        count = cfg.attack.count
+        self._start_hosts(specs[:-count], layout)
+        self._start_attackers(specs[-count:])
         try:  # an actor whose device is missing on its node fails here: say why in one line
             honest = self._get([h.addresses.remote() for h in self.hosts], START_TIMEOUT_S)
             self.addresses = [x for group in honest for x in group]
-            self.addresses.append(self._get(self.attacker.addresses.remote(), START_TIMEOUT_S))
+            self.addresses += self._get([m.addresses.remote() for m in self.attackers], START_TIMEOUT_S)
         except ray.exceptions.RayActorError as exc:
             raise FitError(f"a peer could not start: {_start_error(exc)}") from None
         book = {x["peer_id"]: x["gossip"] for x in self.addresses}
         self._get([n.set_members.remote(book) for n in self.nodes])
         self._write_targets()
         RunRecord(self.run_dir).write_config(cfg.to_dict())
-        status = self._attacker_status = self._get(self.attacker.status.remote())
+        self._attacker_status = dict(zip(self.attacker_ids, self._get([m.status.remote() for m in self.attackers]),
+                                         strict=True))
+        status = pool_status(self._attacker_status)
+        a = cfg.attack
         if a.num_gpus > 0 and status["device"] == "cpu":  # --device auto chose the fallback
             log.warning("the attacker holds %g Ray GPU(s) but torch sees no CUDA device on its node: "
                         "it attacks on the CPU (--device auto)", a.num_gpus)
             self.progress(f"WARNING: the attacker asked for {a.num_gpus:g} GPU(s) but attacks on the CPU")
         self.progress(f"{cfg.peers.honest} honest peers in {layout.hosts} processes ({layout.per_process} per "
-                      f"process) + 1 malicious peer (attacks on {status['device']}); {cfg.gossip.sync} mode; "
+                      f"process) + {count} malicious peer{'s' if count > 1 else ''} ({', '.join(self.attacker_ids)}; "
+                      f"attacks on {status['device']}); {cfg.gossip.sync} mode; "
                       f"leakage at {self.metrics_url}")
 
     def _start_hosts(self, specs: list[PeerSpec], layout: Plan) -> None:
@@ -334,24 +339,57 @@ class Testbed:
             self._incarnations.append(0)
             self.hosts.append(PeerHostActor.options(**options).remote(group, self.evaluator, cfg.peers.threads))
 
+    def _start_attackers(self, specs: list[PeerSpec]) -> None:
+        """One actor per malicious peer, each with its own scheduler, attacks and transcript."""
+        cfg, a = self.cfg, self.cfg.attack
+        marker: dict[str, Any] = {"resources": {a.resource: 1}} if a.resource else {}
+        if self.placed is not None:
+            marker["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.placed.attacker, soft=False)
+        several = len(specs) > 1
+        for spec in specs:
+            self.attacker_ids.append(spec.peer_id)
+            self.attackers.append(MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus,
+                                                         **marker).remote(
+                spec, self.evaluator, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
+                attack_config=a.attack_config(cfg.seed), attack_params=a.params,
+                queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
+                attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
+                model_strategy=a.strategy, transcript_subdir=spec.peer_id if several else None,
+                shared_pool=several and a.dedupe,
+            ))
+        members = [s.peer_id for s in specs] + honest_ids(cfg.peers.honest)
+        placement = {**placement_record(cfg.gossip.topology, members, self.attacker_ids, cfg.seed),
+                     "count": a.count, "placement": a.placement, "dedupe": a.dedupe and several}
+        (self.run_dir / "attackers.json").write_text(json.dumps(placement, indent=2))
+        self.placement = placement
+
+    @property
+    def attacker(self) -> Any:
+        """The first malicious peer's actor (the only one of a default run), None before start."""
+        return self.attackers[0] if self.attackers else None
+
     def nodes_used(self) -> dict[str, Any]:
         """The Ray node ids the honest peers (sorted, distinct) and the attacker ran on."""
         honest = sorted({x["node_id"] for x in self.addresses if x.get("role") == "honest" and x.get("node_id")})
-        attacker = next((x.get("node_id") for x in self.addresses if x.get("role") == "malicious"), None)
-        return {"honest": honest, "attacker": attacker or None}
+        attackers = [x.get("node_id") for x in self.addresses if x.get("role") == "malicious"]
+        out: dict[str, Any] = {"honest": honest, "attacker": (attackers[0] if attackers else None) or None}
+        if len(attackers) > 1:
+            out["attackers"] = sorted({n for n in attackers if n})
+        return out
 
     @property
     def nodes(self) -> list[Any]:
-        return [*self.hosts, self.attacker]
+        return [*self.hosts, *self.attackers]
 
     def _specs(self, data: Dataset) -> list[PeerSpec]:
         cfg, pc, gc = self.cfg, self.cfg.peers, self.cfg.gossip
-        shards, test = split(data, pc.honest + 1, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
-        ids = [f"peer-{i}" for i in range(pc.honest)] + ["mallory"]
+        honest, attackers = member_ids(cfg)
+        shards, test = split(data, pc.honest + len(attackers), test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+        ids = honest + attackers
         tls = run_pki(ids, cfg.telemetry.host) if gc.tls else {}
         groups = create_group(ids, seed=cfg.seed) if pc.secagg else {}
         secagg_name = next(iter(groups.values())).name if groups else None
-        return [peer_spec(cfg, i, ids[i], role="malicious" if i == pc.honest else "honest", shard=shard,
+        return [peer_spec(cfg, i, ids[i], role="malicious" if i >= pc.honest else "honest", shard=shard,
                           test=test, data=data, members=tuple(ids), host=cfg.telemetry.host,
                           secagg_name=secagg_name, tls=tls.get(ids[i]), secagg=groups.get(ids[i]))
                 for i, shard in enumerate(shards)]
@@ -383,16 +421,15 @@ class Testbed:
             evaluate = s % pc.eval_every == 0 or s == gc.rounds
             for r in range(gc.mix_rounds):
                 if self.cfg.attack.strategy == "honest":
-                    sent = self._get([h.model_send.remote(s, r) for h in self.hosts] + [self.attacker.model_send.remote(s, r)])
+                    sent = self._get([h.model_send.remote(s, r) for h in self.hosts]
+                                     + [m.model_send.remote(s, r) for m in self.attackers])
                 else:  # a rushing attacker: it sends once the round's honest models are in (attacker/active.py)
                     sent = self._get([h.model_send.remote(s, r) for h in self.hosts])
-                    sent.append(self._get(self.attacker.model_send.remote(s, r)))
-                flat = [x for group in sent[:-1] for x in group] + [sent[-1]]
-                self._messages += sum(x["sent"] for x in flat)
-                self._bytes += sum(x["bytes"] for x in flat)
+                    sent += self._get([m.model_send.remote(s, r) for m in self.attackers])
+                self._count_sent(sent)
                 last = r == gc.mix_rounds - 1
                 self._get([h.model_mix.remote(s, r, evaluate and last) for h in self.hosts]
-                          + [self.attacker.model_mix.remote(s, r)])
+                          + [m.model_mix.remote(s, r) for m in self.attackers])
             if evaluate:
                 self._poll()
                 self.progress(self._status_line(s))
@@ -417,18 +454,23 @@ class Testbed:
         self._evaluate_start()
         for r in range(1, gc.rounds + 1):
             t0 = time.monotonic()
-            sent = self._get([h.step.remote(r) for h in self.hosts] + [self.attacker.step.remote(r)])
-            flat = [s for group in sent[:-1] for s in group] + [sent[-1]]
-            self._messages += sum(s["sent"] for s in flat)
-            self._bytes += sum(s["bytes"] for s in flat)
+            self._count_sent(self._get([h.step.remote(r) for h in self.hosts]
+                                       + [m.step.remote(r) for m in self.attackers]))
             evaluate = r % pc.eval_every == 0 or r == gc.rounds
-            self._get([h.apply.remote(evaluate) for h in self.hosts] + [self.attacker.apply.remote()])
+            self._get([h.apply.remote(evaluate) for h in self.hosts] + [m.apply.remote() for m in self.attackers])
             if evaluate:
                 self._poll()
                 self.progress(self._status_line(r))
             pause = min(gc.period_s) - (time.monotonic() - t0)
             if pause > 0 and self.stop_requested.wait(pause):
                 self._check()
+
+    def _count_sent(self, sent: list[Any]) -> None:
+        """Add a lock-step round's sends: a list per host, then one row per attacker."""
+        hosts = len(self.hosts)
+        flat = [x for group in sent[:hosts] for x in group] + list(sent[hosts:])
+        self._messages += sum(x["sent"] for x in flat)
+        self._bytes += sum(x["bytes"] for x in flat)
 
     def _evaluate_start(self) -> None:
         """Accuracy before the first step: the start of the accuracy timeline."""
@@ -441,7 +483,7 @@ class Testbed:
         start_at = time.time() + 0.5  # every loop's clock starts together
         self._loop_args = (gc.rounds, start_at, pc.eval_every)
         self._get([h.start_loops.remote(gc.rounds, start_at, pc.eval_every) for h in self.hosts]
-                  + [self.attacker.start_loop.remote(gc.rounds, start_at, pc.eval_every)])
+                  + [m.start_loop.remote(gc.rounds, start_at, pc.eval_every) for m in self.attackers])
         shown = 0
         while True:
             if self.stop_requested.wait(1.0):
@@ -488,26 +530,29 @@ class Testbed:
         A host found dead is noted for `_newly_dead` (its last rows stand in); a dead
         attacker or evaluator raises ActorLost (with strict; finish() polls without).
         """
-        refs = [h.progress.remote() for h in self.hosts] + [self.attacker.progress.remote(),
-                                                            self.evaluator.counts.remote()]
+        hosts, count = len(self.hosts), len(self.attackers)
+        refs = ([h.progress.remote() for h in self.hosts] + [m.progress.remote() for m in self.attackers]
+                + [self.evaluator.counts.remote()])
         got = self._get_each(refs, 30.0, "the peers")
-        for who, answer in ((EVALUATOR, got[-1]), (ATTACKER, got[-2])):
+        named = [(EVALUATOR, got[-1])] + [(attacker_name(aid, count), answer) for aid, answer in
+                                          zip(self.attacker_ids, got[hosts:hosts + count], strict=True)]
+        for who, answer in named:
             if isinstance(answer, ray.exceptions.ActorDiedError):
                 self.faults.lost_actor = self.faults.lost_actor or who
                 if strict:
                     raise ActorLost(f"{who} was lost: {_one_line(answer)}")
-        for k, answer in enumerate(got[:-2]):
+        for k, answer in enumerate(got[:hosts]):
             if isinstance(answer, ray.exceptions.ActorDiedError):
                 self._found_dead.setdefault(k, _one_line(answer))
             elif not isinstance(answer, Exception):  # unavailable for a moment: the last rows stand
                 self._host_rows[k] = answer
-        if not isinstance(got[-2], Exception):
-            self._attacker_row = got[-2]
+        for aid, answer in zip(self.attacker_ids, got[hosts:hosts + count], strict=True):
+            if not isinstance(answer, Exception):
+                self._attacker_rows[aid] = answer
         return self._rows()
 
     def _rows(self) -> list[dict[str, Any]]:
-        attacker = self._attacker_row
-        rows = [r for group in self._host_rows for r in group] + ([attacker] if attacker else [])
+        rows = [r for group in self._host_rows for r in group] + list(self._attacker_rows.values())
         self._progress_rows = rows
         if self.cfg.gossip.sync == "async":
             self._messages = sum(r["sent"] for r in rows)
@@ -549,7 +594,7 @@ class Testbed:
             by_id = {a["peer_id"]: a for a in fresh}
             self.addresses = [by_id.get(a["peer_id"], a) for a in self.addresses]
             book = {a["peer_id"]: a["gossip"] for a in self.addresses}
-            live = [n for j, n in enumerate(self.hosts) if j not in self._dead] + [host, self.attacker]
+            live = [n for j, n in enumerate(self.hosts) if j not in self._dead] + [host, *self.attackers]
             self._get_each([n.set_members.remote(book) for n in live], 30.0)  # the others redial
             shipped = self._get([self.evaluator.last_shipped.remote(p) for p in peers])
             honest = [a["peer_id"] for a in self.addresses if a["role"] == "honest" and a["peer_id"] not in
@@ -576,7 +621,10 @@ class Testbed:
 
     def lost_actor(self, exc: BaseException) -> ActorLost:
         """Which actor a RayActorError from a call came from, as an ActorLost (pings each, 5 s)."""
-        named = [(EVALUATOR, self.evaluator), (ATTACKER, self.attacker)] + [
+        count = len(self.attackers)
+        critical = [(EVALUATOR, self.evaluator)] + [(attacker_name(aid, count), m)
+                                                    for aid, m in zip(self.attacker_ids, self.attackers, strict=True)]
+        named = critical + [
             (f"the peer host of {', '.join(s.peer_id for s in self._host_specs[k])}", h)
             for k, h in enumerate(self.hosts)]
         refs = [a.pid.remote() for _w, a in named]
@@ -585,7 +633,7 @@ class Testbed:
             try:
                 ray.get(ref, timeout=0.1)
             except ray.exceptions.RayActorError:
-                if who in (EVALUATOR, ATTACKER):
+                if who in {w for w, _a in critical}:
                     self.faults.lost_actor = self.faults.lost_actor or who
                 return ActorLost(f"{who} was lost: {_one_line(exc)}")
             except ray.exceptions.GetTimeoutError:
@@ -594,7 +642,9 @@ class Testbed:
 
     def _status_line(self, step: int) -> str:
         counts = self._get(self.evaluator.counts.remote())
-        status = self._attacker_status = self._get(self.attacker.status.remote())
+        self._attacker_status = dict(zip(self.attacker_ids, self._get([m.status.remote() for m in self.attackers]),
+                                         strict=True))
+        status = pool_status(self._attacker_status)
         acc = sum(self._accuracy.values()) / max(1, len(self._accuracy))
         psnr = counts["mean_psnr"]
         received = status.get("received", status.get("captured", 0) + status.get("dropped", 0))
@@ -614,7 +664,7 @@ class Testbed:
         self.progress(f"steps done; letting the attacker finish its queue (up to {timeout:.0f} s)")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._get(self.attacker.wait_idle.remote(0.5)):
+            if all(self._get([m.wait_idle.remote(0.5) for m in self.attackers])):
                 return True
         return False
 
@@ -630,7 +680,7 @@ class Testbed:
                                  "interrupted": interrupted, "seconds": seconds, "sync": self.cfg.gossip.sync}
         if reason:
             extra["reason"] = reason
-        if self.evaluator is None or self.attacker is None:
+        if self.evaluator is None or not self.attackers:
             RunRecord(self.run_dir).write_summary([], extra)  # stopped before the network existed
             return RunResult(self.run_dir, self.metrics_url, [], {"reconstructions": 0}, {}, {}, seconds,
                              interrupted=interrupted)
@@ -638,22 +688,16 @@ class Testbed:
         self.stop_requested.clear()  # the finish itself must not be interrupted by the same request
         try:
             live = [h for k, h in enumerate(self.hosts) if k not in self._dead]
-            own_rows = [self.attacker.flush_log.remote(True)] if self.faults.lost_actor != ATTACKER else []
+            own_rows = [m.flush_log.remote(True) for aid, m in self._live_attackers()]
             self._get_each([h.flush.remote() for h in live] + own_rows, wait)
             self._poll(strict=False)
         except (ray.exceptions.RayError, TimeoutError) as exc:
             log.warning("collecting the peers' last rows failed: %s", exc)
-        attacker = self._attacker_status
-        if self.faults.lost_actor != ATTACKER:
-            try:
-                attacker = self._get(self.attacker.status.remote(), wait)
-            except ray.exceptions.RayActorError:
-                self.faults.lost_actor = self.faults.lost_actor or ATTACKER
-        if self.faults.lost_actor == ATTACKER:
-            attacker = {**attacker, "lost": True}
+        attacker = self._final_attacker_status(wait)
         honest_rows = [r for r in self._progress_rows if r["role"] == "honest"]
         accuracy = [(r["batch_size"], r["defence"], r["accuracy"]) for r in honest_rows if r["accuracy"] is not None]
         extra["nodes"] = self.nodes_used()
+        extra["colluders"] = self.placement
         extra["devices"] = {"attacker": attacker.get("device"), "honest": sorted(
             {x["device"] for x in self.addresses if x.get("role") == "honest" and x.get("device")})}
         extra.update({"messages": self._messages, "wire_bytes": self._bytes, "attacker": attacker,
@@ -681,6 +725,27 @@ class Testbed:
             counts = {"reconstructions": len(rows)}
         return RunResult(self.run_dir, self.metrics_url, summary, counts, attacker, dict(self._accuracy),
                          seconds, self._messages, self._bytes, interrupted, extra)
+
+    def _live_attackers(self) -> list[tuple[str, Any]]:
+        """(id, actor) of every attacker not known lost."""
+        count = len(self.attackers)
+        return [(aid, m) for aid, m in zip(self.attacker_ids, self.attackers, strict=True)
+                if self.faults.lost_actor != attacker_name(aid, count)]
+
+    def _final_attacker_status(self, wait: float) -> dict[str, Any]:
+        """The pooled status at the end; a lost attacker's last read stands, marked lost."""
+        statuses = dict(self._attacker_status)
+        live = self._live_attackers()
+        got = self._get_each([m.status.remote() for _aid, m in live], wait) if live else []
+        for (aid, _m), answer in zip(live, got, strict=True):
+            if isinstance(answer, Exception):
+                self.faults.lost_actor = self.faults.lost_actor or attacker_name(aid, len(self.attackers))
+            else:
+                statuses[aid] = answer
+        for aid in self.attacker_ids:
+            if aid not in dict(self._live_attackers()):
+                statuses[aid] = {**statuses.get(aid, {}), "lost": True}
+        return pool_status(statuses)
 
     def _gossip_summary(self) -> dict[str, Any]:
         """exchange, mixing, mix_rounds, drop; in model gossip the message counts and the consensus distance."""

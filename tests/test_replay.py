@@ -183,3 +183,13 @@ def test_truth_is_not_in_the_transcript(live_run) -> None:
     raw = b"".join(p.read_bytes() for p in (run_dir / TRANSCRIPT_DIR).iterdir())
     pixels = truth.astype("<f4").tobytes()
     assert all(pixels[i:i + 64] not in raw for i in range(0, len(pixels) - 64, 64))
+
+
+def test_a_colluders_run_is_refused_by_the_gradient_replay_with_the_way_out(tmp_path, capsys) -> None:
+    for a in ("mallory", "peer-2.mallory"):
+        (tmp_path / TRANSCRIPT_DIR / a).mkdir(parents=True)
+        (tmp_path / TRANSCRIPT_DIR / a / "meta.json").write_text("{}")
+    assert main(["attack", "--transcript", str(tmp_path), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "2 colluding attackers (mallory, peer-2.mallory)" in err and "--gossip-algebra" in err
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,8 @@ class EvaluatorNode:
         self.metrics = Metrics()
         self.exporter = start_exporter(self.metrics, host=resolve_host(host), port=metrics_port)
         self.evaluator = Evaluator(RunRecord(run_dir), self.metrics)
+        self._claims: dict[str, str] = {}  # update id -> the colluder that took it for attack
+
 
     def pid(self) -> int:
         """This process's id (a fault test kills it)."""
@@ -34,6 +36,10 @@ class EvaluatorNode:
     def score(self, update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
               stats: dict[str, Any], *, received_at: float | None = None, step: int | None = None) -> None:
         self.evaluator.score(update_id, attack, images, labels, stats, received_at=received_at, step=step)
+
+    def claim(self, update_id: str, attacker: str) -> bool:
+        """The colluders' shared pool: True for the first attacker to take `update_id` (and it again)."""
+        return self._claims.setdefault(update_id, attacker) == attacker
 
     def last_shipped(self, origin: str) -> dict[str, int] | None:
         return self.evaluator.last_shipped(origin)

@@ -1,6 +1,6 @@
-"""The passive multi-hop gossip attack on a live model-gossip run, from the attacker's transcript.
+"""The passive multi-hop gossip attack on a live model-gossip run, from the attackers' transcripts.
 
-The malicious peer's transcript holds every model message it received (updates.bin) and
+Each malicious peer's transcript holds every model message it received (updates.bin) and
 sent (sent.bin); with the run's public config (members, topology, seed, mixing, R, steps,
 lr, the shared x0 from the model seed) that is the whole input of the gossip algebra
 (attacker/gossip_algebra.py). This module turns the transcript into the solver's inputs,
@@ -8,6 +8,11 @@ solves, inverts every determined gradient with an image attack (attacker/gossip_
 and hands each reconstruction to a `score` callback under update id f"{node}/r{step}":
 the evaluator's score() in a live run, the truth files in an offline replay. The truth
 never comes here; the PSNRs are joined afterwards from the scored rows (`join_scores`).
+
+Colluders (`--malicious N`): each attacker's transcript gives its own observations and
+knowns; `pooled_inputs` merges them into one knowledge system with several attacker nodes
+(attacker/gossip_algebra.py pools rows by construction), so every node any of them can pin
+down, alone or only together, is determined.
 
 Lock-step (`--sync rounds`) runs only: async rounds average the newest model of each
 neighbour, which the algebra does not model.
@@ -24,8 +29,9 @@ import numpy as np
 import torch
 
 from attacker.api import AttackConfig
-from attacker.gossip_algebra import X0, build_knowledge, solve
+from attacker.gossip_algebra import X0, Knowledge, Solution, build_knowledge, solve
 from attacker.gossip_attack import invert_gradients, node_status
+from gradleak.core.colluders import attacker_ids, honest_ids
 from gradleak.core.graphs import build_graph, mixing_matrix
 from gradleak.core.models import create_model, init_model
 from gradleak.runtime.transcript import TranscriptReader
@@ -43,7 +49,7 @@ class GossipPublic:
     """What every member knows of a model-gossip run (nothing private)."""
 
     members: tuple[str, ...]  # sorted: W's index
-    attacker: str
+    attackers: tuple[str, ...]  # the colluding malicious peers (one in a default run)
     topology: str
     seed: int
     mixing: str
@@ -56,12 +62,18 @@ class GossipPublic:
     sync: str
     batch_size: Mapping[str, int]  # per honest peer, as the config assigns them
 
+    @property
+    def attacker(self) -> str:
+        """The first attacker: its own weights stand in where the system leaves a node's open."""
+        return self.attackers[0]
+
     @classmethod
     def from_config(cls, cfg: Any) -> GossipPublic:
-        """From a RunConfig (ids as the runner names them: peer-i, then mallory)."""
-        pc, gc = cfg.peers, cfg.gossip
-        ids = [f"peer-{i}" for i in range(pc.honest)]
-        return cls(tuple(sorted([*ids, "mallory"])), "mallory", gc.topology, cfg.seed, gc.mixing,
+        """From a RunConfig (ids as the runner names them: gradleak/core/colluders.py)."""
+        pc, gc, a = cfg.peers, cfg.gossip, cfg.attack
+        ids = honest_ids(pc.honest)
+        bad = attacker_ids(pc.honest, a.count, a.placement, cfg.seed)
+        return cls(tuple(sorted([*ids, *bad])), tuple(bad), gc.topology, cfg.seed, gc.mixing,
                    gc.mix_rounds, gc.rounds, pc.lr, pc.model, pc.init, cfg.seed, gc.sync,
                    {p: pc.batch_sizes[i % len(pc.batch_sizes)] for i, p in enumerate(ids)})
 
@@ -93,7 +105,7 @@ def _flat(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> np.ndarr
 
 
 def transcript_inputs(reader: TranscriptReader, public: GossipPublic, x0: np.ndarray,
-                      names: Sequence[str]) -> Inputs:
+                      names: Sequence[str], attacker: str | None = None) -> Inputs:
     """Observations (received + own sends), knowns (x0, own lr * g), known losses, own weights.
 
     The attacker's own x_a(s) is redone from its round R-1 sends and receptions exactly as
@@ -102,7 +114,7 @@ def transcript_inputs(reader: TranscriptReader, public: GossipPublic, x0: np.nda
     """
     graph = build_graph(public.topology, public.members, public.seed)
     w = mixing_matrix(graph, public.members, public.mixing)
-    a, index = public.attacker, {p: i for i, p in enumerate(public.members)}
+    a, index = attacker or public.attacker, {p: i for i, p in enumerate(public.members)}
     neighbours = sorted(graph[a])
     received: dict[tuple[str, int, int], np.ndarray] = {}
     for got in reader.updates():
@@ -145,11 +157,66 @@ def transcript_inputs(reader: TranscriptReader, public: GossipPublic, x0: np.nda
     return Inputs(obs, known, drops, own_weights, steps)
 
 
+def pooled_inputs(inputs: Mapping[str, Inputs], steps: int | None = None) -> Inputs:
+    """The colluders' inputs as one: observations, knowns and known losses merged, over the
+    steps all of them completed (at most `steps`); the first attacker's own weights stand in
+    for open ones."""
+    steps = min([i.steps for i in inputs.values()] + ([steps] if steps is not None else []))
+    first = next(iter(inputs.values()))
+    obs: dict[tuple[str, int, int], np.ndarray] = {}
+    known: dict[tuple, np.ndarray] = {}
+    drops: set[tuple[str, str, int, int]] = set()
+    for i in inputs.values():
+        obs.update({k: v for k, v in i.observations.items() if k[1] <= steps})
+        known.update({k: v for k, v in i.known.items() if k == X0 or k[1] <= steps})
+        drops |= {d for d in i.drops if d[2] <= steps}
+    return Inputs(obs, known, drops, {s: w for s, w in first.own_weights.items() if s <= steps}, steps)
+
+
+def solve_transcripts(readers: Mapping[str, TranscriptReader], public: GossipPublic, x0: np.ndarray,
+                      names: Sequence[str]) -> tuple[Knowledge, Solution, Inputs]:
+    """One knowledge system from the transcripts of the attackers `readers` names, solved.
+
+    Any subset of the run's attackers may be passed (e.g. one, to see what it determines
+    alone): the others are then unknowns like the honest nodes.
+    """
+    inputs = pooled_inputs({a: transcript_inputs(r, public, x0, names, a) for a, r in readers.items()})
+    if inputs.steps == 0:
+        raise ValueError("no complete local step in the transcript")
+    knowledge, sol = solve_inputs(inputs, public, list(readers))
+    return knowledge, sol, inputs
+
+
+def solve_inputs(inputs: Inputs, public: GossipPublic, attackers: Sequence[str]) -> tuple[Knowledge, Solution]:
+    """The knowledge system of `attackers` over the run's public graph, solved on `inputs`."""
+    graph = build_graph(public.topology, public.members, public.seed)
+    w = mixing_matrix(graph, public.members, public.mixing)
+    knowledge = build_knowledge(graph, public.members, w, list(attackers), steps=inputs.steps,
+                                rounds=public.mix_rounds, drops=inputs.drops)
+    return knowledge, solve(knowledge, inputs.observations, inputs.known)
+
+
+def determined_nodes(solution: Solution, public: GossipPublic) -> list[str]:
+    """The honest nodes (no attacker of the run) with at least one determined step."""
+    return sorted({node for (node, _s), ok in solution.determined.items() if ok and node not in public.attackers})
+
+
+def _readers(reader: TranscriptReader | Mapping[str, TranscriptReader], public: GossipPublic
+             ) -> dict[str, TranscriptReader]:
+    if isinstance(reader, TranscriptReader):
+        return {public.attacker: reader}
+    return dict(reader)
+
+
 def run_gossip_attack(
-    reader: TranscriptReader, public: GossipPublic, score: Score, *, budget_s: float = 30.0,
+    reader: TranscriptReader | Mapping[str, TranscriptReader], public: GossipPublic, score: Score, *,
+    budget_s: float = 30.0,
     attack: str = "analytic", attack_time_s: float = 0.5, max_batch_size: int = 8,
 ) -> dict[str, Any]:
     """Solve, invert and score; returns the report (no PSNR: see `join_scores`).
+
+    reader: the transcript of the one attacker, or each colluder's by id (pooled). With
+    several, the report also says how many nodes each would have determined alone.
 
     Nodes whose (public) batch size is over `max_batch_size` are solved for, not inverted;
     an inversion the image attack refuses is recorded on its step (`failed`).
@@ -160,23 +227,27 @@ def run_gossip_attack(
     t0 = time.monotonic()
     if public.sync != "rounds":
         return _skipped("async run: the gossip algebra models lock-step rounds only")
-    if int(reader.meta.get("truncated", 0) or 0) > 0:
-        return _skipped(f"transcript truncated ({reader.meta['truncated']} entries refused by its budget)")
+    readers = _readers(reader, public)
+    for aid, r in readers.items():
+        if int(r.meta.get("truncated", 0) or 0) > 0:
+            return _skipped(f"transcript of {aid} truncated ({r.meta['truncated']} entries refused by its budget)")
     n, R = len(public.members), public.mix_rounds
-    p = (n - 1) * public.steps
+    p = (n - len(readers)) * public.steps
     size = public.steps * (R + 1) * n * (p + 1 + public.steps)
     if size > MAX_STATE_VALUES:
         return _skipped(f"system too large ({size} state coefficients > {MAX_STATE_VALUES})")
-    model, x0, names = shared_model(public, reader.input_shape, reader.num_classes)
-    inputs = transcript_inputs(reader, public, x0, names)
+    first = next(iter(readers.values()))
+    model, x0, names = shared_model(public, first.input_shape, first.num_classes)
+    each = {a: transcript_inputs(r, public, x0, names, a) for a, r in readers.items()}
+    inputs = pooled_inputs(each)
     if inputs.steps == 0:
         return _skipped("no complete local step in the transcript")
+    knowledge, sol = solve_inputs(inputs, public, list(readers))
     graph = build_graph(public.topology, public.members, public.seed)
-    w = mixing_matrix(graph, public.members, public.mixing)
-    knowledge = build_knowledge(graph, public.members, w, [public.attacker], steps=inputs.steps,
-                                rounds=R, drops=inputs.drops)
-    sol = solve(knowledge, inputs.observations, inputs.known)
     status = node_status(sol, graph)
+    # what each colluder would have determined alone, from its own transcript (the others unknown)
+    alone = {aid: len(determined_nodes(solve_inputs(pooled_inputs({aid: i}, inputs.steps), public, [aid])[1], public))
+             for aid, i in each.items()} if len(readers) > 1 else {}
     nodes: dict[str, dict[str, Any]] = {}
     for node, st in status.items():
         nodes[node] = {"hops": st.hops, "batch_size": public.batch_size.get(node), "steps": {
@@ -198,7 +269,7 @@ def run_gossip_attack(
         cfg = AttackConfig(time_budget_s=max(0.05, min(attack_time_s, left)))
         try:
             leaks = invert_gradients(sol, model, lr=public.lr, batch_size=int(public.batch_size.get(node, 1)),
-                                     input_shape=reader.input_shape, num_classes=reader.num_classes,
+                                     input_shape=first.input_shape, num_classes=first.num_classes,
                                      own_weights=inputs.own_weights, attack=attack, config=cfg, targets=[(node, s)])
         except (ValueError, RuntimeError) as exc:  # what the live worker counts as a failed attack
             nodes[node]["steps"][str(s)]["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -211,7 +282,9 @@ def run_gossip_attack(
               rec.labels.detach().cpu().numpy(), {**rec.stats, "weights_exact": leak.weights_exact})
         row = nodes[node]["steps"][str(s)]
         row.update(reconstructed=True, weights_exact=leak.weights_exact)
-    return {"status": "done", "attack": ATTACK_NAME, "image_attack": attack, "steps": inputs.steps,
+    return {"status": "done", "attack": ATTACK_NAME, "image_attack": attack, "attackers": list(readers),
+            "determined_alone": alone, "determined_nodes": len(determined_nodes(sol, public)),
+            "steps": inputs.steps,
             "mix_rounds": R, "topology": public.topology, "rank": sol.rank, "unknowns": len(knowledge.unknowns),
             "observations": len(knowledge.observed), "known_losses": len(inputs.drops),
             "skipped_for_budget": skipped_budget, "budget_s": budget_s,
@@ -249,8 +322,8 @@ def join_scores(report: dict[str, Any], rows: Sequence[Mapping[str, Any]]) -> di
 
 def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
     """The summary.json part: the shares and the by-hop counts (or why it was skipped)."""
-    keys = ("status", "reason", "honest", "determined_share", "reconstructed_share", "by_hop",
-            "steps", "seconds", "skipped_for_budget")
+    keys = ("status", "reason", "attackers", "determined_nodes", "determined_alone", "honest",
+            "determined_share", "reconstructed_share", "by_hop", "steps", "seconds", "skipped_for_budget")
     return {k: report[k] for k in keys if k in report}
 
 
@@ -262,5 +335,5 @@ def _finite(v: float) -> float | None:
     return float(v) if np.isfinite(v) else None
 
 
-__all__ = ["ATTACK_NAME", "GossipPublic", "Inputs", "join_scores", "run_gossip_attack", "shared_model",
-           "summary_of", "transcript_inputs"]
+__all__ = ["ATTACK_NAME", "GossipPublic", "Inputs", "determined_nodes", "join_scores", "pooled_inputs",
+           "run_gossip_attack", "shared_model", "solve_inputs", "solve_transcripts", "summary_of", "transcript_inputs"]

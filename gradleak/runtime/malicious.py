@@ -43,6 +43,9 @@ FetchWeights = Callable[[str, int], dict[str, torch.Tensor]]
 Report = Callable[[UpdateHeader, str, Reconstruction, float], None]
 
 LATENCY_WINDOW = 4096  # receive-to-score latencies kept for the status quantiles
+COLLUDER = "colluder"  # discard reason: a colluding attacker already took this update
+# update id -> True if this attacker may attack it (the colluders' shared pool), else False
+Claim = Callable[[str], bool]
 
 
 class Observer(Protocol):
@@ -86,6 +89,7 @@ class MaliciousPeer:
         fetch_weights: FetchWeights, report: Report, input_shape: tuple[int, int, int],
         num_classes: int, queue_size: int = 16, max_batch_size: int = 8,
         max_age_s: float | None = None, device: str = "auto", observer: Observer | None = None,
+        claim: Claim | None = None,
     ) -> None:
         if not attacks and not fallback:
             raise ValueError("need attacks to run, or a fallback chain to choose from")
@@ -100,6 +104,7 @@ class MaliciousPeer:
         self._num_classes = num_classes
         self._max_batch = max_batch_size
         self._observer: Observer = observer or _Silent()
+        self._claim = claim
         self.scheduler = Scheduler(queue_size, max_age_s=max_age_s, on_evict=self._evicted)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -181,7 +186,10 @@ class MaliciousPeer:
             if job is None:
                 continue
             try:
-                reason = self._attack(job.payload)
+                # Claimed when taken, not when received: a colluder whose copy went stale in
+                # its queue leaves the update to one that can still attack it.
+                taken = self._claim is None or self._claim(job.payload.update.header.update_id)
+                reason = self._attack(job.payload) if taken else COLLUDER
             except VersionNotFound as exc:
                 log.info("weights of %s are gone: %s", job.key, exc)
                 reason = "version_gone"

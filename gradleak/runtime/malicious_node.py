@@ -78,7 +78,7 @@ class MaliciousNode(PeerNode):
         attack_params: Mapping[str, Mapping[str, Any]] | None = None, queue_size: int = 16,
         max_batch_size: int = 8, max_age_s: float | None = None, device: str = "auto",
         attack_threads: int = 1, run_dir: str | None = None, transcript_bytes: int = 0,
-        model_strategy: str = "honest",
+        model_strategy: str = "honest", transcript_subdir: str | None = None, shared_pool: bool = False,
     ) -> None:
         if model_strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown model strategy '{model_strategy}' (known: {', '.join(STRATEGY_NAMES)})")
@@ -86,7 +86,7 @@ class MaliciousNode(PeerNode):
         self.transcript = (TranscriptWriter(
             run_dir, max_bytes=transcript_bytes, model=spec.model, input_shape=spec.input_shape,
             num_classes=spec.num_classes, attack_config=dataclasses.asdict(attack_config or AttackConfig()),
-            pull=self._pull_weights,
+            pull=self._pull_weights, subdir=transcript_subdir,
         ) if run_dir is not None and transcript_bytes > 0 else None)
         self._attacks = () if tuple(attacks) == ("auto",) else tuple(attacks)
         # A crafted override makes an imprinted ReLU MLP read out whole batches: try that first
@@ -98,6 +98,7 @@ class MaliciousNode(PeerNode):
         self._max_age_s = max_age_s
         self._max_batch_size = max_batch_size
         self._device = device
+        self._shared_pool = shared_pool and evaluator is not None  # colluders: the evaluator holds the claims
         self.model_strategy = model_strategy
         self._active: StateOverride | None = None  # accept_update may run before __init__ ends
         super().__init__(spec, evaluator)
@@ -116,6 +117,7 @@ class MaliciousNode(PeerNode):
             input_shape=self.spec.input_shape, num_classes=self.spec.num_classes,
             queue_size=self._queue_size, max_batch_size=self._max_batch_size,
             max_age_s=self._max_age_s, device=self._device, observer=_PromObserver(self.metrics),
+            claim=self._claim if self._shared_pool else None,
         )
         return self.malicious
 
@@ -142,6 +144,10 @@ class MaliciousNode(PeerNode):
             self._active.received(update)
         if self.transcript is not None:
             self.transcript.add_update(update, received_at)
+
+    def _claim(self, update_id: str) -> bool:
+        """The colluders' shared pool: True if no other attacker of the run took this update."""
+        return bool(ray.get(self.evaluator.claim.remote(update_id, self.spec.peer_id)))
 
     def _fetch_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
         if self._active is not None and (chosen := self._active.weights_for(sender, version)) is not None:

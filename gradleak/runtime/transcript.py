@@ -115,11 +115,12 @@ class TranscriptWriter:
     def __init__(
         self, run_dir: str | Path, *, max_bytes: int, model: str, input_shape: tuple[int, ...],
         num_classes: int, attack_config: Mapping[str, Any] | None = None,
-        chunk_bytes: int = _CHUNK_BYTES, pull: Pull | None = None,
+        chunk_bytes: int = _CHUNK_BYTES, pull: Pull | None = None, subdir: str | None = None,
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"transcript max_bytes must be >= 1, got {max_bytes}")
-        self.dir = Path(run_dir) / TRANSCRIPT_DIR
+        # subdir: one of several colluders' transcripts, RUN_DIR/transcript/<subdir>/
+        self.dir = transcript_path(run_dir, subdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._chunk = chunk_bytes
@@ -336,6 +337,11 @@ def _scan(path: Path) -> Iterator[Entry]:
             raise bad(f"{length - q} stray bytes after the frames")
         pos += length + _U32.size
         yield Entry(start, wall, tuple(frames))
+
+
+def transcript_path(run_dir: str | Path, subdir: str | None = None) -> Path:
+    """RUN_DIR/transcript, or RUN_DIR/transcript/<subdir> for one of several colluders."""
+    return Path(run_dir) / TRANSCRIPT_DIR / (subdir or "")
 
 
 class TranscriptReader:

@@ -33,7 +33,7 @@ LR = 0.1
 
 def _public(honest: int, steps: int, rounds: int) -> GossipPublic:
     ids = [f"peer-{i}" for i in range(honest)]
-    return GossipPublic(tuple(sorted([*ids, "mallory"])), "mallory", "line", 0, "metropolis", rounds, steps,
+    return GossipPublic(tuple(sorted([*ids, "mallory"])), ("mallory",), "line", 0, "metropolis", rounds, steps,
                         LR, "lenet", "sigmoid", 0, "rounds", {p: 1 for p in ids})
 
 

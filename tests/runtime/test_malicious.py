@@ -289,3 +289,21 @@ def test_attacker_metrics_use_fixed_label_grids(digits_data, lenet) -> None:
     coverage = [ln for ln in text.splitlines() if ln.startswith("gradleak_attacker_coverage_ratio ")]
     assert coverage and abs(float(coverage[0].split()[1]) - 1 / 3) < 1e-9
     assert "h/r" not in text  # never an update id as a label value
+
+
+def test_a_colluder_leaves_an_update_another_took_to_it(digits_data, lenet) -> None:
+    claims: dict[str, str] = {"h/r1": "other"}  # the shared pool: another colluder already took h/r1
+    _peer, mal, gate, reports, _f = _setup(digits_data, lenet, queue_size=4,
+                                           claim=lambda uid: claims.setdefault(uid, "me") == "me")
+    gate.release.set()
+    mal.start()
+    try:
+        for i in range(3):
+            mal.accept_update(_update(lenet, i))
+        assert mal.wait_idle(10)
+        st = mal.status()
+        assert sorted(r[0] for r in reports) == ["h/r0", "h/r2"] and st["attacked"] == 2
+        assert st["evicted"] == {"colluder": 1} and _balanced(st)
+        assert claims == {"h/r0": "me", "h/r1": "other", "h/r2": "me"}
+    finally:
+        mal.stop()
