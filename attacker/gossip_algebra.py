@@ -200,6 +200,22 @@ class Solution:
         return self.value_of(self.knowledge.weights_row(node, step))
 
 
+def determined_unknowns(knowledge: Knowledge) -> dict[tuple[str, int], bool]:
+    """Which unknowns the observations determine, from K alone (no values needed).
+
+    The same test as `solve` (relative rank cut RCOND, then |P_null e_i| <= NULL_TOL), for
+    counting shares over many graphs without simulating any values.
+    """
+    k = knowledge.rows
+    if k.shape[1] == 0:
+        return {}
+    _, sig, vt = np.linalg.svd(k, full_matrices=False)
+    rank = int(np.sum(sig > RCOND * sig[0])) if sig.size and sig[0] > 0 else 0
+    inside = np.sum(vt[:rank] ** 2, axis=0)  # |P_row e_i|^2 for every unknown i
+    return {key: bool(np.sqrt(max(1.0 - float(inside[i]), 0.0)) <= NULL_TOL)
+            for i, key in enumerate(knowledge.unknowns)}
+
+
 def solve(
     knowledge: Knowledge, observations: Mapping[State, np.ndarray],
     known: Mapping[tuple, np.ndarray], *, input_eps: float | None = None,

@@ -1,0 +1,239 @@
+"""The gossip algebra without images: shares determined (decAttack's setting, async + loss) and precision.
+
+Three measurements on planted values (no model, no inversion), run from
+benchmarks/gossip_attack.py (`--decattack`, `--async-loss`, `--precision`) or alone:
+
+    PYTHONPATH=$PWD python benchmarks/gossip_share.py [--seeds 20] [--sizes 20 50 100]
+
+(d) decAttack's Erdős–Rényi experiment (scripts/exp_erdos_renyi.py of AbdellahElmrini/decAttack,
+    re-implemented here): gossip averaging for T = int(min(n D / 20 / |A|, n / 2)) iterations
+    on G(n, D / n) redrawn until connected, Metropolis-Hastings W (their HamiltonGossipMatrix),
+    attackers nodes 0..|A|-1, share = nodes whose value is determined over all n (attackers
+    included), mean and std over the seeds; beside it the honest-only share and variants.
+(e) async gossip with 10% message loss (gradleak.gossip_sim.simulate_async): the informed
+    attacker (every node's mixing record) against an attacker that assumes lock-step.
+(f) relative error of the recovered values against hop distance on a line, float32 messages,
+    by solver (SVD, QR with column pivoting, exact rationals) and with float64 messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attacker.gossip_algebra import build_knowledge, determined_unknowns, solve
+from attacker.gossip_async import build_async_knowledge
+from gradleak.core.graphs import build_graph, hops, mixing_matrix
+from gradleak.gossip_sim import (
+    decattack_graph,
+    decattack_iterations,
+    simulate,
+    simulate_async,
+)
+
+DEGREES = (3, 4, 5, 6)  # decAttack's n x p = 3, 4, 5, 6
+
+
+def _planted(d: int, seed: int, scale: float = 0.1):
+    rng = np.random.default_rng(seed)
+    table: dict = {}
+
+    def update(node: str, step: int, _x: np.ndarray) -> np.ndarray:
+        return table.setdefault((node, step), rng.standard_normal(d) * scale)
+
+    return update, rng.standard_normal(d)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def decattack_cell(n: int, degree: int, natt: int, seeds: int, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(share over all n, share over the honest) per seed. variant: 'theirs' (their graph and T),
+    'our T' (their graph, T = D // |A| as our earlier table), 'our graph' (er:D, their T)."""
+    members = [f"p{i}" for i in range(n)]
+    attackers = members[:natt]
+    every, honest = [], []
+    for seed in range(seeds):
+        graph = build_graph(f"er:{degree}", members, seed) if variant == "our graph" else \
+            decattack_graph(members, degree, seed)
+        rounds = max(1, min(degree // natt, n // 2)) if variant == "our T" else \
+            decattack_iterations(n, degree, natt)
+        w = mixing_matrix(graph, members)
+        det = determined_unknowns(build_knowledge(graph, members, w, attackers, steps=1, rounds=rounds))
+        every.append((natt + sum(det.values())) / n)
+        honest.append(sum(det.values()) / (n - natt))
+    return np.array(every), np.array(honest)
+
+
+def run_decattack(sizes: Sequence[int], seeds: int) -> dict:
+    print(f"\n## (d) decAttack's ER setting: share determined, mean +- std over {seeds} graphs")
+    print("all = over all n nodes, attackers included (their count); honest = over the n - |A| others")
+    print(f"{'variant':10s} {'n':>3s} {'att':>3s} {'T':>12s} " + " ".join(f"{'D=' + str(d):>17s}" for d in DEGREES))
+    table = {}
+    for variant in ("theirs", "our T", "our graph"):
+        for n in sizes:
+            for natt in (1, 2, 3):
+                cells, ts = [], []
+                for d in DEGREES:
+                    every, honest = decattack_cell(n, d, natt, seeds, variant)
+                    table[(variant, n, natt, d)] = (every, honest)
+                    cells.append(f"{every.mean():4.0%}+-{every.std():3.0%}/{honest.mean():4.0%}")
+                    ts.append(str(max(1, min(d // natt, n // 2)) if variant == "our T"
+                                  else decattack_iterations(n, d, natt)))
+                print(f"{variant:10s} {n:3d} {natt:3d} {','.join(ts):>12s} " + " ".join(f"{c:>17s}" for c in cells),
+                      flush=True)
+    return table
+
+
+def run_async(sizes: Sequence[int], seeds: int, drop_rate: float = 0.1) -> dict:
+    print(f"\n## (e) async gossip, {drop_rate:.0%} loss, S = 1, R = decAttack's T, G(n, D/n); share of honest "
+          f"nodes, mean over {seeds} seeds")
+    print("lock-step = no loss, same graph and R; informed = async system from every node's mixing "
+          "record; assumed = async values solved as if lock-step (value counted only if rel. err <= 1e-6)")
+    print(f"{'n':>3s} {'att':>3s} " + " ".join(f"{'D=' + str(d) + ' lock/inf/assumed':>24s}" for d in DEGREES))
+    table = {}
+    for n in sizes:
+        members = [f"p{i}" for i in range(n)]
+        for natt in (1, 3):
+            attackers = members[:natt]
+            cells = []
+            for d in DEGREES:
+                lock, informed, assumed, exact = [], [], [], []
+                for seed in range(seeds):
+                    graph = decattack_graph(members, d, seed)
+                    w = mixing_matrix(graph, members)
+                    rounds = decattack_iterations(n, d, natt)
+                    update, x0 = _planted(4, seed)
+                    lk = build_knowledge(graph, members, w, attackers, steps=1, rounds=rounds)
+                    lock.append(np.mean(list(determined_unknowns(lk).values())))
+                    view, truth = simulate_async(graph, members, w, attackers, x0, steps=1, rounds=rounds,
+                                                 local_update=update, drop_rate=drop_rate, seed=seed,
+                                                 dtype=np.float64)
+                    kn = build_async_knowledge(graph, members, w, attackers, steps=1, rounds=rounds,
+                                               events=truth.events, received=view.received)
+                    sol = solve(kn, view.observations, view.known)
+                    informed.append(np.mean(list(sol.determined.values())))
+                    exact.extend(_rel(v, truth.updates[key]) for key, v in sol.estimates.items())
+                    # The realistic attacker: lock-step rows for what it received, its own losses known.
+                    seen = {(j, s, r) for j, _, s, r in view.received} | {(a, s, r) for a in attackers
+                                                                          for s in (1,) for r in range(rounds)}
+                    naive = solve_subset(lk, seen, view)
+                    good = [key for key, v in naive.estimates.items() if _rel(v, truth.updates[key]) <= 1e-6]
+                    assumed.append(len(good) / (n - natt))
+                table[(n, natt, d)] = (np.array(lock), np.array(informed), np.array(assumed), max(exact, default=0.0))
+                cells.append(f"{np.mean(lock):4.0%}/{np.mean(informed):4.0%}/{np.mean(assumed):4.0%}")
+            print(f"{n:3d} {natt:3d} " + " ".join(f"{c:>24s}" for c in cells), flush=True)
+    worst = max(v[3] for v in table.values())
+    print(f"informed: worst relative error of a determined value {worst:.1e} (float64 values)")
+    return table
+
+
+def solve_subset(knowledge, seen: set, view):
+    """Solve a lock-step system on the rows of the messages actually received."""
+    keep = [i for i, o in enumerate(knowledge.observed) if o in seen]
+    sub = type(knowledge)(knowledge.order, knowledge.attackers, knowledge.steps, knowledge.rounds,
+                          knowledge.model, knowledge.unknowns, knowledge.knowns,
+                          tuple(knowledge.observed[i] for i in keep), knowledge.rows[keep],
+                          knowledge.known_rows[keep], knowledge.states)
+    return solve(sub, view.observations, view.known)
+
+
+def _exact_lstsq(b: np.ndarray, w_exact: list[list[Fraction]], observed, order) -> np.ndarray:
+    """Least squares in exact rationals: K rebuilt from W's exact entries, b taken exactly."""
+    n = len(order)
+    index = {p: i for i, p in enumerate(order)}
+    # K's exact rows: the coefficient of every node's u in z_node(1, r) is -(W^r)[node, :].
+    rows: dict[tuple[str, int], list[Fraction]] = {}
+    for node in {o[0] for o in observed}:
+        vec = [Fraction(int(j == index[node])) for j in range(n)]
+        for r in range(max(o[2] for o in observed) + 1):
+            rows[(node, r)] = vec
+            vec = [sum((vec[m] * w_exact[m][j] for m in range(n) if vec[m] and w_exact[m][j]), Fraction(0))
+                   for j in range(n)]
+    cols = [j for j in range(n) if j != index[order[0]]]  # the honest nodes (the attacker is p0)
+    kx = [[-rows[(node, r)][j] for j in cols] for node, _, r in observed]
+    bx = [[Fraction(float(v)) for v in row] for row in b]
+    # Normal equations, exact: (K^T K) u = K^T b, then Gauss-Jordan.
+    p_, d = len(cols), len(bx[0])
+    a = [[sum((kx[m][i] * kx[m][j] for m in range(len(kx))), Fraction(0)) for j in range(p_)] +
+         [sum((kx[m][i] * bx[m][c] for m in range(len(kx))), Fraction(0)) for c in range(d)] for i in range(p_)]
+    for c in range(p_):
+        piv = next(r for r in range(c, p_) if a[r][c] != 0)
+        a[c], a[piv] = a[piv], a[c]
+        inv = 1 / a[c][c]
+        a[c] = [v * inv for v in a[c]]
+        for r in range(p_):
+            if r != c and a[r][c] != 0:
+                f = a[r][c]
+                a[r] = [x - f * y for x, y in zip(a[r], a[c])]
+    return np.array([[float(v) for v in a[i][p_:]] for i in range(p_)])
+
+
+def run_precision(n: int = 16, d: int = 8) -> dict:
+    print(f"\n## (f) relative error of lr*g against hop, line n={n}, attacker at the end, S = 1, planted "
+          f"|u| = 0.1 |x0| per coordinate, d = {d}")
+    members = [f"p{i}" for i in range(n)]
+    graph = build_graph("line", members)
+    w = mixing_matrix(graph, members)
+    w_exact = [[Fraction(1, 1 + max(len(graph[members[i]]), len(graph[members[j]])))
+                if members[j] in graph[members[i]] else Fraction(0) for j in range(n)] for i in range(n)]
+    for i in range(n):
+        w_exact[i][i] = 1 - sum(w_exact[i])
+    dist = hops(graph, ["p0"])
+    update, x0 = _planted(d, 0)
+    out: dict[str, list[float]] = {}
+    for label, rounds, dtype in (("float32, R=n-1", n - 1, np.float32), ("float32, R=2(n-1)", 2 * (n - 1), np.float32),
+                                 ("float64, R=n-1", n - 1, np.float64)):
+        view, truth = simulate(graph, members, w, ["p0"], x0, steps=1, rounds=rounds, local_update=update,
+                               dtype=dtype)
+        kn = build_knowledge(graph, members, w, ["p0"], steps=1, rounds=rounds)
+        y = np.stack([np.asarray(view.observations[o], np.float64) for o in kn.observed])
+        v = np.stack([np.asarray(view.known[k], np.float64) for k in kn.knowns])
+        b = y - kn.known_rows @ v
+        truth_u = np.stack([truth.updates[key].astype(np.float64) for key in kn.unknowns])
+        sol = solve(kn, view.observations, view.known)
+        svd = np.stack([sol._solved[i] for i in range(len(kn.unknowns))])
+        qr = scipy.linalg.lstsq(kn.rows, b, lapack_driver="gelsy")[0]  # QR with column pivoting
+        solvers = {"SVD (solve)": svd, "QR pivoted": qr}
+        if rounds == n - 1:
+            solvers["exact rationals"] = _exact_lstsq(b, w_exact, kn.observed, members)
+        for name, est in solvers.items():
+            errs = [_rel(est[i], truth_u[i]) for i in range(len(kn.unknowns))]
+            out[f"{label}, {name}"] = errs
+    print(f"{'messages, rounds, solver':38s} " + " ".join(f"{'h' + str(dist[p]):>7s}" for p, _ in kn.unknowns))
+    for label, errs in out.items():
+        print(f"{label:38s} " + " ".join(f"{e:7.1e}" for e in errs))
+    return {"hops": [dist[p] for p, _ in kn.unknowns], **out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--async-seeds", type=int, default=10)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[20, 50, 100])
+    parser.add_argument("--only", nargs="*", default=["decattack", "async", "precision"])
+    args = parser.parse_args()
+    start, load0 = time.perf_counter(), os.getloadavg()
+    print(f"# gossip shares, load average at start {load0[0]:.2f} on {os.cpu_count()} cores")
+    if "decattack" in args.only:
+        run_decattack(args.sizes, args.seeds)
+    if "async" in args.only:
+        run_async([s for s in args.sizes if s <= 50], args.async_seeds)
+    if "precision" in args.only:
+        run_precision()
+    print(f"\n{time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
