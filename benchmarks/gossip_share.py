@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker.gossip_algebra import build_knowledge, determined_unknowns, solve
 from attacker.gossip_async import build_async_knowledge
-from gradleak.core.graphs import build_graph, hops, mixing_matrix
+from attacker.gossip_exact import exact_determined
+from gradleak.core.graphs import build_graph, hops, mixing_fractions, mixing_matrix
 from gradleak.gossip_sim import (
     decattack_graph,
     decattack_iterations,
@@ -58,41 +59,49 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def decattack_cell(n: int, degree: int, natt: int, seeds: int, variant: str) -> tuple[np.ndarray, np.ndarray]:
-    """(share over all n, share over the honest) per seed. variant: 'theirs' (their graph and T),
-    'our T' (their graph, T = D // |A| as our earlier table), 'our graph' (er:D, their T)."""
+def decattack_cell(n: int, degree: int, natt: int, seeds: int, variant: str) -> dict[str, np.ndarray]:
+    """Per seed: 'all' (their count: determined over all n, attackers included, exact
+    arithmetic), 'honest' (over the n - |A| others, exact) and 'float' ('all' by our float64
+    rank cut). variant: 'theirs' (their graph and T), 'our T' (their graph, T = D // |A| as
+    our earlier image table), 'our graph' (er:D, p = D / (n - 1), their T)."""
     members = [f"p{i}" for i in range(n)]
     attackers = members[:natt]
-    every, honest = [], []
+    out: dict[str, list[float]] = {"all": [], "honest": [], "float": []}
     for seed in range(seeds):
         graph = build_graph(f"er:{degree}", members, seed) if variant == "our graph" else \
             decattack_graph(members, degree, seed)
-        rounds = max(1, min(degree // natt, n // 2)) if variant == "our T" else \
-            decattack_iterations(n, degree, natt)
+        rounds = _rounds(variant, n, degree, natt)
         w = mixing_matrix(graph, members)
-        det = determined_unknowns(build_knowledge(graph, members, w, attackers, steps=1, rounds=rounds))
-        every.append((natt + sum(det.values())) / n)
-        honest.append(sum(det.values()) / (n - natt))
-    return np.array(every), np.array(honest)
+        det = exact_determined(graph, members, mixing_fractions(graph, members), attackers, steps=1,
+                               rounds=rounds)
+        num = determined_unknowns(build_knowledge(graph, members, w, attackers, steps=1, rounds=rounds))
+        out["all"].append((natt + sum(det.values())) / n)
+        out["honest"].append(sum(det.values()) / (n - natt))
+        out["float"].append((natt + sum(num.values())) / n)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _rounds(variant: str, n: int, degree: int, natt: int) -> int:
+    return max(1, min(degree // natt, n // 2)) if variant == "our T" else decattack_iterations(n, degree, natt)
 
 
 def run_decattack(sizes: Sequence[int], seeds: int) -> dict:
-    print(f"\n## (d) decAttack's ER setting: share determined, mean +- std over {seeds} graphs")
-    print("all = over all n nodes, attackers included (their count); honest = over the n - |A| others")
-    print(f"{'variant':10s} {'n':>3s} {'att':>3s} {'T':>12s} " + " ".join(f"{'D=' + str(d):>17s}" for d in DEGREES))
+    print(f"\n## (d) decAttack's ER setting: share determined, mean +- std over {seeds} connected graphs")
+    print("cell = all +- std / honest / float: all = exact, over all n nodes, attackers included (their count);"
+          " honest = exact, over the n - |A| others; float = 'all' by solve's float64 rank cut")
+    print(f"{'variant':10s} {'n':>3s} {'att':>3s} {'T':>12s} " + " ".join(f"{'D=' + str(d):>22s}" for d in DEGREES))
     table = {}
     for variant in ("theirs", "our T", "our graph"):
         for n in sizes:
             for natt in (1, 2, 3):
-                cells, ts = [], []
+                cells = []
                 for d in DEGREES:
-                    every, honest = decattack_cell(n, d, natt, seeds, variant)
-                    table[(variant, n, natt, d)] = (every, honest)
-                    cells.append(f"{every.mean():4.0%}+-{every.std():3.0%}/{honest.mean():4.0%}")
-                    ts.append(str(max(1, min(d // natt, n // 2)) if variant == "our T"
-                                  else decattack_iterations(n, d, natt)))
-                print(f"{variant:10s} {n:3d} {natt:3d} {','.join(ts):>12s} " + " ".join(f"{c:>17s}" for c in cells),
-                      flush=True)
+                    cell = decattack_cell(n, d, natt, seeds, variant)
+                    table[(variant, n, natt, d)] = cell
+                    cells.append(f"{cell['all'].mean():4.0%}+-{cell['all'].std():3.0%}/{cell['honest'].mean():4.0%}"
+                                 f"/{cell['float'].mean():4.0%}")
+                ts = ",".join(str(_rounds(variant, n, d, natt)) for d in DEGREES)
+                print(f"{variant:10s} {n:3d} {natt:3d} {ts:>12s} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
     return table
 
 
@@ -100,7 +109,7 @@ def run_async(sizes: Sequence[int], seeds: int, drop_rate: float = 0.1) -> dict:
     print(f"\n## (e) async gossip, {drop_rate:.0%} loss, S = 1, R = decAttack's T, G(n, D/n); share of honest "
           f"nodes, mean over {seeds} seeds")
     print("lock-step = no loss, same graph and R; informed = async system from every node's mixing "
-          "record; assumed = async values solved as if lock-step (value counted only if rel. err <= 1e-6)")
+          "record (lock and informed: exact determination); assumed = async values solved as if lock-step (value counted only if rel. err <= 1e-6)")
     print(f"{'n':>3s} {'att':>3s} " + " ".join(f"{'D=' + str(d) + ' lock/inf/assumed':>24s}" for d in DEGREES))
     table = {}
     for n in sizes:
@@ -116,14 +125,18 @@ def run_async(sizes: Sequence[int], seeds: int, drop_rate: float = 0.1) -> dict:
                     rounds = decattack_iterations(n, d, natt)
                     update, x0 = _planted(4, seed)
                     lk = build_knowledge(graph, members, w, attackers, steps=1, rounds=rounds)
-                    lock.append(np.mean(list(determined_unknowns(lk).values())))
+                    exact_w = mixing_fractions(graph, members)
+                    lock.append(np.mean(list(exact_determined(graph, members, exact_w, attackers, steps=1,
+                                                              rounds=rounds).values())))
                     view, truth = simulate_async(graph, members, w, attackers, x0, steps=1, rounds=rounds,
                                                  local_update=update, drop_rate=drop_rate, seed=seed,
                                                  dtype=np.float64)
                     kn = build_async_knowledge(graph, members, w, attackers, steps=1, rounds=rounds,
                                                events=truth.events, received=view.received)
                     sol = solve(kn, view.observations, view.known)
-                    informed.append(np.mean(list(sol.determined.values())))
+                    informed.append(np.mean(list(exact_determined(
+                        graph, members, exact_w, attackers, steps=1, rounds=rounds, observed=kn.observed,
+                        events=truth.events).values())))
                     exact.extend(_rel(v, truth.updates[key]) for key, v in sol.estimates.items())
                     # The realistic attacker: lock-step rows for what it received, its own losses known.
                     seen = {(j, s, r) for j, _, s, r in view.received} | {(a, s, r) for a in attackers
@@ -222,17 +235,64 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--async-seeds", type=int, default=10)
     parser.add_argument("--sizes", type=int, nargs="*", default=[20, 50, 100])
-    parser.add_argument("--only", nargs="*", default=["decattack", "async", "precision"])
+    parser.add_argument("--only", nargs="*", default=["decattack", "async", "precision"],
+                        choices=["decattack", "async", "precision"])
+    parser.add_argument("--out", default="docs/gossip_share.png", help="figure (when all three run)")
     args = parser.parse_args()
     start, load0 = time.perf_counter(), os.getloadavg()
     print(f"# gossip shares, load average at start {load0[0]:.2f} on {os.cpu_count()} cores")
+    dec, asy, prec = {}, {}, {}
     if "decattack" in args.only:
-        run_decattack(args.sizes, args.seeds)
+        dec = run_decattack(args.sizes, args.seeds)
     if "async" in args.only:
-        run_async([s for s in args.sizes if s <= 50], args.async_seeds)
+        asy = run_async(args.sizes, args.async_seeds)
     if "precision" in args.only:
-        run_precision()
-    print(f"\n{time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+        prec = run_precision()
+    print(f"\n{time.perf_counter() - start:.1f} s; load average at end {os.getloadavg()[0]:.2f}")
+    if len(args.only) == 3:
+        figure(Path(args.out), dec, asy, prec, args.sizes)
+
+
+def figure(out: Path, dec: dict, asy: dict, prec: dict, sizes: Sequence[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4.4))
+    for ax, natt in zip(axes[:3], (1, 2, 3)):
+        for i, n in enumerate(sizes):
+            color = f"C{i}"
+            cells = [dec[("theirs", n, natt, d)]["all"] for d in DEGREES]
+            ax.errorbar(np.array(DEGREES) + 0.08 * (i - 1), [c.mean() for c in cells], yerr=[c.std() for c in cells],
+                        marker="s", ms=4, capsize=3, color=color, label=f"n={n}, decAttack's T")
+            if n > 20:
+                ax.plot(DEGREES, [dec[("our T", n, natt, d)]["all"].mean() for d in DEGREES], ls=":",
+                        color=color, label=f"n={n}, T = D // |A|")
+        ax.set(xlabel="n x p (expected degree D)", ylabel="share determined (all n nodes)", ylim=(0, 1.05),
+               title=f"(d) G(n, D/n), {natt} attacker{'s' if natt > 1 else ''}, gossip averaging")
+    for i, (n, natt) in enumerate(sorted({(n, a) for n, a, _ in asy})):
+        rows = [asy[(n, natt, d)] for d in DEGREES]
+        axes[3].plot(DEGREES, [r[1].mean() for r in rows], marker="o", ms=3, color=f"C{i}",
+                     label=f"n={n}, {natt} att: async, informed (dashed: lock-step)")
+        axes[3].plot(DEGREES, [r[0].mean() for r in rows], ls="--", color=f"C{i}")
+    assumed = [np.mean([asy[(n, a, d)][2].mean() for n, a, _ in asy]) for d in DEGREES]
+    axes[3].plot(DEGREES, assumed, ls=":", color="grey", label="async, assuming lock-step (mean of all)")
+    axes[3].set(xlabel="n x p (expected degree D)", ylabel="share of honest nodes determined", ylim=(0, 1.05),
+                title="(e) async gossip, 10% message loss")
+    hop = prec["hops"]
+    for label, errs in prec.items():
+        if label != "hops":
+            axes[4].semilogy(hop, errs, marker="o", ms=3, ls="-" if "SVD" in label else ":", label=label)
+    axes[4].axhline(1e-6, color="grey", ls=":")
+    axes[4].set(xlabel="hops to the attacker (line)", ylabel="relative error of lr * g",
+                title="(f) precision by wire dtype and solver")
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"figure: {out}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import torch
 from attacker.gossip_algebra import X0, build_knowledge, determined_unknowns, solve
 from attacker.gossip_async import build_async_knowledge, lockstep_events
 from attacker.gossip_attack import invert_gradients, node_status
+from attacker.gossip_exact import exact_determined
 from attacker.metrics import psnr
-from gradleak.core.graphs import build_graph, hops, mixing_matrix
+from gradleak.core.graphs import build_graph, hops, mixing_fractions, mixing_matrix
 from gradleak.gossip_sim import (
     decattack_graph,
     decattack_iterations,
@@ -287,3 +288,33 @@ def test_decattack_setting_reproduces_their_figure_1() -> None:
         == [3, 2, 7, 30]
     drawn = decattack_graph([f"p{i}" for i in range(20)], 3, seed=0)
     assert len(hops(drawn, ["p0"])) == 20 and all(q in drawn[p] for q in drawn for p in drawn[q])
+
+
+def test_exact_determination_agrees_where_float_is_well_conditioned_and_sees_past_the_cut() -> None:
+    members = [f"p{i}" for i in range(8)]
+    graph = build_graph("er:3", members, seed=2)
+    w, exact_w = mixing_matrix(graph, members), mixing_fractions(graph, members)
+    for attackers, steps, rounds in ((["p0"], 1, 3), (["p0", "p5"], 2, 2), (["p0"], 1, 1)):
+        knowledge = build_knowledge(graph, members, w, attackers, steps=steps, rounds=rounds)
+        assert exact_determined(graph, members, exact_w, attackers, steps=steps, rounds=rounds) \
+            == determined_unknowns(knowledge)
+    # Async: the same events give the same answer as the float system of the test above.
+    update, x0 = _planted(2, 1)
+    view, truth = simulate_async(graph, members, w, ["p0"], x0, steps=2, rounds=4, local_update=update,
+                                 drop_rate=0.1, seed=1, dtype=np.float64)
+    knowledge = build_async_knowledge(graph, members, w, ["p0"], steps=2, rounds=4, events=truth.events,
+                                      received=view.received)
+    assert exact_determined(graph, members, exact_w, ["p0"], steps=2, rounds=4, observed=knowledge.observed,
+                            events=truth.events) == determined_unknowns(knowledge)
+    # The star's leaves stay undetermined exactly too.
+    star = {"hub": ("a", "l1", "l2"), "a": ("hub",), "l1": ("hub",), "l2": ("hub",)}
+    order = ["hub", "a", "l1", "l2"]
+    det = exact_determined(star, order, mixing_fractions(star, order), ["a"], steps=1, rounds=6)
+    assert det == {("hub", 1): True, ("l1", 1): False, ("l2", 1): False}
+    # decAttack's n = 100, D = 6, one attacker, T = 30: rows W^t[j] near consensus fall below
+    # the float rank cut; in exact arithmetic every node is determined.
+    members = [f"p{i}" for i in range(100)]
+    graph = decattack_graph(members, 6, seed=3)
+    knowledge = build_knowledge(graph, members, mixing_matrix(graph, members), ["p0"], steps=1, rounds=30)
+    exact = exact_determined(graph, members, mixing_fractions(graph, members), ["p0"], steps=1, rounds=30)
+    assert sum(exact.values()) == 99 > sum(determined_unknowns(knowledge).values())
