@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attacker.gossip_algebra import X0, Knowledge, State
+from attacker.gossip_algebra import X0, Knowledge, State, check_inputs
 
 Position = tuple[int, int]  # (local step s >= 1, mix round r in 0..R-1)
 Reception = tuple[str, str, int, int]  # (sender, receiver, step, round) of a message that arrived
@@ -66,12 +66,7 @@ def build_async_knowledge(
     order = tuple(order)
     n = len(order)
     index = {p: i for i, p in enumerate(order)}
-    if steps < 1 or rounds < 1:
-        raise ValueError(f"steps and rounds must be >= 1, got {steps}, {rounds}")
-    if mixing.shape != (n, n) or set(graph) != set(order):
-        raise ValueError("mixing must be (n, n) in `order`, and order the graph's members")
-    if not attackers or any(a not in index for a in attackers):
-        raise ValueError(f"attackers {list(attackers)} must be members of the graph")
+    check_inputs(graph, order, mixing, attackers, steps, rounds)
     honest = [p for p in order if p not in set(attackers)]
     unknowns = tuple((p, s) for p in honest for s in range(1, steps + 1))
     knowns: tuple[tuple, ...] = (X0, *((a, s) for a in attackers for s in range(1, steps + 1)))

@@ -134,13 +134,18 @@ def _connected(n: int, edges: list[tuple[int, int]]) -> bool:
     return len(seen) == n
 
 
-def mixing_matrix(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule: str = "metropolis") -> np.ndarray:
-    """W in `order`'s index (float64); every row sums to one."""
+def _mixing_index(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule: str) -> dict[str, int]:
     if rule not in MIXINGS:
         raise ValueError(f"unknown mixing rule '{rule}' (known: {', '.join(MIXINGS)})")
     index = {p: i for i, p in enumerate(order)}
     if set(index) != set(graph):
         raise ValueError("order must list exactly the graph's members")
+    return index
+
+
+def mixing_matrix(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule: str = "metropolis") -> np.ndarray:
+    """W in `order`'s index (float64); every row sums to one."""
+    index = _mixing_index(graph, order, rule)
     n = len(order)
     w = np.zeros((n, n))
     deg = {p: len(graph[p]) for p in graph}
@@ -155,11 +160,7 @@ def mixing_matrix(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule:
 def mixing_fractions(graph: dict[str, tuple[str, ...]], order: Sequence[str],
                      rule: str = "metropolis") -> list[list[Fraction]]:
     """W exactly, in rationals (the same rule as mixing_matrix, whose floats round these)."""
-    if rule not in MIXINGS:
-        raise ValueError(f"unknown mixing rule '{rule}' (known: {', '.join(MIXINGS)})")
-    index = {p: i for i, p in enumerate(order)}
-    if set(index) != set(graph):
-        raise ValueError("order must list exactly the graph's members")
+    index = _mixing_index(graph, order, rule)
     n = len(order)
     w = [[Fraction(0)] * n for _ in range(n)]
     deg = {p: len(graph[p]) for p in graph}

@@ -43,6 +43,22 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _brute_force_determined(knowledge, run) -> dict:
+    """K rebuilt column by column by running the protocol (`run(update) -> view`) on one unit
+    update at a time; checked equal to knowledge.rows; then the determined set by plain ranks."""
+    columns = []
+    for node, step in knowledge.unknowns:
+        def unit(k: str, s: int, _x: np.ndarray, target=(node, step)) -> np.ndarray:
+            return np.ones(1) if (k, s) == target else np.zeros(1)
+        view = run(unit)
+        columns.append([view.observations[o][0] for o in knowledge.observed])
+    brute = np.array(columns).T
+    np.testing.assert_allclose(brute, knowledge.rows, atol=1e-12)
+    rank = np.linalg.matrix_rank(brute)
+    return {key: np.linalg.matrix_rank(np.vstack([brute, np.eye(len(columns))[i]])) == rank
+            for i, key in enumerate(knowledge.unknowns)}
+
+
 def _run(graph, members, w, attackers, *, steps, rounds, dtype=np.float64, model="exact",
          constant=False, drop_rate=0.0, seed=0):
     update, x0 = _planted(40, seed, constant)
@@ -119,19 +135,9 @@ def test_determined_set_matches_a_brute_force_rank_check() -> None:
     w = mixing_matrix(graph, members)
     attackers, steps, rounds = ["p0", "p5"], 2, 2
     knowledge = build_knowledge(graph, members, w, attackers, steps=steps, rounds=rounds)
-    # K again, column by column, by running the protocol on one unit update at a time.
-    columns = []
-    for node, step in knowledge.unknowns:
-        def unit(k: str, s: int, _x: np.ndarray, target=(node, step)) -> np.ndarray:
-            return np.ones(1) if (k, s) == target else np.zeros(1)
-        view, _ = simulate(graph, members, w, attackers, np.zeros(1), steps=steps,
-                           rounds=rounds, local_update=unit, dtype=np.float64)
-        columns.append([view.observations[o][0] for o in knowledge.observed])
-    brute = np.array(columns).T
-    np.testing.assert_allclose(brute, knowledge.rows, atol=1e-12)
-    rank = np.linalg.matrix_rank(brute)
-    expected = {key: np.linalg.matrix_rank(np.vstack([brute, np.eye(len(columns))[i]])) == rank
-                for i, key in enumerate(knowledge.unknowns)}
+    expected = _brute_force_determined(knowledge, lambda unit: simulate(
+        graph, members, w, attackers, np.zeros(1), steps=steps, rounds=rounds, local_update=unit,
+        dtype=np.float64)[0])
     update, x0 = _planted(5)
     view, _ = simulate(graph, members, w, attackers, x0, steps=steps, rounds=rounds,
                        local_update=update, dtype=np.float64)
@@ -223,18 +229,9 @@ def test_async_lossy_system_recovers_planted_values_and_marks_the_rest() -> None
     for key, value in sol.estimates.items():
         assert _rel(value, truth.updates[key]) <= 1e-9, key
     # K against brute force: the same seed replays the same event order with unit updates.
-    columns = []
-    for node, step in knowledge.unknowns:
-        def unit(k: str, s: int, _x: np.ndarray, target=(node, step)) -> np.ndarray:
-            return np.ones(1) if (k, s) == target else np.zeros(1)
-        unit_view, _ = simulate_async(graph, members, w, ["p0"], np.zeros(1), steps=steps, rounds=rounds,
-                                      local_update=unit, drop_rate=0.1, seed=seed, dtype=np.float64)
-        columns.append([unit_view.observations[o][0] for o in knowledge.observed])
-    brute = np.array(columns).T
-    np.testing.assert_allclose(brute, knowledge.rows, atol=1e-12)
-    rank = np.linalg.matrix_rank(brute)
-    expected = {key: np.linalg.matrix_rank(np.vstack([brute, np.eye(len(columns))[i]])) == rank
-                for i, key in enumerate(knowledge.unknowns)}
+    expected = _brute_force_determined(knowledge, lambda unit: simulate_async(
+        graph, members, w, ["p0"], np.zeros(1), steps=steps, rounds=rounds, local_update=unit,
+        drop_rate=0.1, seed=seed, dtype=np.float64)[0])
     assert sol.determined == expected == determined_unknowns(knowledge)
 
 
@@ -294,6 +291,7 @@ def test_exact_determination_agrees_where_float_is_well_conditioned_and_sees_pas
     members = [f"p{i}" for i in range(8)]
     graph = build_graph("er:3", members, seed=2)
     w, exact_w = mixing_matrix(graph, members), mixing_fractions(graph, members)
+    np.testing.assert_allclose(np.array(exact_w, dtype=float), w, atol=1e-15)
     for attackers, steps, rounds in ((["p0"], 1, 3), (["p0", "p5"], 2, 2), (["p0"], 1, 1)):
         knowledge = build_knowledge(graph, members, w, attackers, steps=steps, rounds=rounds)
         assert exact_determined(graph, members, exact_w, attackers, steps=steps, rounds=rounds) \
