@@ -187,7 +187,8 @@ def main() -> None:
         print(f"{label:20s} R={case.rounds:2d} determined {det:4.0%} >=30dB {rec:4.0%} | {cells}",
               flush=True)
 
-    print("\n## (b) share of honest nodes determined / reconstructed >= 30 dB, er:D")
+    graphs = "G(n, D / n), decAttack's draw" if args.decattack else "er:D"
+    print(f"\n## (b) share of honest nodes determined / reconstructed >= 30 dB, {graphs}")
     degrees = (3, 5, 8) if args.quick else (3, 4, 5, 6, 7, 8)
     # rounds 0: decAttack's consensus experiment, T = int(min(n D / 20 / |A|, n / 2)) (exp_erdos_renyi)
     settings = [x for x in (("exact R=1", "exact", 1, 1, 0.1), ("exact R=3", "exact", 3, 1, 0.1),
