@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ from gradleak.gossip_sim import (
     simulate,
     simulate_async,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package
+import gossip_share
+from gossip_share import save_figure
 
 TARGET_DB = 30.0
 # Gradients whose expected relative error (from public quantities) is above this are not
@@ -231,11 +236,6 @@ def main() -> None:
     print(f"\n{seconds:.0f} s; load average at end {load1[0]:.2f}")
     figure(Path(args.out), lines, table, degrees, lossy)
     if args.shares:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import gossip_share
-
         sys.argv = [sys.argv[0]]
         gossip_share.main()
 
@@ -262,12 +262,7 @@ def figure(out: Path, lines: dict, table: dict, degrees: Sequence[int], lossy: d
         axes[3].plot(list(hop), [np.mean(v) for v in hop.values()], marker="o", ms=3,
                      ls="-" if rate == 0 else "--", label=f"{label}, loss {rate:.0%}")
     axes[3].set(xlabel="hops to the attacker", ylabel="PSNR (dB)", title="(c) 10% message loss")
-    for ax in axes:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"figure: {out}")
+    save_figure(fig, axes, out)
 
 
 if __name__ == "__main__":

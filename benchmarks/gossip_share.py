@@ -287,6 +287,11 @@ def figure(out: Path, dec: dict, asy: dict, prec: dict, sizes: Sequence[int]) ->
     axes[4].axhline(1e-6, color="grey", ls=":")
     axes[4].set(xlabel="hops to the attacker (line)", ylabel="relative error of lr * g",
                 title="(f) precision by wire dtype and solver")
+    save_figure(fig, axes, out)
+
+
+def save_figure(fig, axes, out: Path) -> None:
+    """Legends, layout, and the PNG at `out` (shared with benchmarks/gossip_attack.py)."""
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()
