@@ -66,7 +66,7 @@ def decattack_cell(n: int, degree: int, natt: int, seeds: int, variant: str) -> 
     our earlier image table), 'our graph' (er:D, p = D / (n - 1), their T)."""
     members = [f"p{i}" for i in range(n)]
     attackers = members[:natt]
-    out: dict[str, list[float]] = {"all": [], "honest": [], "float": []}
+    out: dict[str, list[float]] = {"all": [], "honest": [], "float": [], "rref": []}
     for seed in range(seeds):
         graph = build_graph(f"er:{degree}", members, seed) if variant == "our graph" else \
             decattack_graph(members, degree, seed)
@@ -78,7 +78,40 @@ def decattack_cell(n: int, degree: int, natt: int, seeds: int, variant: str) -> 
         out["all"].append((natt + sum(det.values())) / n)
         out["honest"].append(sum(det.values()) / (n - natt))
         out["float"].append((natt + sum(num.values())) / n)
+        out["rref"].append(their_float_count(graph, members, natt, rounds) if variant == "theirs" else np.nan)
     return {k: np.array(v) for k, v in out.items()}
+
+
+def their_float_count(graph: dict, members: Sequence[str], natt: int, rounds: int) -> float:
+    """decAttack's own count, as their code computes it (our re-implementation): K over all n
+    columns (e_a, e_j, then W^t[j] for t < T, j over the attackers' neighbourhoods with
+    themselves), a Gauss-Jordan without partial pivoting taking the first entry above 1e-8,
+    entries below 1e-6 zeroed, a node counted when a reduced row has it as its only entry."""
+    w = mixing_matrix(graph, members)
+    index = {p: i for i, p in enumerate(members)}
+    seen = sorted({index[a] for a in members[:natt]} | {index[j] for a in members[:natt] for j in graph[a]})
+    power = np.eye(len(members))
+    rows = [power[i] for i in range(natt)]
+    for _ in range(rounds):
+        rows += [power[j] for j in seen]
+        power = w @ power
+    q = np.array(rows)
+    r = 0
+    for c in range(q.shape[1]):
+        hits = np.flatnonzero(np.abs(q[r:, c]) > 1e-8)
+        if hits.size == 0:
+            continue
+        q[[r, r + hits[0]]] = q[[r + hits[0], r]]
+        q[r] /= q[r, c]
+        for k in np.flatnonzero(np.abs(q[:, c]) > 1e-8):
+            if k != r:
+                q[k] -= q[k, c] * q[r]
+        r += 1
+        if r == q.shape[0]:
+            break
+    q[np.abs(q) < 1e-6] = 0
+    single = {int(np.flatnonzero(np.abs(row) > 1e-8)[0]) for row in q if np.count_nonzero(np.abs(row) > 1e-8) == 1}
+    return len(single) / len(members)
 
 
 def _rounds(variant: str, n: int, degree: int, natt: int) -> int:
@@ -102,6 +135,12 @@ def run_decattack(sizes: Sequence[int], seeds: int) -> dict:
                                  f"/{cell['float'].mean():4.0%}")
                 ts = ",".join(str(_rounds(variant, n, d, natt)) for d in DEGREES)
                 print(f"{variant:10s} {n:3d} {natt:3d} {ts:>12s} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
+    print("\ntheirs, all-nodes share: exact / by their own float RREF (1e-8 pivots, 1e-6 zeroing)")
+    for n in sizes:
+        for natt in (1, 2, 3):
+            cells = [f"{table[('theirs', n, natt, d)]['all'].mean():4.0%}/{table[('theirs', n, natt, d)]['rref'].mean():4.0%}"
+                     for d in DEGREES]
+            print(f"{'theirs':10s} {n:3d} {natt:3d} " + " ".join(f"{c:>10s}" for c in cells), flush=True)
     return table
 
 
