@@ -100,12 +100,7 @@ def build_knowledge(
     index = {p: i for i, p in enumerate(order)}
     if model not in MODELS:
         raise ValueError(f"unknown gradient model '{model}' (known: {', '.join(MODELS)})")
-    if steps < 1 or rounds < 1:
-        raise ValueError(f"steps and rounds must be >= 1, got {steps}, {rounds}")
-    if mixing.shape != (n, n) or set(graph) != set(order):
-        raise ValueError("mixing must be (n, n) in `order`, and order the graph's members")
-    if not attackers or any(a not in index for a in attackers):
-        raise ValueError(f"attackers {list(attackers)} must be members of the graph")
+    check_inputs(graph, order, mixing, attackers, steps, rounds)
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
     span = steps if (model == "exact" or window is None) else window
@@ -141,6 +136,17 @@ def build_knowledge(
     stacked = np.array([rows[o] for o in observed])
     return Knowledge(order, tuple(attackers), steps, rounds, model, unknowns, knowns, observed,
                      stacked[:, :p], stacked[:, p:], states)
+
+
+def check_inputs(graph: Mapping[str, Sequence[str]], order: Sequence[str], mixing: np.ndarray,
+                 attackers: Sequence[str], steps: int, rounds: int) -> None:
+    """The checks every knowledge builder makes; ValueError naming the bad input."""
+    if steps < 1 or rounds < 1:
+        raise ValueError(f"steps and rounds must be >= 1, got {steps}, {rounds}")
+    if mixing.shape != (len(order), len(order)) or set(graph) != set(order):
+        raise ValueError("mixing must be (n, n) in `order`, and order the graph's members")
+    if not attackers or any(a not in set(order) for a in attackers):
+        raise ValueError(f"attackers {list(attackers)} must be members of the graph")
 
 
 def _mix(z: np.ndarray, mixing: np.ndarray, graph: Mapping[str, Sequence[str]],
@@ -198,6 +204,22 @@ class Solution:
     def weights(self, node: str, step: int) -> np.ndarray | None:
         """x_node(step) if determined, else None."""
         return self.value_of(self.knowledge.weights_row(node, step))
+
+
+def determined_unknowns(knowledge: Knowledge) -> dict[tuple[str, int], bool]:
+    """Which unknowns the observations determine, from K alone (no values needed).
+
+    The same test as `solve` (relative rank cut RCOND, then |P_null e_i| <= NULL_TOL), for
+    counting shares over many graphs without simulating any values.
+    """
+    k = knowledge.rows
+    if k.shape[1] == 0:
+        return {}
+    _, sig, vt = np.linalg.svd(k, full_matrices=False)
+    rank = int(np.sum(sig > RCOND * sig[0])) if sig.size and sig[0] > 0 else 0
+    inside = np.sum(vt[:rank] ** 2, axis=0)  # |P_row e_i|^2 for every unknown i
+    return {key: bool(np.sqrt(max(1.0 - float(inside[i]), 0.0)) <= NULL_TOL)
+            for i, key in enumerate(knowledge.unknowns)}
 
 
 def solve(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -133,13 +134,18 @@ def _connected(n: int, edges: list[tuple[int, int]]) -> bool:
     return len(seen) == n
 
 
-def mixing_matrix(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule: str = "metropolis") -> np.ndarray:
-    """W in `order`'s index (float64); every row sums to one."""
+def _mixing_index(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule: str) -> dict[str, int]:
     if rule not in MIXINGS:
         raise ValueError(f"unknown mixing rule '{rule}' (known: {', '.join(MIXINGS)})")
     index = {p: i for i, p in enumerate(order)}
     if set(index) != set(graph):
         raise ValueError("order must list exactly the graph's members")
+    return index
+
+
+def mixing_matrix(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule: str = "metropolis") -> np.ndarray:
+    """W in `order`'s index (float64); every row sums to one."""
+    index = _mixing_index(graph, order, rule)
     n = len(order)
     w = np.zeros((n, n))
     deg = {p: len(graph[p]) for p in graph}
@@ -148,6 +154,21 @@ def mixing_matrix(graph: dict[str, tuple[str, ...]], order: Sequence[str], rule:
         for q in nbrs:
             w[i, index[q]] = 1.0 / (1 + max(deg[p], deg[q])) if rule == "metropolis" else 1.0 / (1 + deg[p])
         w[i, i] = 1.0 - w[i].sum()
+    return w
+
+
+def mixing_fractions(graph: dict[str, tuple[str, ...]], order: Sequence[str],
+                     rule: str = "metropolis") -> list[list[Fraction]]:
+    """W exactly, in rationals (the same rule as mixing_matrix, whose floats round these)."""
+    index = _mixing_index(graph, order, rule)
+    n = len(order)
+    w = [[Fraction(0)] * n for _ in range(n)]
+    deg = {p: len(graph[p]) for p in graph}
+    for p, nbrs in graph.items():
+        i = index[p]
+        for q in nbrs:
+            w[i][index[q]] = Fraction(1, 1 + (max(deg[p], deg[q]) if rule == "metropolis" else deg[p]))
+        w[i][i] = 1 - sum(w[i], Fraction(0))
     return w
 
 

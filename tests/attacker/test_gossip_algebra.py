@@ -6,11 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from attacker.gossip_algebra import X0, build_knowledge, solve
+from attacker.gossip_algebra import X0, build_knowledge, determined_unknowns, solve
+from attacker.gossip_async import build_async_knowledge, lockstep_events
 from attacker.gossip_attack import invert_gradients, node_status
+from attacker.gossip_exact import exact_determined
 from attacker.metrics import psnr
-from gradleak.core.graphs import build_graph, mixing_matrix
-from gradleak.gossip_sim import flat_parameters, sgd_update, simulate
+from gradleak.core.graphs import build_graph, hops, mixing_fractions, mixing_matrix
+from gradleak.gossip_sim import (
+    decattack_graph,
+    decattack_iterations,
+    flat_parameters,
+    sgd_update,
+    simulate,
+    simulate_async,
+)
 
 
 def _line(n: int) -> tuple[list[str], dict[str, tuple[str, ...]], np.ndarray]:
@@ -32,6 +41,22 @@ def _planted(d: int, seed: int = 0, constant: bool = False):
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _brute_force_determined(knowledge, run) -> dict:
+    """K rebuilt column by column by running the protocol (`run(update) -> view`) on one unit
+    update at a time; checked equal to knowledge.rows; then the determined set by plain ranks."""
+    columns = []
+    for node, step in knowledge.unknowns:
+        def unit(k: str, s: int, _x: np.ndarray, target=(node, step)) -> np.ndarray:
+            return np.ones(1) if (k, s) == target else np.zeros(1)
+        view = run(unit)
+        columns.append([view.observations[o][0] for o in knowledge.observed])
+    brute = np.array(columns).T
+    np.testing.assert_allclose(brute, knowledge.rows, atol=1e-12)
+    rank = np.linalg.matrix_rank(brute)
+    return {key: np.linalg.matrix_rank(np.vstack([brute, np.eye(len(columns))[i]])) == rank
+            for i, key in enumerate(knowledge.unknowns)}
 
 
 def _run(graph, members, w, attackers, *, steps, rounds, dtype=np.float64, model="exact",
@@ -110,19 +135,9 @@ def test_determined_set_matches_a_brute_force_rank_check() -> None:
     w = mixing_matrix(graph, members)
     attackers, steps, rounds = ["p0", "p5"], 2, 2
     knowledge = build_knowledge(graph, members, w, attackers, steps=steps, rounds=rounds)
-    # K again, column by column, by running the protocol on one unit update at a time.
-    columns = []
-    for node, step in knowledge.unknowns:
-        def unit(k: str, s: int, _x: np.ndarray, target=(node, step)) -> np.ndarray:
-            return np.ones(1) if (k, s) == target else np.zeros(1)
-        view, _ = simulate(graph, members, w, attackers, np.zeros(1), steps=steps,
-                           rounds=rounds, local_update=unit, dtype=np.float64)
-        columns.append([view.observations[o][0] for o in knowledge.observed])
-    brute = np.array(columns).T
-    np.testing.assert_allclose(brute, knowledge.rows, atol=1e-12)
-    rank = np.linalg.matrix_rank(brute)
-    expected = {key: np.linalg.matrix_rank(np.vstack([brute, np.eye(len(columns))[i]])) == rank
-                for i, key in enumerate(knowledge.unknowns)}
+    expected = _brute_force_determined(knowledge, lambda unit: simulate(
+        graph, members, w, attackers, np.zeros(1), steps=steps, rounds=rounds, local_update=unit,
+        dtype=np.float64)[0])
     update, x0 = _planted(5)
     view, _ = simulate(graph, members, w, attackers, x0, steps=steps, rounds=rounds,
                        local_update=update, dtype=np.float64)
@@ -195,3 +210,109 @@ def test_the_image_of_a_hop_2_node_is_recovered(dlg_lenet, digits) -> None:
     assert leak.weights_exact
     assert psnr(leak.reconstruction.images.detach().numpy()[0], truth_image.numpy()[0]) >= 30
     assert int(leak.reconstruction.labels[0]) == int(truth_label[0])
+
+
+def test_async_lossy_system_recovers_planted_values_and_marks_the_rest() -> None:
+    members = [f"p{i}" for i in range(8)]
+    graph = build_graph("er:3", members, seed=2)
+    w = mixing_matrix(graph, members)
+    steps, rounds, seed = 2, 4, 1
+    update, x0 = _planted(6, seed)
+    view, truth = simulate_async(graph, members, w, ["p0"], x0, steps=steps, rounds=rounds,
+                                 local_update=update, drop_rate=0.1, seed=seed, dtype=np.float64)
+    lagged = [ev for ev in truth.events for _, pos in ev.used if pos not in (None, (ev.step, ev.mix_round))]
+    assert truth.drops and lagged  # messages were lost and rounds used other rounds' messages
+    knowledge = build_async_knowledge(graph, members, w, ["p0"], steps=steps, rounds=rounds,
+                                      events=truth.events, received=view.received)
+    sol = solve(knowledge, view.observations, view.known)
+    assert 0 < len(sol.estimates) < len(knowledge.unknowns)
+    for key, value in sol.estimates.items():
+        assert _rel(value, truth.updates[key]) <= 1e-9, key
+    # K against brute force: the same seed replays the same event order with unit updates.
+    expected = _brute_force_determined(knowledge, lambda unit: simulate_async(
+        graph, members, w, ["p0"], np.zeros(1), steps=steps, rounds=rounds, local_update=unit,
+        drop_rate=0.1, seed=seed, dtype=np.float64)[0])
+    assert sol.determined == expected == determined_unknowns(knowledge)
+
+
+def test_async_line_far_nodes_are_not_determined_in_two_rounds() -> None:
+    members, graph, w = _line(6)
+    update, x0 = _planted(3, 0)
+    view, truth = simulate_async(graph, members, w, ["p0"], x0, steps=1, rounds=2, local_update=update,
+                                 drop_rate=0.1, seed=4, dtype=np.float64)
+    knowledge = build_async_knowledge(graph, members, w, ["p0"], steps=1, rounds=2, events=truth.events,
+                                      received=view.received)
+    det = determined_unknowns(knowledge)
+    # p1's two messages reach back at most to p2's first one, whatever the event order.
+    assert not any(det[(f"p{i}", 1)] for i in (3, 4, 5))
+    with pytest.raises(ValueError, match="before"):
+        build_async_knowledge(graph, members, w, ["p0"], steps=1, rounds=2, events=truth.events[::-1],
+                              received=view.received)
+
+
+def test_lockstep_events_rebuild_the_lockstep_system() -> None:
+    members = [f"p{i}" for i in range(8)]
+    graph = build_graph("er:3", members, seed=2)
+    w = mixing_matrix(graph, members)
+    lock = build_knowledge(graph, members, w, ["p0", "p3"], steps=2, rounds=3)
+    received = [(j, a, s, r) for a in ("p0", "p3") for j in graph[a] for s in (1, 2) for r in range(3)]
+    events = lockstep_events(graph, members, steps=2, rounds=3)
+    rebuilt = build_async_knowledge(graph, members, w, ["p0", "p3"], steps=2, rounds=3, events=events,
+                                    received=received)
+    assert set(rebuilt.observed) == set(lock.observed) and lock.unknowns == rebuilt.unknowns
+    np.testing.assert_allclose(rebuilt.states, lock.states, atol=1e-15)
+    assert determined_unknowns(rebuilt) == determined_unknowns(lock)
+
+
+def test_decattack_setting_reproduces_their_figure_1() -> None:
+    # El Mrini et al., Figure 1 (and src/consensus.py's example): attackers 0 and 1, T = 3.
+    edges = [(0, 2), (1, 2), (2, 3), (2, 4), (1, 5), (1, 7), (1, 8), (5, 9), (9, 10), (9, 11), (11, 6),
+             (7, 8), (7, 9), (7, 11)]
+    members = [f"n{i}" for i in range(12)]
+    adj: dict[str, set[str]] = {p: set() for p in members}
+    for a, b in edges:
+        adj[members[a]].add(members[b])
+        adj[members[b]].add(members[a])
+    graph = {p: tuple(sorted(v, key=members.index)) for p, v in adj.items()}
+    w = mixing_matrix(graph, members)
+    det = determined_unknowns(build_knowledge(graph, members, w, ["n0", "n1"], steps=1, rounds=3))
+    assert sorted(p for (p, _), ok in det.items() if not ok) == ["n3", "n4"]
+    # With T = 2 far fewer are: the count moves with T as their experiment does.
+    fewer = determined_unknowns(build_knowledge(graph, members, w, ["n0", "n1"], steps=1, rounds=2))
+    assert sum(fewer.values()) < sum(det.values())
+    # Their T = int(min(n * p / |A|, n / 2)) with p = D / 20, and G(n, D / n) connected.
+    assert [decattack_iterations(n, d, a) for n, d, a in ((20, 3, 1), (20, 6, 3), (50, 3, 1), (100, 6, 1))] \
+        == [3, 2, 7, 30]
+    drawn = decattack_graph([f"p{i}" for i in range(20)], 3, seed=0)
+    assert len(hops(drawn, ["p0"])) == 20 and all(q in drawn[p] for q in drawn for p in drawn[q])
+
+
+def test_exact_determination_agrees_where_float_is_well_conditioned_and_sees_past_the_cut() -> None:
+    members = [f"p{i}" for i in range(8)]
+    graph = build_graph("er:3", members, seed=2)
+    w, exact_w = mixing_matrix(graph, members), mixing_fractions(graph, members)
+    np.testing.assert_allclose(np.array(exact_w, dtype=float), w, atol=1e-15)
+    for attackers, steps, rounds in ((["p0"], 1, 3), (["p0", "p5"], 2, 2), (["p0"], 1, 1)):
+        knowledge = build_knowledge(graph, members, w, attackers, steps=steps, rounds=rounds)
+        assert exact_determined(graph, members, exact_w, attackers, steps=steps, rounds=rounds) \
+            == determined_unknowns(knowledge)
+    # Async: the same events give the same answer as the float system of the test above.
+    update, x0 = _planted(2, 1)
+    view, truth = simulate_async(graph, members, w, ["p0"], x0, steps=2, rounds=4, local_update=update,
+                                 drop_rate=0.1, seed=1, dtype=np.float64)
+    knowledge = build_async_knowledge(graph, members, w, ["p0"], steps=2, rounds=4, events=truth.events,
+                                      received=view.received)
+    assert exact_determined(graph, members, exact_w, ["p0"], steps=2, rounds=4, observed=knowledge.observed,
+                            events=truth.events) == determined_unknowns(knowledge)
+    # The star's leaves stay undetermined exactly too.
+    star = {"hub": ("a", "l1", "l2"), "a": ("hub",), "l1": ("hub",), "l2": ("hub",)}
+    order = ["hub", "a", "l1", "l2"]
+    det = exact_determined(star, order, mixing_fractions(star, order), ["a"], steps=1, rounds=6)
+    assert det == {("hub", 1): True, ("l1", 1): False, ("l2", 1): False}
+    # decAttack's n = 100, D = 6, one attacker, T = 30: rows W^t[j] near consensus fall below
+    # the float rank cut; in exact arithmetic every node is determined.
+    members = [f"p{i}" for i in range(100)]
+    graph = decattack_graph(members, 6, seed=3)
+    knowledge = build_knowledge(graph, members, mixing_matrix(graph, members), ["p0"], steps=1, rounds=30)
+    exact = exact_determined(graph, members, mixing_fractions(graph, members), ["p0"], steps=1, rounds=30)
+    assert sum(exact.values()) == 99 > sum(determined_unknowns(knowledge).values())
