@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--period", type=float, default=None, help="seconds between steps (default: the demo's)")
     ap.add_argument("--max-age", type=float, default=None,
                     help="attack.max_age_s: queued updates older than this are evicted (default: the demo's)")
+    ap.add_argument("--malicious", type=int, default=1,
+                    help="attack.count: colluding malicious peers (default 1); coverage is the pool's")
     ap.add_argument("--out", default="runs/bench-live")
     args = ap.parse_args()
     rows = []
@@ -132,6 +134,8 @@ def main() -> None:
         if args.period is not None:
             gossip["period_s"] = (args.period,)
         attack: dict[str, Any] = {} if args.max_age is None else {"max_age_s": args.max_age}
+        if args.malicious != 1:
+            attack["count"] = args.malicious
         cfg: RunConfig = from_dict({"out_dir": args.out, "peers": {"honest": n}, "gossip": gossip,
                                     "attack": attack, "telemetry": {"metrics_port": 0}}).validate()
         t0 = time.monotonic()

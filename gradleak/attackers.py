@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gradleak.runtime.malicious import COLLUDER
+from gradleak.runtime.malicious import COLLUDER, FROM_COLLUDER
 
 _SUMMED = ("received", "attacked", "pending", "in_flight", "captured", "dropped", "reconstructions",
            "failed", "models_received")
@@ -31,8 +31,9 @@ def _add(into: dict[str, int], more: Mapping[str, Any] | None) -> None:
 def pool_status(statuses: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The pooled `attacker` section of summary.json from each attacker's status (by id).
 
-    coverage: attacked / (received - updates left to another colluder), i.e. the share of
-    what the pool could attack that it attacked (one attacker: its own coverage).
+    coverage: attacked / (received - updates left to another colluder - the colluders' own
+    updates), i.e. the share of what the pool could attack that it attacked (one attacker:
+    its own coverage).
     latency_p50_s / latency_p95_s: the worst of the attackers' (quantiles do not add up).
     device: one name if all agree, else the list; lost: any attacker lost.
     """
@@ -49,7 +50,7 @@ def pool_status(statuses: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         _add(evicted, r.get("evicted"))
         _add(chosen, r.get("chosen"))
     out["evicted"], out["chosen"] = evicted, chosen
-    attackable = out["received"] - evicted.get(COLLUDER, 0)
+    attackable = out["received"] - evicted.get(COLLUDER, 0) - evicted.get(FROM_COLLUDER, 0)
     out["coverage"] = out["attacked"] / attackable if attackable > 0 else 0.0
     for q in ("latency_p50_s", "latency_p95_s"):
         values = [float(r[q]) for r in rows if r.get(q) is not None]
@@ -65,4 +66,4 @@ def pool_status(statuses: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["COLLUDER", "attacker_name", "pool_status"]
+__all__ = ["COLLUDER", "FROM_COLLUDER", "attacker_name", "pool_status"]

@@ -355,7 +355,7 @@ class Testbed:
                 queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
                 attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
                 model_strategy=a.strategy, transcript_subdir=spec.peer_id if several else None,
-                shared_pool=several and a.dedupe,
+                shared_pool=several and a.dedupe, colluders=tuple(s.peer_id for s in specs),
             ))
         members = [s.peer_id for s in specs] + honest_ids(cfg.peers.honest)
         placement = {**placement_record(cfg.gossip.topology, members, self.attacker_ids, cfg.seed),

@@ -79,3 +79,10 @@ def test_pool_status_sums_and_keeps_each_attacker() -> None:
     assert pooled["coverage"] == pytest.approx(7 / 15)  # the 3 left to a colluder were attackable elsewhere
     assert pooled["latency_p95_s"] == 2.5 and pooled["device"] == "cpu"
     assert pooled["per_attacker"]["peer-1.mallory"]["attacked"] == 3 and pooled["ids"] == ["mallory", "peer-1.mallory"]
+
+
+def test_pool_coverage_leaves_out_the_colluders_own_updates() -> None:
+    a = _status(10, 4, {"stale": 2, "from_colluder": 4}, 1.0)
+    b = _status(10, 5, {"from_colluder": 5}, 1.0)
+    pooled = pool_status({"mallory": a, "peer-1.mallory": b})
+    assert pooled["coverage"] == pytest.approx(9 / 11)  # 20 received, 9 of them a colluder's own

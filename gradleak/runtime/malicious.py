@@ -44,6 +44,9 @@ Report = Callable[[UpdateHeader, str, Reconstruction, float], None]
 
 LATENCY_WINDOW = 4096  # receive-to-score latencies kept for the status quantiles
 COLLUDER = "colluder"  # discard reason: a colluding attacker already took this update
+# Refusal reason: the update comes from a colluder, whose batch the pool already holds
+# (there is no truth behind it to score, and nothing private to learn).
+FROM_COLLUDER = "from_colluder"
 # update id -> True if this attacker may attack it (the colluders' shared pool), else False
 Claim = Callable[[str], bool]
 
@@ -89,7 +92,7 @@ class MaliciousPeer:
         fetch_weights: FetchWeights, report: Report, input_shape: tuple[int, int, int],
         num_classes: int, queue_size: int = 16, max_batch_size: int = 8,
         max_age_s: float | None = None, device: str = "auto", observer: Observer | None = None,
-        claim: Claim | None = None,
+        claim: Claim | None = None, colluders: Sequence[str] = (),
     ) -> None:
         if not attacks and not fallback:
             raise ValueError("need attacks to run, or a fallback chain to choose from")
@@ -105,6 +108,7 @@ class MaliciousPeer:
         self._max_batch = max_batch_size
         self._observer: Observer = observer or _Silent()
         self._claim = claim
+        self._colluders = frozenset(colluders)
         self.scheduler = Scheduler(queue_size, max_age_s=max_age_s, on_evict=self._evicted)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,7 +147,9 @@ class MaliciousPeer:
         payload = Captured(update, time.time())
         self._observer.received(h)
         group = (h.num_samples, h.defence)
-        if h.num_samples > self._max_batch:
+        if h.origin in self._colluders:
+            self.scheduler.refuse(h.update_id, group, FROM_COLLUDER, payload)
+        elif h.num_samples > self._max_batch:
             self.scheduler.refuse(h.update_id, group, "batch_too_large", payload)
         else:
             self.scheduler.put(h.update_id, group, payload)

@@ -79,6 +79,7 @@ class MaliciousNode(PeerNode):
         max_batch_size: int = 8, max_age_s: float | None = None, device: str = "auto",
         attack_threads: int = 1, run_dir: str | None = None, transcript_bytes: int = 0,
         model_strategy: str = "honest", transcript_subdir: str | None = None, shared_pool: bool = False,
+        colluders: tuple[str, ...] = (),
     ) -> None:
         if model_strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown model strategy '{model_strategy}' (known: {', '.join(STRATEGY_NAMES)})")
@@ -98,6 +99,7 @@ class MaliciousNode(PeerNode):
         self._max_age_s = max_age_s
         self._max_batch_size = max_batch_size
         self._device = device
+        self._colluders = tuple(c for c in colluders if c != spec.peer_id)  # the other malicious peers
         self._shared_pool = shared_pool and evaluator is not None  # colluders: the evaluator holds the claims
         self.model_strategy = model_strategy
         self._active: StateOverride | None = None  # accept_update may run before __init__ ends
@@ -117,7 +119,7 @@ class MaliciousNode(PeerNode):
             input_shape=self.spec.input_shape, num_classes=self.spec.num_classes,
             queue_size=self._queue_size, max_batch_size=self._max_batch_size,
             max_age_s=self._max_age_s, device=self._device, observer=_PromObserver(self.metrics),
-            claim=self._claim if self._shared_pool else None,
+            claim=self._claim if self._shared_pool else None, colluders=self._colluders,
         )
         return self.malicious
 

@@ -307,3 +307,20 @@ def test_a_colluder_leaves_an_update_another_took_to_it(digits_data, lenet) -> N
         assert claims == {"h/r0": "me", "h/r1": "other", "h/r2": "me"}
     finally:
         mal.stop()
+
+
+def test_updates_from_a_colluder_are_refused_not_attacked(digits_data, lenet) -> None:
+    # A colluder's own updates carry no private batch of an honest peer: attacking them only
+    # burns the worker's time (the evaluator has no truth to score them against).
+    _peer, mal, gate, reports, _f = _setup(digits_data, lenet, queue_size=4, colluders=("c",))
+    gate.release.set()
+    mal.start()
+    try:
+        mal.accept_update(_update(lenet, 0, origin="c"))
+        mal.accept_update(_update(lenet, 1, origin="h"))
+        assert mal.wait_idle(10)
+        st = mal.status()
+        assert [r[0] for r in reports] == ["h/r1"] and st["attacked"] == 1
+        assert st["evicted"] == {"from_colluder": 1} and _balanced(st)
+    finally:
+        mal.stop()
