@@ -73,6 +73,8 @@ from attacker.api import (
     checked_targets,
     private_copy,
     register_attack,
+    simulated_steps,
+    update_model,
 )
 from attacker.inversion import Callback, match_gradients
 from attacker.labels import recover_labels
@@ -199,11 +201,16 @@ class Analytic(Attack):
         stats = problem.analytic_stats(self.name, raw64, layer_stats, 0.0)
         stats["analytic_seconds"] = time.perf_counter() - start
         raw = raw64.to(problem.targets[0].dtype)
+        # A delta of several local steps is solved as if it were one gradient (first order);
+        # under multi_step "exact" the polish then matches the simulated local steps from that
+        # image, which the first-order residual cannot judge, so it always runs.
+        simulate = simulated_steps(self.config, obs)
         if callback is not None and callback(0, raw.clamp(0.0, 1.0)):
             stats["stop_reason"] = "callback"
-        elif not stats["relative_grad_distance"] <= self.polish_above:
+        elif simulate is not None or not stats["relative_grad_distance"] <= self.polish_above:
             raw = self._polish(victim, problem.targets, raw, problem.labels, stats,
-                               problem.norm2, callback)
+                               problem.norm2, callback, simulate)
+        stats["update_model"] = update_model(obs, simulate is not None)
         stats["seconds"] = time.perf_counter() - start
         return reconstruction(raw, problem.labels, stats)
 
@@ -319,14 +326,16 @@ class Analytic(Attack):
             except ValueError as exc:
                 raise ValueError(f"update {j}: {exc}") from exc
         for members in groups.values():
-            solved = self._solve_stack([problems[j] for j in members],
-                                       [chains[j] for j in members], callback)
+            solved = self._solve_stack([problems[j] for j in members], [chains[j] for j in members],
+                                       callback, [simulated_steps(self.config, observations[j]) for j in members],
+                                       [observations[j] for j in members])
             out.update(zip(members, solved, strict=True))
         return [out[j] for j in range(len(observations))]
 
     def _solve_stack(
         self, problems: list[Problem], chains: list[list[Layer]],
         callback: Callable[[int, list[torch.Tensor]], bool | None] | None,
+        simulates: list[tuple[int, float] | None], observations: list[Observation],
     ) -> list[Reconstruction]:
         start = time.perf_counter()
         k = len(problems)
@@ -340,13 +349,14 @@ class Analytic(Attack):
         stack_seconds = time.perf_counter() - start
         stopped = callback is not None and bool(callback(0, [r.clamp(0.0, 1.0) for r in raws]))
         recons = []
-        for p, raw, st in zip(problems, raws, stats, strict=True):
+        for p, raw, st, simulate, obs in zip(problems, raws, stats, simulates, observations, strict=True):
             st.update(analytic_seconds=stack_seconds / k, stacked=k, stack_seconds=stack_seconds)
             polish_start = time.perf_counter()
             if stopped:
                 st["stop_reason"] = "callback"
-            elif not st["relative_grad_distance"] <= self.polish_above:
-                raw = self._polish(p.victim, p.targets, raw, p.labels, st, p.norm2, None)
+            elif simulate is not None or not st["relative_grad_distance"] <= self.polish_above:
+                raw = self._polish(p.victim, p.targets, raw, p.labels, st, p.norm2, None, simulate)
+            st["update_model"] = update_model(obs, simulate is not None)
             st["seconds"] = stack_seconds / k + time.perf_counter() - polish_start
             recons.append(reconstruction(raw, p.labels, st))
         return recons
@@ -359,21 +369,28 @@ class Analytic(Attack):
     def _polish(
         self, victim: nn.Module, targets: list[torch.Tensor], raw: torch.Tensor,
         labels: torch.Tensor, stats: dict[str, Any], norm2: float, callback: Callback | None,
+        simulate: tuple[int, float] | None = None,
     ) -> torch.Tensor:
-        """iDLG's L-BFGS gradient matching from the analytic image; the better one wins."""
+        """iDLG's L-BFGS gradient matching from the analytic image; the better one wins.
+
+        With `simulate` (local_steps, local_lr) the matching is of the simulated FedAvg
+        delta; its best iterate is never worse than the start, so it is kept."""
         config = self.config
         line_search = IDLG_LINE_SEARCH if config.line_search == "auto" else config.line_search
         result = match_gradients(
             victim, targets, raw.detach().clone().requires_grad_(True), hard_labels=labels,
             max_iters=config.max_iters, inner=config.lbfgs_inner, lr=config.lr,
             history=config.lbfgs_history, line_search=line_search, grad_tol=config.grad_tol,
-            patience=config.patience, callback=callback,
+            patience=config.patience, callback=callback, simulate=simulate,
         )
         stats.update(
             iterations=result.iterations, polished_steps=result.iterations,
             evaluations=1 + result.evaluations, stop_reason=result.stop_reason,
             diverged=result.diverged,
         )
+        if simulate is not None and bool(torch.isfinite(result.images).all()):
+            stats["simulated_distance"] = result.distance
+            return result.images.detach()
         if result.distance < stats["analytic_grad_distance"]:
             stats["grad_distance"] = result.distance
             stats["relative_grad_distance"] = result.distance / norm2 if norm2 > 0 else float("inf")

@@ -81,7 +81,7 @@ def cells(attacks: list[str], fedavg_steps: list[int]) -> list[tuple[str, int, s
     out = []
     for state, steps in [("init", 0), ("trained", 0), *[(f"fedavg K={k}", k) for k in fedavg_steps]]:
         for name in [BASELINE, *attacks]:
-            exact_too = steps > 0 and name in ("dlg", "idlg", "ig")
+            exact_too = steps > 0 and name in ("analytic", "dlg", "idlg", "ig")
             for mode in (["exact", "first_order"] if exact_too else ["first_order" if steps else "-"]):
                 out.append((state, steps, name, mode))
     return out
