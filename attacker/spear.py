@@ -134,6 +134,8 @@ def recover_inputs(
     """
     dw = weight_grad.detach().to(torch.float64)
     db = bias_grad.detach().to(torch.float64).flatten()
+    if not (bool(torch.isfinite(dw).all()) and bool(torch.isfinite(db).all())):
+        raise ValueError("spear needs a finite first-layer gradient (it holds NaN or inf)")
     u, s, vh = torch.linalg.svd(dw, full_matrices=False)  # (m, r), (r,), (r, d)
     rank = int((s > params.rank_tol * s[0]).sum()) if s[0] > 0 else 0
     b = min(rank, batch_size)
@@ -165,6 +167,10 @@ def _sparse_directions(
     if b == 1:
         return u.new_ones((1, 1)), 0
     need = b - 1 + max(2, math.ceil(params.min_zero_share * (m - b + 1)))
+    if m < need:
+        # Too few live units (a trained network leaves many dead for a whole batch): no
+        # direction can be confirmed by enough zeros, so there is nothing to search for.
+        return u.new_zeros((b, 0)), 0
     found: list[tuple[int, torch.Tensor]] = []  # (zeros, q)
     trials = 0
     # The chance of a hit is ~b 2^-(b-1): small batches need far fewer subsets per step.

@@ -53,3 +53,45 @@ def test_batch_larger_than_the_layer_allows_is_refused():
                       num_classes=10)
     with pytest.raises(ValueError, match="larger than spear can split"):
         create_attack("spear").reconstruct(model, big)
+
+
+def test_too_few_live_units_give_no_direction_rather_than_an_error():
+    # A trained network leaves most first-layer units dead for a whole batch: fewer live
+    # rows than a direction needs zeros. The search used to fail inside topk ("selected
+    # index k out of range"); now it reports nothing found.
+    from attacker.spear import SpearConfig, _sparse_directions
+
+    u = torch.randn((3, 6), dtype=torch.float64)  # 3 live units, batch 6
+    q, trials = _sparse_directions(u, 1e-8, SpearConfig(), torch.Generator().manual_seed(0))
+    assert q.shape == (6, 0) and trials == 0
+
+
+def test_non_finite_gradient_is_refused_with_a_reason():
+    model, _x, _y, obs = _update("relu-mlp", 2, seed=3)
+    grads = list(obs.gradients)
+    grads[0] = grads[0].clone()
+    grads[0][0, 0] = float("nan")
+    bad = Observation(gradients=tuple(grads), batch_size=2, input_shape=obs.input_shape, num_classes=10)
+    with pytest.raises(ValueError, match="finite"):
+        create_attack("spear", AttackConfig(seed=0)).reconstruct(model, bad)
+
+
+def test_a_trained_relu_mlp_still_gives_batch1_images_exactly():
+    torch.manual_seed(0)
+    model = create_model("relu-mlp", in_channels=3, num_classes=10, image_size=8)
+    gen = torch.Generator().manual_seed(1)
+    xs, ys = torch.rand((256, 3, 8, 8), generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(150):  # fit random labels: many units die, logits grow confident
+        loss = torch.nn.functional.cross_entropy(model(xs), ys)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for batch in (1, 4):
+        x, y = xs[:batch], ys[:batch]
+        obs = Observation(gradients=compute_gradients(model, x, y), batch_size=batch,
+                          input_shape=(3, 8, 8), num_classes=10)
+        rec = create_attack("spear", AttackConfig(seed=0, time_budget_s=3)).reconstruct(model, obs)
+        assert rec.images.shape == x.shape  # runs and scores, whatever it found
+        if batch == 1:
+            assert (rec.images - x).abs().max() < 1e-4
