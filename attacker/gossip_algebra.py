@@ -38,6 +38,9 @@ import numpy as np
 
 MODELS = ("exact", "constant")
 RCOND = 1e-10  # singular values below this share of the largest count as zero
+# The same for float64 observations (gossip.model_dtype float64): K is exact to float64
+# rounding, and the observations no longer hide what its small singular values carry.
+RCOND_FLOAT64 = 1e-13
 NULL_TOL = 1e-6  # |component outside row space(K)| / |row| at most this: determined
 X0 = ("x0",)  # the key of the known initial model
 
@@ -258,7 +261,8 @@ def solve(
     if p == 0:
         return Solution(knowledge, {}, {}, {}, {}, {}, 0, np.zeros((0, 0)), np.zeros((0, y.shape[1])), v)
     u, sig, vt = np.linalg.svd(k, full_matrices=False)
-    rank = int(np.sum(sig > RCOND * sig[0])) if sig.size and sig[0] > 0 else 0
+    rcond = RCOND_FLOAT64 if input_eps < 1e-12 else RCOND
+    rank = int(np.sum(sig > rcond * sig[0])) if sig.size and sig[0] > 0 else 0
     basis = vt[:rank].T  # (p, rank)
     pinv = basis / sig[:rank] @ u[:, :rank].T  # (p, m)
     solved = pinv @ b  # (p, d)

@@ -69,9 +69,10 @@ def true_updates(cfg: RunConfig) -> dict[tuple[str, int], np.ndarray]:
             u = np.float32(sp.lr) * g.detach().numpy().astype(np.float32)  # as the peer's float32 step
             out[(p, s)] = u.astype(np.float64)
             z[i] = (x[i].astype(np.float32) - u).astype(np.float64)
-        for _ in range(cfg.gossip.mix_rounds):  # the peers round to float32 after every round
-            z = (w @ z).astype(np.float32).astype(np.float64)
-        x = z
+        wide = cfg.gossip.model_dtype == "float64"
+        for _ in range(cfg.gossip.mix_rounds):  # float32 models: rounded after every round
+            z = w @ z if wide else (w @ z).astype(np.float32).astype(np.float64)
+        x = z.astype(np.float32).astype(np.float64)  # the peer's model is float32 either way
     return out
 
 
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="R, averaging rounds per step")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--budget", type=float, default=60.0)
+    parser.add_argument("--model-dtype", default="float32", choices=("float32", "float64"),
+                        help="gossip.model_dtype: what models are averaged and sent in")
     parser.add_argument("--out", default="/tmp/gradleak-leak-live")
     args = parser.parse_args()
     load0 = os.getloadavg()[0]
@@ -88,7 +91,7 @@ def main() -> None:
         seed=3, out_dir=args.out, data=DataConfig(limit=1500),
         peers=PeerConfig(honest=args.honest, batch_sizes=(1,), optimizer="sgd", lr=0.3),
         gossip=GossipConfig(sync="rounds", rounds=args.steps, exchange="models", topology="line",
-                            mix_rounds=args.rounds, period_s=(0.0,)),
+                            mix_rounds=args.rounds, period_s=(0.0,), model_dtype=args.model_dtype),
         attack=AttackSettings(attacks=("idlg",), drain_timeout_s=2, transcript_bytes=256 << 20,
                               gossip_budget_s=args.budget),
         telemetry=TelemetryConfig(metrics_port=0),

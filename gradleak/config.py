@@ -110,6 +110,7 @@ class PeerConfig:
 SYNC_MODES = ("async", "rounds")
 EXCHANGES = ("gradients", "models")
 MIXINGS = ("metropolis", "uniform")  # gradleak.core.graphs.MIXINGS
+MODEL_DTYPES = ("float32", "float64")  # p2p.model_gossip.MODEL_DTYPES
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,10 @@ class GossipConfig:
     mixing: str = "metropolis"  # model gossip's mixing weights: metropolis (Metropolis-Hastings) | uniform
     mix_rounds: int = 1  # model gossip: averaging rounds per local step
     drop: float = 0.0  # model gossip: probability each outgoing model message is lost (seeded per sender)
+    # Model gossip: the dtype peers average and send models in. float32 is what deployments
+    # send; float64 keeps every round's average exact to 1e-16, so the gossip algebra recovers
+    # far nodes' values to <= 1e-6 (docs/decentralised.md (f)). The model itself stays float32.
+    model_dtype: str = "float32"
 
     def validate(self) -> None:
         from p2p.aggregate import parse_aggregate
@@ -201,6 +206,9 @@ class GossipConfig:
             raise ConfigError(f"drop must be a probability in [0, 1), got {self.drop}")
         if self.drop > 0 and self.exchange != "models":
             raise ConfigError("drop applies to model gossip only (--gossip models)")
+        _known("model dtype", self.model_dtype, MODEL_DTYPES)
+        if self.model_dtype != "float32" and self.exchange != "models":
+            raise ConfigError("model_dtype applies to model gossip only (--gossip models)")
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,9 @@ FLAGS: dict[str, Flag] = {
                      "Hastings, doubly stochastic) or uniform (1 / (1 + degree))", ("metropolis", "uniform")),
     "--mix-rounds": Flag("gossip", "mix_rounds", int, "model gossip: averaging rounds per local step",
                          metavar="R"),
+    "--model-dtype": Flag("gossip", "model_dtype", str, "model gossip: the dtype models are averaged "
+                          "and sent in (float64: exact averages, for exact reproductions of the gossip "
+                          "algebra; the model stays float32)", ("float32", "float64")),
     "--drop": Flag("gossip", "drop", float, "model gossip: probability each outgoing model message is "
                    "lost (seeded per sender; its weight goes to the receiver's own model)", metavar="P"),
     "--peers-per-process": Flag("peers", "per_process", int,

@@ -57,6 +57,7 @@ def peer_spec(cfg: RunConfig, i: int, peer_id: str, *, role: str, shard: Shard, 
         known_defences=header_defences((*pc.defences, "none"), secagg_name),
         known_batch_sizes=tuple(sorted(set(pc.batch_sizes))),
         run_seed=cfg.seed, exchange=gc.exchange, mixing=gc.mixing, mix_rounds=gc.mix_rounds, drop=gc.drop,
+        model_dtype=gc.model_dtype,
         **extra,
     )
 

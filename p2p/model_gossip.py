@@ -37,6 +37,8 @@ from p2p.update import Update
 WEIGHT_TOLERANCE = 1e-9  # a header's mixing weight must be the receiver's W entry to this
 Position = tuple[int, int]  # (local step, mix round)
 STEP_WINDOW = 64  # a model message more steps behind this peer's own is refused
+# What models are averaged and sent in: float32 as deployed; float64 keeps each round exact.
+MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class ModelGossip:
 
     def __init__(self, peer_id: str, weights: Mapping[str, float], *, mix_rounds: int, lockstep: bool,
                  shapes: Mapping[str, tuple[int, ...]], max_round: int | None = None,
-                 max_norm: float = math.inf, max_pending_per_origin: int = 32) -> None:
+                 max_norm: float = math.inf, max_pending_per_origin: int = 32,
+                 dtype: torch.dtype = torch.float32) -> None:
         if mix_rounds < 1 or mix_rounds >= 1024:
             raise ValueError(f"mix_rounds must be in 1..1023, got {mix_rounds}")
         if peer_id not in weights or abs(sum(weights.values()) - 1.0) > 1e-6:
@@ -87,6 +90,9 @@ class ModelGossip:
         self.max_round = max_round
         self.max_norm = max_norm
         self.max_pending = max_pending_per_origin
+        if dtype not in MODEL_DTYPES.values():
+            raise ValueError(f"model gossip dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype}")
+        self.dtype = dtype
         self.stats = {"received": 0, "used": 0, "missing": 0, "late": 0}
         self._lock = threading.Lock()
         self._inbox: dict[str, dict[Position, tuple[Update, float]]] = {p: {} for p in self.neighbours}
@@ -150,7 +156,7 @@ class ModelGossip:
     def start(self, step: int, half_step: Mapping[str, torch.Tensor]) -> None:
         """Begin step `step` with z = the half-step h."""
         with self._lock:
-            self._z = {n: t.detach().cpu().clone() for n, t in half_step.items()}
+            self._z = {n: t.detach().cpu().to(self.dtype, copy=True) for n, t in half_step.items()}
             self._at = (step, 0)
             # Slots of long-past steps are forgotten; accept() refuses those steps instead.
             self._slots = {slot for slot in self._slots if slot[1] >= step - STEP_WINDOW}

@@ -142,12 +142,16 @@ def test_model_gossip_flags_reach_the_config_and_bad_combinations_are_refused() 
     g = cfg.gossip
     assert (g.exchange, g.mixing, g.mix_rounds, g.drop) == ("models", "uniform", 3, 0.1)
     assert _cfg().gossip.exchange == "gradients"  # the default keeps gradient gossip
+    assert _cfg("--gossip", "models", "--optimizer", "sgd", "--model-dtype", "float64").gossip.model_dtype == "float64"
     for argv, needle in ((["--gossip", "models"], "--optimizer sgd"),
                          (["--gossip", "models", "--optimizer", "sgd", "--defence", "fp16"], "defences"),
                          (["--gossip", "weights"], "unknown gossip exchange"),
                          (["--mixing", "random"], "unknown mixing rule"),
                          (["--gossip", "models", "--optimizer", "sgd", "--mix-rounds", "0"], "mix_rounds"),
                          (["--gossip", "models", "--optimizer", "sgd", "--drop", "1"], "drop"),
-                         (["--drop", "0.1"], "model gossip only")):
+                         (["--drop", "0.1"], "model gossip only"),
+                         (["--model-dtype", "float64"], "model gossip only"),
+                         (["--gossip", "models", "--optimizer", "sgd", "--model-dtype", "float16"],
+                          "unknown model dtype")):
         with pytest.raises(ConfigError, match=needle):
             _cfg(*argv)

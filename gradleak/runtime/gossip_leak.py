@@ -101,7 +101,9 @@ def shared_model(public: GossipPublic, input_shape: tuple[int, int, int], num_cl
 
 
 def _flat(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> np.ndarray:
-    return np.concatenate([tensors[n].detach().to(torch.float32).reshape(-1).numpy() for n in names])
+    # float64 messages (gossip.model_dtype) stay float64: the algebra's error bound reads the dtype.
+    dtype = torch.float64 if any(tensors[n].dtype == torch.float64 for n in names) else torch.float32
+    return np.concatenate([tensors[n].detach().to(dtype).reshape(-1).numpy() for n in names])
 
 
 def transcript_inputs(reader: TranscriptReader, public: GossipPublic, x0: np.ndarray,

@@ -21,7 +21,7 @@ import torch
 
 from gradleak.core.graphs import build_graph, mixing_weights
 from p2p.errors import TransportError
-from p2p.model_gossip import MixRow, ModelGossip, own_update_id
+from p2p.model_gossip import MODEL_DTYPES, MixRow, ModelGossip, own_update_id
 from p2p.peer import Batch, Peer
 from p2p.transport import GossipClient
 from p2p.update import Update, UpdateHeader
@@ -59,7 +59,8 @@ def model_gossip_for(spec: Any, shapes: dict[str, tuple[int, ...]]) -> ModelGoss
     return ModelGossip(spec.peer_id, mixing_weights(graph, spec.peer_id, spec.mixing),
                        mix_rounds=spec.mix_rounds, lockstep=spec.lockstep, shapes=shapes,
                        max_round=spec.inbox.max_round, max_norm=spec.max_update_norm,
-                       max_pending_per_origin=spec.inbox.max_pending_per_origin)
+                       max_pending_per_origin=spec.inbox.max_pending_per_origin,
+                       dtype=MODEL_DTYPES[spec.model_dtype])
 
 
 class ModelExchange:

@@ -98,6 +98,7 @@ class PeerSpec:
     mixing: str = "metropolis"  # model gossip's mixing weights (gradleak.core.graphs.MIXINGS)
     mix_rounds: int = 1  # model gossip: averaging rounds per local step
     drop: float = 0.0  # model gossip: probability an outgoing model message is dropped (seeded)
+    model_dtype: str = "float32"  # model gossip: the dtype models are averaged and sent in
 
 
 class PeerNode:

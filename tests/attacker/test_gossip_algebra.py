@@ -316,3 +316,16 @@ def test_exact_determination_agrees_where_float_is_well_conditioned_and_sees_pas
     knowledge = build_knowledge(graph, members, mixing_matrix(graph, members), ["p0"], steps=1, rounds=30)
     exact = exact_determined(graph, members, mixing_fractions(graph, members), ["p0"], steps=1, rounds=30)
     assert sum(exact.values()) == 99 > sum(determined_unknowns(knowledge).values())
+
+
+def test_float64_messages_determine_the_far_nodes_a_float32_wire_hides() -> None:
+    # A line of 20 and the attacker at its end, R = 20: exact arithmetic determines every
+    # node; float32 messages hide the far ones (the rank cut), float64 ones do not.
+    members, graph, w = _line(21)
+    exact = exact_determined(graph, members, mixing_fractions(graph, members), ["p0"], steps=1, rounds=20)
+    assert all(exact.values())
+    _, _, narrow = _run(graph, members, w, ["p0"], steps=1, rounds=20, dtype=np.float32)
+    _view, truth, wide = _run(graph, members, w, ["p0"], steps=1, rounds=20, dtype=np.float64)
+    assert sum(narrow.determined.values()) < 20 == sum(wide.determined.values())
+    near = [k for k in truth.updates if k[0] != "p0" and int(k[0][1:]) <= 15]
+    assert all(_rel(wide.estimates[k], truth.updates[k]) <= 1e-6 for k in near)

@@ -181,3 +181,22 @@ def test_codec_refuses_bad_model_headers(case: str) -> None:
         tensors = {"w": tensors["w"]}
     with pytest.raises(MalformedMessage):
         codec.update_from_frames(codec.update_to_frames(Update(header, tensors)), schema=SHAPES)
+
+
+def test_float64_gossip_keeps_every_round_exact_in_float64() -> None:
+    g = ModelGossip("a", ROW, mix_rounds=2, lockstep=True, shapes=SHAPES, max_round=10, dtype=torch.float64)
+    g.start(1, state(1.0))  # a float32 half-step, averaged and sent as float64
+    third = {n: torch.full(s, 1 / 3, dtype=torch.float64) for n, s in SHAPES.items()}
+    g.accept(message("b", 1, 0, third), 0.0)
+    g.accept(message("c", 1, 0, state(4.0)), 0.0)
+    g.average()
+    want = 0.5 * 1.0 + 0.3 * (1 / 3) + 0.2 * 4.0
+    z = g.current()
+    assert all(t.dtype == torch.float64 for t in z.values())
+    assert all(bool((t == torch.tensor(want, dtype=torch.float64)).all()) for t in z.values())
+    assert float(z["w"][0, 0]) != float(np.float32(want))  # float32 would have rounded it
+
+
+def test_an_unknown_gossip_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        ModelGossip("a", ROW, mix_rounds=1, lockstep=True, shapes=SHAPES, dtype=torch.float16)
