@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from attacker.label_counts import logit_label_counts
+from attacker.label_prior import LabelPrior, prior_label_counts
 
 if TYPE_CHECKING:
     from attacker.api import AttackConfig, Observation
@@ -193,6 +194,7 @@ def recover_labels(
     *,
     correct: bool = True,
     counts: str = "logits",
+    prior: LabelPrior | None = None,
 ) -> torch.Tensor:
     """The labels behind an update, as a sorted (B,) int64 tensor on the gradients' device.
 
@@ -203,7 +205,9 @@ def recover_labels(
     samples' features, if a change of up to two labels finds one
     (attacker.analytic_batch.search_labels), or one that separates it
     CORRECTION_GAIN times better than the counts do: this repairs the counts where the model
-    favours one class, e.g. the DLG-initialised LeNet. A batch gradient does not say
+    favours one class, e.g. the DLG-initialised LeNet. With `prior` (the attacker's own
+    labelled data, attacker.label_prior) the counts are the ones most likely under it,
+    searched from `counts`' answer too. A batch gradient does not say
     which sample had which label, so the order is arbitrary (sorted); scoring
     matches samples first.
 
@@ -215,14 +219,15 @@ def recover_labels(
     if batch_size == 1:
         label = recover_label_batch1(weight_grad, bias_grad)
         return torch.tensor([label], dtype=torch.int64, device=device)
-    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, counts)
+    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, counts, prior)
     if correct and bias_grad is not None and batch_size <= weight_grad.shape[0]:
         labels = _separable_labels(model, weight_grad, bias_grad, labels)[0]
     return labels
 
 
 def certified_labels(
-    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int,
+    prior: LabelPrior | None = None,
 ) -> torch.Tensor | None:
     """`recover_labels`' answer only where the gradient certifies it, else None.
 
@@ -237,7 +242,7 @@ def certified_labels(
     weight_grad, bias_grad = find_last_linear_grads(model, gradients)
     if bias_grad is None or batch_size > weight_grad.shape[0]:
         return None
-    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, "logits")
+    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, "logits", prior)
     corrected, exact = _separable_labels(model, weight_grad, bias_grad, labels)
     return corrected if exact else None
 
@@ -249,11 +254,13 @@ def _counted_labels(
     bias_grad: torch.Tensor | None,
     batch_size: int,
     method: str,
+    prior: LabelPrior | None = None,
 ) -> torch.Tensor:
     """The counts of `method` as sorted (B,) labels on the gradient's device.
 
     "logits" falls back to "bias" where it has no answer (no bias, or a gradient so
-    distorted that its lower bounds exceed the batch)."""
+    distorted that its lower bounds exceed the batch). With `prior`, those counts
+    are one start of attacker.label_prior's search."""
     if method not in COUNT_METHODS:
         raise ValueError(f"unknown count method '{method}' (known: {', '.join(COUNT_METHODS)})")
     counts = None
@@ -264,6 +271,9 @@ def _counted_labels(
             counts = None
     if counts is None:
         counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
+    if prior is not None:
+        counts = prior_label_counts(model, _last_linear(model), weight_grad, bias_grad,
+                                    batch_size, prior, starts=[counts])
     classes = torch.arange(counts.shape[0], device=counts.device)
     return torch.repeat_interleave(classes, counts).to(weight_grad.device)
 

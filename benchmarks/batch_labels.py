@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker.api import AttackConfig, Observation, compute_gradients, create_attack
+from attacker.label_prior import LabelPrior
 from attacker.labels import recover_labels
 from attacker.metrics import match_batch, psnr
 from benchmarks.data import colour_crops
@@ -61,36 +62,45 @@ def trained_lenet(images: torch.Tensor, labels: torch.Tensor, steps: int) -> tup
     return model, accuracy
 
 
+METHODS = ("bias", "logits", "prior")
+AUX = 200  # the attacker's own labelled samples: the last AUX of each data set, never in a batch
+
+
 def part_counts(cases, trials: int) -> None:
-    """cases: (name, model, images, labels) rows; every batch is fed to both methods."""
-    print("| data, model | B | exact: old | exact: new | per label: old | per label: new "
-          "| s/batch: old | s/batch: new |")
-    print("|---|---|---|---|---|---|---|---|")
+    """cases: (name, model, images, labels) rows; every batch is fed to every method.
+    Batches come from all but the last AUX samples; "prior" gets those as its aux data."""
+    print("| data, model | B | exact: " + " | exact: ".join(METHODS) + " | per label: "
+          + " | per label: ".join(METHODS) + " | s/batch: " + " | s/batch: ".join(METHODS) + " |")
+    print("|---" * (2 + 3 * len(METHODS)) + "|")
     for name, model, images, labels in cases:
+        pool = labels.numel() - AUX
+        prior = LabelPrior.from_data(images[pool:], labels[pool:], 10)
         for batch in (8, 32, 64):
             gen = torch.Generator().manual_seed(batch)
-            exact = {"bias": 0, "logits": 0}
-            per_label: dict[str, list[float]] = {"bias": [], "logits": []}
-            seconds = {"bias": 0.0, "logits": 0.0}
+            exact = dict.fromkeys(METHODS, 0)
+            per_label: dict[str, list[float]] = {m: [] for m in METHODS}
+            seconds = dict.fromkeys(METHODS, 0.0)
             for _ in range(trials):
-                idx = torch.randint(0, labels.numel(), (batch,), generator=gen)
+                idx = torch.randint(0, pool, (batch,), generator=gen)
                 grads = compute_gradients(model, images[idx], labels[idx])
                 truth = labels[idx]
-                for method in exact:
+                for method in METHODS:
                     start = time.perf_counter()
-                    got = recover_labels(model, grads, batch, correct=False, counts=method)
+                    got = recover_labels(model, grads, batch, correct=False,
+                                         counts="logits" if method == "prior" else method,
+                                         prior=prior if method == "prior" else None)
                     seconds[method] += time.perf_counter() - start
                     exact[method] += got.tolist() == sorted(truth.tolist())
                     per_label[method].append(label_accuracy(got, truth, 10))
-            print(f"| {name} | {batch} | {exact['bias']}/{trials} | {exact['logits']}/{trials} "
-                  f"| {statistics.mean(per_label['bias']):.3f} | {statistics.mean(per_label['logits']):.3f} "
-                  f"| {seconds['bias'] / trials:.4f} | {seconds['logits'] / trials:.4f} |", flush=True)
+            print(f"| {name} | {batch} | " + " | ".join(f"{exact[m]}/{trials}" for m in METHODS)
+                  + " | " + " | ".join(f"{statistics.mean(per_label[m]):.3f}" for m in METHODS)
+                  + " | " + " | ".join(f"{seconds[m] / trials:.4f}" for m in METHODS) + " |", flush=True)
 
 
 def more_model_cases(images: torch.Tensor, labels: torch.Tensor):
     """(name, model, images, labels): the other registered models at init."""
-    colour = torch.as_tensor(colour_crops(200, size=32, seed=0))
-    colour_labels = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(0))
+    colour = torch.as_tensor(colour_crops(400, size=32, seed=0))
+    colour_labels = torch.randint(0, 10, (400,), generator=torch.Generator().manual_seed(0))
     for name, init in (("mlp", "default"), ("mlp", "sigmoid"), ("relu-mlp", "default")):
         model = init_model(create_model(name, in_channels=1, num_classes=10, image_size=16), init, 0)
         yield f"digits, {name} {init} init", model, images, labels
@@ -99,12 +109,15 @@ def more_model_cases(images: torch.Tensor, labels: torch.Tensor):
         yield f"colour 32x32, {name} default init", model, colour, colour_labels
 
 
+TRAIN_STEPS = (20, 50, 100, 500)  # 500: past 0.90 held-out accuracy
+
+
 def count_cases(images: torch.Tensor, labels: torch.Tensor):
     """(name, model, images, labels): digits at three inits and in training, colour at two inits."""
     for init in ("dlg", "default", "sigmoid"):
         model = init_model(create_model("lenet", in_channels=1, num_classes=10, image_size=16), init, 0)
         yield f"digits, LeNet {init} init", model, images, labels
-    for steps in (20, 50, 100):
+    for steps in TRAIN_STEPS:
         model, accuracy = trained_lenet(images, labels, steps)
         yield f"digits, LeNet after {steps} steps (acc {accuracy:.2f})", model, images, labels
     colour = torch.as_tensor(colour_crops(400, size=32, seed=0))
