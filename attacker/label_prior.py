@@ -38,6 +38,7 @@ from torch import nn
 
 SHRINK = 0.3  # weight of the diagonal in each class covariance (0.1-0.3 measured alike)
 FLOOR = 1e-8  # relative ridge on the summed covariance: keeps it invertible
+FULL_COVARIANCE_CLASSES = 20  # D = K + K^2 entries: 420 at K = 20
 MAX_MOVES = 500  # local-search steps; each moves one sample between two classes
 
 
@@ -167,35 +168,53 @@ def prior_label_counts(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     observed = observed_terms(last.weight, last.bias, weight_grad, bias_grad, batch_size)
     mean, cov, seen = class_statistics(model, last, prior)
-    model_ = _Likelihood(observed, mean, cov)
+    # Diagonal first (cheap moves, most of the walk), then the full covariance.
+    likelihoods = [_Likelihood(observed, mean, cov, full) for full in (False, True)]
     candidates = [_rounded_start(observed, mean, cov, seen > 0, batch_size)]
     candidates += [s.detach().to(torch.int64).cpu() for s in starts or []
                    if s.shape == seen.shape and int(s.sum()) == batch_size and bool((s >= 0).all())]
     best, best_score = candidates[0], float("inf")
     for start in candidates:
-        counts, score = _local_search(start.clone(), model_, seen > 0)
+        counts = start.clone()
+        for likelihood in likelihoods:
+            counts, score = _local_search(counts, likelihood, seen > 0)
         if score < best_score:
             best, best_score = counts, score
     return best.to(weight_grad.device)
 
 
 class _Likelihood:
-    """Negative Gaussian log-likelihood (up to constants) of counts n given S."""
+    """Negative Gaussian log-likelihood (up to constants) of counts n given S.
 
-    def __init__(self, observed: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> None:
-        self.observed, self.mean, self.cov = observed, mean, cov
-        self.ridge = FLOOR * float(torch.diagonal(cov, dim1=1, dim2=2).mean()) + 1e-30
+    Full class covariances while D is small (K <= FULL_COVARIANCE_CLASSES), their
+    diagonals beyond (CIFAR-100's K = 100 would need 10^4 x 10^4 matrices)."""
+
+    def __init__(self, observed: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, full: bool) -> None:
+        self.observed, self.mean = observed, mean
+        self.full = full and mean.shape[0] <= FULL_COVARIANCE_CLASSES
+        self.cov = cov if self.full else torch.diagonal(cov, dim1=1, dim2=2)
+        diagonal = torch.diagonal(cov, dim1=1, dim2=2)
+        self.ridge = FLOOR * float(diagonal.mean()) + 1e-30
 
     def __call__(self, counts: torch.Tensor) -> float:
+        return float(self.moves(counts, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))[0])
+
+    def moves(self, counts: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """(M,) scores of counts with one sample moved from src[m] to dst[m] (src == dst: none)."""
         weights = counts.to(torch.float64)
-        spread = torch.einsum("c,cij->ij", weights, self.cov)
-        spread.diagonal().add_(self.ridge)
-        residual = self.observed - weights @ self.mean
+        spread = torch.tensordot(weights, self.cov, 1) + 0.0  # (D, D) or (D,)
+        shift = (src != dst).to(torch.float64)
+        spread = spread[None] + shift.view(-1, *[1] * spread.dim()) * (self.cov[dst] - self.cov[src])
+        residual = (self.observed - weights @ self.mean)[None] \
+            + shift[:, None] * (self.mean[src] - self.mean[dst])  # (M, D)
+        if not self.full:
+            spread = spread + self.ridge
+            return (residual ** 2 / spread + torch.log(spread)).sum(1)
+        spread.diagonal(dim1=1, dim2=2).add_(self.ridge)
         chol, info = torch.linalg.cholesky_ex(spread)
-        if int(info):
-            return float("inf")
-        solved = torch.cholesky_solve(residual[:, None], chol).flatten()
-        return float(residual @ solved + 2 * torch.log(torch.diagonal(chol)).sum())
+        solved = torch.cholesky_solve(residual[:, :, None], chol)[:, :, 0]
+        scores = (residual * solved).sum(1) + 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        return torch.where(info == 0, scores, torch.full_like(scores, float("inf")))
 
 
 def _rounded_start(
@@ -228,23 +247,20 @@ def _local_search(
 ) -> tuple[torch.Tensor, float]:
     """Move one sample between classes while the likelihood improves (best move first)."""
     current = score(counts)
-    targets = torch.nonzero(allowed).flatten().tolist()
+    targets = torch.nonzero(allowed).flatten()
     for _ in range(MAX_MOVES):
-        best_move, best = None, current
-        for src in torch.nonzero(counts).flatten().tolist():
-            for dst in targets:
-                if dst == src:
-                    continue
-                counts[src] -= 1
-                counts[dst] += 1
-                trial = score(counts)
-                counts[src] += 1
-                counts[dst] -= 1
-                if trial < best - 1e-9:
-                    best_move, best = (src, dst), trial
-        if best_move is None:
+        sources = torch.nonzero(counts).flatten()
+        src = sources.repeat_interleave(targets.numel())
+        dst = targets.repeat(sources.numel())
+        keep = src != dst
+        src, dst = src[keep], dst[keep]
+        if src.numel() == 0:
             break
-        counts[best_move[0]] -= 1
-        counts[best_move[1]] += 1
-        current = best
+        trials = score.moves(counts, src, dst)
+        best = int(torch.argmin(trials))
+        if not float(trials[best]) < current - 1e-9:
+            break
+        counts[src[best]] -= 1
+        counts[dst[best]] += 1
+        current = float(trials[best])
     return counts, current

@@ -271,9 +271,10 @@ def _counted_labels(
             counts = None
     if counts is None:
         counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
-    if prior is not None:
+    if prior is not None:  # both gradient-only answers seed the search; the likelihood picks
+        starts = [counts, recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)]
         counts = prior_label_counts(model, _last_linear(model), weight_grad, bias_grad,
-                                    batch_size, prior, starts=[counts])
+                                    batch_size, prior, starts=starts)
     classes = torch.arange(counts.shape[0], device=counts.device)
     return torch.repeat_interleave(classes, counts).to(weight_grad.device)
 

@@ -62,33 +62,41 @@ def trained_lenet(images: torch.Tensor, labels: torch.Tensor, steps: int) -> tup
     return model, accuracy
 
 
-METHODS = ("bias", "logits", "prior")
-AUX = 200  # the attacker's own labelled samples: the last AUX of each data set, never in a batch
+METHODS = ("bias", "logits", "prior", "shard")
+AUX = 200  # the attacker's own labelled samples, never in an attacked batch
+TRAINED_ON = 1500  # the training rows learn from the first 1500 samples
 
 
 def part_counts(cases, trials: int) -> None:
     """cases: (name, model, images, labels) rows; every batch is fed to every method.
-    Batches come from all but the last AUX samples; "prior" gets those as its aux data."""
+
+    "prior": the last AUX samples as aux data (held out: never trained on); "shard":
+    samples TRAINED_ON - AUX .. TRAINED_ON (trained on, like the victims' data, as a
+    member's own shard is). Batches are drawn from the rest."""
     print("| data, model | B | exact: " + " | exact: ".join(METHODS) + " | per label: "
           + " | per label: ".join(METHODS) + " | s/batch: " + " | s/batch: ".join(METHODS) + " |")
     print("|---" * (2 + 3 * len(METHODS)) + "|")
     for name, model, images, labels in cases:
-        pool = labels.numel() - AUX
-        prior = LabelPrior.from_data(images[pool:], labels[pool:], 10)
+        held = slice(labels.numel() - AUX, None)
+        end = min(TRAINED_ON, held.start)  # colour rows (untrained): just before the held-out part
+        shard = slice(end - AUX, end)
+        priors = {"prior": LabelPrior.from_data(images[held], labels[held], 10),
+                  "shard": LabelPrior.from_data(images[shard], labels[shard], 10)}
+        pool = torch.cat([torch.arange(shard.start), torch.arange(end, held.start)])
         for batch in (8, 32, 64):
             gen = torch.Generator().manual_seed(batch)
             exact = dict.fromkeys(METHODS, 0)
             per_label: dict[str, list[float]] = {m: [] for m in METHODS}
             seconds = dict.fromkeys(METHODS, 0.0)
             for _ in range(trials):
-                idx = torch.randint(0, pool, (batch,), generator=gen)
+                idx = pool[torch.randint(0, pool.numel(), (batch,), generator=gen)]
                 grads = compute_gradients(model, images[idx], labels[idx])
                 truth = labels[idx]
                 for method in METHODS:
                     start = time.perf_counter()
                     got = recover_labels(model, grads, batch, correct=False,
-                                         counts="logits" if method == "prior" else method,
-                                         prior=prior if method == "prior" else None)
+                                         counts=method if method in ("bias", "logits") else "logits",
+                                         prior=priors.get(method))
                     seconds[method] += time.perf_counter() - start
                     exact[method] += got.tolist() == sorted(truth.tolist())
                     per_label[method].append(label_accuracy(got, truth, 10))
@@ -99,8 +107,8 @@ def part_counts(cases, trials: int) -> None:
 
 def more_model_cases(images: torch.Tensor, labels: torch.Tensor):
     """(name, model, images, labels): the other registered models at init."""
-    colour = torch.as_tensor(colour_crops(400, size=32, seed=0))
-    colour_labels = torch.randint(0, 10, (400,), generator=torch.Generator().manual_seed(0))
+    colour = torch.as_tensor(colour_crops(600, size=32, seed=0))
+    colour_labels = torch.randint(0, 10, (600,), generator=torch.Generator().manual_seed(0))
     for name, init in (("mlp", "default"), ("mlp", "sigmoid"), ("relu-mlp", "default")):
         model = init_model(create_model(name, in_channels=1, num_classes=10, image_size=16), init, 0)
         yield f"digits, {name} {init} init", model, images, labels
@@ -120,8 +128,8 @@ def count_cases(images: torch.Tensor, labels: torch.Tensor):
     for steps in TRAIN_STEPS:
         model, accuracy = trained_lenet(images, labels, steps)
         yield f"digits, LeNet after {steps} steps (acc {accuracy:.2f})", model, images, labels
-    colour = torch.as_tensor(colour_crops(400, size=32, seed=0))
-    colour_labels = torch.randint(0, 10, (400,), generator=torch.Generator().manual_seed(0))
+    colour = torch.as_tensor(colour_crops(600, size=32, seed=0))
+    colour_labels = torch.randint(0, 10, (600,), generator=torch.Generator().manual_seed(0))
     for init in ("dlg", "default"):
         model = init_model(create_model("lenet", in_channels=3, num_classes=10, image_size=32), init, 0)
         yield f"colour 32x32, LeNet {init} init", model, colour, colour_labels
