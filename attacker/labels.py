@@ -383,8 +383,8 @@ def analytic_labels(
         return torch.tensor([label], dtype=torch.int64, device=targets[0].device)
     try:
         if certified_only and config.label_recovery == "auto":
-            return certified_labels(model, targets, obs.batch_size)
-        return recover_labels(model, targets, obs.batch_size)
+            return certified_labels(model, targets, obs.batch_size, obs.label_prior)
+        return recover_labels(model, targets, obs.batch_size, prior=obs.label_prior)
     except ValueError:
         return None
 

@@ -17,6 +17,7 @@ import ray
 import torch
 
 from attacker.api import AttackConfig, Reconstruction, create_attack
+from attacker.label_prior import LabelPrior
 from attacker.scheduler import CAPACITY
 from gradleak.runtime.active_strategy import ACTIVE_STRATEGIES, StateOverride
 from gradleak.runtime.malicious import MaliciousPeer
@@ -27,6 +28,8 @@ from p2p.identity import Caller
 from p2p.update import Update, UpdateHeader
 
 log = logging.getLogger(__name__)
+
+AUX_SAMPLES = 512  # of its own shard, for label counts: a forward pass per attacked update
 
 
 class _PromObserver:
@@ -114,6 +117,7 @@ class MaliciousNode(PeerNode):
             input_shape=self.spec.input_shape, num_classes=self.spec.num_classes,
             queue_size=self._queue_size, max_batch_size=self._max_batch_size,
             max_age_s=self._max_age_s, device=self._device, observer=_PromObserver(self.metrics),
+            label_prior=_own_shard(self.spec),
         )
         return self.malicious
 
@@ -180,3 +184,14 @@ class MaliciousNode(PeerNode):
 
 
 MaliciousActor = ray.remote(MaliciousNode)
+
+
+def _own_shard(spec: PeerSpec) -> LabelPrior | None:
+    """The attacker's own training shard (at most AUX_SAMPLES) as label-count aux data,
+    or None where it cannot serve (logged): a member holds data like its victims'."""
+    try:
+        return LabelPrior.from_data(torch.as_tensor(spec.shard_images[:AUX_SAMPLES]),
+                                    torch.as_tensor(spec.shard_labels[:AUX_SAMPLES]), spec.num_classes)
+    except ValueError as exc:
+        log.warning("own shard not usable for label counts: %s", exc)
+        return None

@@ -90,3 +90,20 @@ def test_aux_images_that_do_not_fit_the_model_are_refused(digits, trained):
     wrong_classes = LabelPrior.from_data(torch.zeros(3, 1, 16, 16), torch.tensor([0, 1, 2]), 5)
     with pytest.raises(ValueError, match="classes"):
         recover_labels(model, compute_gradients(model, x, y), 8, correct=False, prior=wrong_classes)
+
+
+def test_attacks_use_the_observation_s_label_prior(digits, trained):
+    """analytic_labels (idlg, ig) take the counts from obs.label_prior where it is set."""
+    from attacker.api import AttackConfig, Observation
+    from attacker.labels import analytic_labels
+
+    model, prior = trained
+    x, y = _planted(*digits, COUNTS, 0)
+    grads = [g.detach() for g in compute_gradients(model, x, y)]
+    obs = Observation(gradients=tuple(grads), batch_size=32, input_shape=(1, 16, 16), num_classes=10)
+    config = AttackConfig(label_recovery="analytic")
+    assert analytic_labels(config, model, grads, obs).tolist() != sorted(y.tolist())  # type: ignore[union-attr]
+    with_prior = Observation(gradients=tuple(grads), batch_size=32, input_shape=(1, 16, 16),
+                             num_classes=10, label_prior=prior)
+    labels = analytic_labels(config, model, grads, with_prior)
+    assert labels is not None and labels.tolist() == sorted(y.tolist())

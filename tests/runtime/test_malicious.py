@@ -289,3 +289,20 @@ def test_attacker_metrics_use_fixed_label_grids(digits_data, lenet) -> None:
     coverage = [ln for ln in text.splitlines() if ln.startswith("gradleak_attacker_coverage_ratio ")]
     assert coverage and abs(float(coverage[0].split()[1]) - 1 / 3) < 1e-9
     assert "h/r" not in text  # never an update id as a label value
+
+
+def test_its_own_shard_reaches_the_attack_as_label_prior(digits_data, lenet) -> None:
+    from attacker.label_prior import LabelPrior
+
+    shard = LabelPrior.from_data(torch.as_tensor(digits_data.images[:50]),
+                                 torch.as_tensor(digits_data.labels[:50]), 10)
+    gate = _Gate()
+    gate.release.set()
+    _peer, mal, _gate, reports, _fetched = _setup(digits_data, lenet, attack=gate, label_prior=shard)
+    mal.start()
+    try:
+        mal.accept_update(_update(lenet, 0))
+        assert mal.wait_idle(10) and reports
+        assert gate.seen[0].label_prior is shard
+    finally:
+        mal.stop()
