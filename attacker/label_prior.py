@@ -170,17 +170,41 @@ def prior_label_counts(
     mean, cov, seen = class_statistics(model, last, prior)
     # Diagonal first (cheap moves, most of the walk), then the full covariance.
     likelihoods = [_Likelihood(observed, mean, cov, full) for full in (False, True)]
-    candidates = [_rounded_start(observed, mean, cov, seen > 0, batch_size)]
+    lower = _lower_bounds(bias_grad, batch_size, seen.shape[0])
+    allowed = (seen > 0) | (lower > 0)
+    candidates = [_rounded_start(observed, mean, cov, allowed, batch_size)]
     candidates += [s.detach().to(torch.int64).cpu() for s in starts or []
                    if s.shape == seen.shape and int(s.sum()) == batch_size and bool((s >= 0).all())]
     best, best_score = candidates[0], float("inf")
     for start in candidates:
-        counts = start.clone()
+        counts = _raised(start.clone(), lower)
         for likelihood in likelihoods:
-            counts, score = _local_search(counts, likelihood, seen > 0)
+            counts, score = _local_search(counts, likelihood, allowed, lower)
         if score < best_score:
             best, best_score = counts, score
     return best.to(weight_grad.device)
+
+
+def _lower_bounds(bias_grad: torch.Tensor | None, batch_size: int, num_classes: int) -> torch.Tensor:
+    """(K,) counts the bias gradient certifies: c_i = P_i - B g_i with P_i >= 0, so
+    c_i >= -B g_i. The aux statistics are only an average; this bound is exact (it is
+    what keeps small batches of confident samples right). Zero without a bias, or
+    where noise makes the bounds exceed the batch."""
+    zero = torch.zeros(num_classes, dtype=torch.int64)
+    if bias_grad is None:
+        return zero
+    lower = torch.ceil(-batch_size * bias_grad.detach().to(torch.float64).cpu() - 1e-3).clamp(min=0)
+    lower = lower.to(torch.int64)
+    return lower if int(lower.sum()) <= batch_size else zero
+
+
+def _raised(counts: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """`counts` lifted to `lower`, the excess taken from the classes furthest above it."""
+    total = int(counts.sum())
+    counts = torch.maximum(counts, lower)
+    while int(counts.sum()) > total:
+        counts[torch.argmax(counts - lower)] -= 1
+    return counts
 
 
 class _Likelihood:
@@ -243,13 +267,14 @@ def _rounded_start(
 
 
 def _local_search(
-    counts: torch.Tensor, score: _Likelihood, allowed: torch.Tensor
+    counts: torch.Tensor, score: _Likelihood, allowed: torch.Tensor, lower: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
-    """Move one sample between classes while the likelihood improves (best move first)."""
+    """Move one sample between classes while the likelihood improves (best move first),
+    never below a class's certified count `lower`."""
     current = score(counts)
     targets = torch.nonzero(allowed).flatten()
     for _ in range(MAX_MOVES):
-        sources = torch.nonzero(counts).flatten()
+        sources = torch.nonzero(counts > lower).flatten()
         src = sources.repeat_interleave(targets.numel())
         dst = targets.repeat(sources.numel())
         keep = src != dst
