@@ -169,7 +169,8 @@ def prior_label_counts(
     observed = observed_terms(last.weight, last.bias, weight_grad, bias_grad, batch_size)
     mean, cov, seen = class_statistics(model, last, prior)
     # Diagonal first (cheap moves, most of the walk), then the full covariance.
-    likelihoods = [_Likelihood(observed, mean, cov, full) for full in (False, True)]
+    share = (seen.to(torch.float64) + 1) / (int(seen.sum()) + seen.numel())  # smoothed class shares
+    likelihoods = [_Likelihood(observed, mean, cov, full, share) for full in (False, True)]
     lower = _lower_bounds(bias_grad, batch_size, seen.shape[0])
     allowed = (seen > 0) | (lower > 0)
     candidates = [_rounded_start(observed, mean, cov, allowed, batch_size)]
@@ -213,8 +214,9 @@ class _Likelihood:
     Full class covariances while D is small (K <= FULL_COVARIANCE_CLASSES), their
     diagonals beyond (CIFAR-100's K = 100 would need 10^4 x 10^4 matrices)."""
 
-    def __init__(self, observed: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, full: bool) -> None:
-        self.observed, self.mean = observed, mean
+    def __init__(self, observed: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, full: bool,
+                 share: torch.Tensor) -> None:
+        self.observed, self.mean, self.log_share = observed, mean, torch.log(share)
         self.full = full and mean.shape[0] <= FULL_COVARIANCE_CLASSES
         self.cov = cov if self.full else torch.diagonal(cov, dim1=1, dim2=2)
         diagonal = torch.diagonal(cov, dim1=1, dim2=2)
@@ -231,14 +233,20 @@ class _Likelihood:
         spread = spread[None] + shift.view(-1, *[1] * spread.dim()) * (self.cov[dst] - self.cov[src])
         residual = (self.observed - weights @ self.mean)[None] \
             + shift[:, None] * (self.mean[src] - self.mean[dst])  # (M, D)
+        moved = weights[None].repeat(src.numel(), 1)
+        moved[torch.arange(src.numel()), src] -= shift
+        moved[torch.arange(src.numel()), dst] += shift
+        # -2 log of the multinomial prior on the counts (class shares from the aux data):
+        # it decides the directions the gradient leaves free (classes the model is sure of).
+        prior = 2 * (torch.lgamma(moved + 1) - moved * self.log_share).sum(1)
         if not self.full:
             spread = spread + self.ridge
-            return (residual ** 2 / spread + torch.log(spread)).sum(1)
+            return (residual ** 2 / spread + torch.log(spread)).sum(1) + prior
         spread.diagonal(dim1=1, dim2=2).add_(self.ridge)
         chol, info = torch.linalg.cholesky_ex(spread)
         solved = torch.cholesky_solve(residual[:, :, None], chol)[:, :, 0]
         scores = (residual * solved).sum(1) + 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
-        return torch.where(info == 0, scores, torch.full_like(scores, float("inf")))
+        return torch.where(info == 0, scores + prior, torch.full_like(scores, float("inf")))
 
 
 def _rounded_start(

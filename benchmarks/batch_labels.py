@@ -69,7 +69,7 @@ AUX = 200  # the attacker's own labelled samples, never in an attacked batch
 TRAINED_ON = 1500  # the training rows learn from the first 1500 samples
 
 
-def part_counts(cases, trials: int) -> None:
+def part_counts(cases, trials: int, batches: tuple[int, ...] = (8, 32, 64)) -> None:
     """cases: (name, model, images, labels) rows; every batch is fed to every method.
 
     "prior": the last AUX samples as aux data (held out: never trained on); "shard":
@@ -85,7 +85,7 @@ def part_counts(cases, trials: int) -> None:
         priors = {"prior": LabelPrior.from_data(images[held], labels[held], 10),
                   "shard": LabelPrior.from_data(images[shard], labels[shard], 10)}
         pool = torch.cat([torch.arange(shard.start), torch.arange(end, held.start)])
-        for batch in (8, 32, 64):
+        for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             exact = dict.fromkeys(METHODS, 0)
             per_label: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -122,14 +122,19 @@ def more_model_cases(images: torch.Tensor, labels: torch.Tensor):
 TRAIN_STEPS = (20, 50, 100, 500)  # 500: past 0.90 held-out accuracy
 
 
+def training_cases(images: torch.Tensor, labels: torch.Tensor):
+    """(name, model, images, labels): the sigmoid-initialised LeNet after TRAIN_STEPS."""
+    for steps in TRAIN_STEPS:
+        model, accuracy = trained_lenet(images, labels, steps)
+        yield f"digits, LeNet after {steps} steps (acc {accuracy:.2f})", model, images, labels
+
+
 def count_cases(images: torch.Tensor, labels: torch.Tensor):
     """(name, model, images, labels): digits at three inits and in training, colour at two inits."""
     for init in ("dlg", "default", "sigmoid"):
         model = init_model(create_model("lenet", in_channels=1, num_classes=10, image_size=16), init, 0)
         yield f"digits, LeNet {init} init", model, images, labels
-    for steps in TRAIN_STEPS:
-        model, accuracy = trained_lenet(images, labels, steps)
-        yield f"digits, LeNet after {steps} steps (acc {accuracy:.2f})", model, images, labels
+    yield from training_cases(images, labels)
     colour = torch.as_tensor(colour_crops(600, size=32, seed=0))
     colour_labels = torch.randint(0, 10, (600,), generator=torch.Generator().manual_seed(0))
     for init in ("dlg", "default"):
@@ -187,6 +192,8 @@ def main() -> None:
                         help="batches for the B = 8 correction table, 0 for none (its search takes seconds each)")
     parser.add_argument("--more-models", type=int, default=0, metavar="N",
                         help="also MLP, ReLU MLP and ResNet-18 at init, N batches per row")
+    parser.add_argument("--small-batches", action="store_true",
+                        help="also the training LeNet at B = 2 and 4")
     parser.add_argument("--attack", action="store_true", help="also the analytic attack while training")
     args = parser.parse_args()
     if args.trials < 1 or args.corrected_trials < 0 or args.more_models < 0:
@@ -197,6 +204,9 @@ def main() -> None:
     labels = torch.as_tensor(data.labels, dtype=torch.int64)
     print("## label counts of random batches (labels repeat): bias, logits, and with aux data\n")
     part_counts(count_cases(images, labels), args.trials)
+    if args.small_batches:
+        print("\n## the training LeNet at the live demo's batch sizes\n")
+        part_counts(training_cases(images, labels), args.trials, (2, 4))
     if args.more_models:
         print("\n## the other models at init\n")
         part_counts(more_model_cases(images, labels), args.more_models)
