@@ -30,7 +30,9 @@ activations, scaled by the activations' sum, whose per-sample size is estimated 
 `recover_labels` now takes its counts from attacker/label_counts.py by default (P
 estimated in logit space from the model's weights, iLRG-class), which needs no absent
 class and stays exact at B = 8-64 near initialisation; the bias-sign counts above
-remain as counts="bias" and as its fallback.
+remain as counts="bias" and as its fallback. With the attacker's own labelled data
+(`prior`, attacker/label_prior.py) both answers seed a likelihood search under that
+data's per-class gradient statistics, which stays exact further into training.
 """
 
 from __future__ import annotations
