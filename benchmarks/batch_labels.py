@@ -34,6 +34,7 @@ from attacker.metrics import match_batch, psnr
 from benchmarks.data import colour_crops
 from gradleak.core.models import create_model, init_dlg_uniform, init_model
 from gradleak.data import load_dataset
+from gradleak.trained import adam_steps
 
 
 def lenet(seed: int) -> torch.nn.Module:
@@ -52,13 +53,7 @@ def trained_lenet(images: torch.Tensor, labels: torch.Tensor, steps: int) -> tup
     """The sigmoid-initialised LeNet after `steps` Adam steps (lr 0.005, batch 32) on the
     first 1500 digits, and its accuracy on the rest."""
     model = init_model(create_model("lenet", in_channels=1, num_classes=10, image_size=16), "sigmoid", 0)
-    opt = torch.optim.Adam(model.parameters(), lr=0.005)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, 1500, (32,), generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
-        opt.step()
+    adam_steps(model, images[:1500], labels[:1500], steps)
     with torch.no_grad():
         accuracy = float((model(images[1500:]).argmax(1) == labels[1500:]).float().mean())
     return model, accuracy

@@ -11,6 +11,7 @@ from attacker.api import compute_gradients
 from attacker.label_prior import LabelPrior
 from attacker.labels import logit_counts, recover_labels
 from gradleak.core.models import create_model, init_model
+from gradleak.trained import adam_steps
 
 AUX = slice(1597, None)  # the attacker's shard: never trained on, never in the batch
 COUNTS = [7, 1, 0, 4, 4, 0, 9, 2, 5, 0]  # B = 32, labels repeat
@@ -19,14 +20,7 @@ COUNTS = [7, 1, 0, 4, 4, 0, 9, 2, 5, 0]  # B = 32, labels repeat
 def _trained_lenet(images: torch.Tensor, labels: torch.Tensor, steps: int) -> nn.Module:
     """The sigmoid-initialised LeNet after `steps` Adam steps (the peers' lr) on the first 1500."""
     model = init_model(create_model("lenet", in_channels=1, num_classes=10, image_size=16), "sigmoid", 0)
-    opt = torch.optim.Adam(model.parameters(), lr=0.005)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, 1500, (32,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
-        opt.step()
-    return model
+    return adam_steps(model, images[:1500], labels[:1500], steps)
 
 
 def _planted(images, labels, counts: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
