@@ -80,7 +80,7 @@ class MaliciousNode(PeerNode):
         attack_config: AttackConfig | None = None, queue_size: int = 16,
         max_batch_size: int = 8, max_age_s: float | None = None, device: str = "auto",
         attack_threads: int = 1, run_dir: str | None = None, transcript_bytes: int = 0,
-        model_strategy: str = "honest",
+        model_strategy: str = "honest", shard_label_prior: bool = False,
     ) -> None:
         if model_strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown model strategy '{model_strategy}' (known: {', '.join(STRATEGY_NAMES)})")
@@ -100,6 +100,9 @@ class MaliciousNode(PeerNode):
         self._max_batch_size = max_batch_size
         self._device = device
         self.model_strategy = model_strategy
+        # Off by default: the one live run with it (docs/live.md) showed no gain in label
+        # accuracy at B = 2-8 on peers at 0.91+ accuracy, where the aux counts are neutral.
+        self._shard_label_prior = shard_label_prior
         self._active: StateOverride | None = None  # accept_update may run before __init__ ends
         super().__init__(spec, evaluator)
         self._active = ACTIVE_STRATEGIES[model_strategy](self) if model_strategy in ACTIVE_STRATEGIES else None
@@ -117,7 +120,7 @@ class MaliciousNode(PeerNode):
             input_shape=self.spec.input_shape, num_classes=self.spec.num_classes,
             queue_size=self._queue_size, max_batch_size=self._max_batch_size,
             max_age_s=self._max_age_s, device=self._device, observer=_PromObserver(self.metrics),
-            label_prior=_own_shard(self.spec),
+            label_prior=_own_shard(self.spec) if self._shard_label_prior else None,
         )
         return self.malicious
 
