@@ -231,7 +231,8 @@ class Analytic(Attack):
         targets = checked_targets(victim, obs)
         if not all(bool(torch.isfinite(t).all()) for t in targets):
             raise ValueError("analytic attack needs a finite gradient")
-        labels = recover_labels(victim, targets, obs.batch_size, correct=False)  # searched below
+        labels = recover_labels(victim, targets, obs.batch_size, correct=False,  # searched below
+                                prior=obs.label_prior)
         dtype = torch.float32 if targets[0].device.type == "mps" else torch.float64
         config = self.config
         raw, labels, stats = reconstruct_batch(

@@ -25,6 +25,7 @@ from torch import nn
 
 from attacker.budget import TIME_BUDGET, exhausted, time_budget
 from attacker.inversion import Callback
+from attacker.label_prior import LabelPrior
 from attacker.params import CONFIG_KEY, NoParams, apply_shared, from_config, parse_params
 from gradleak.core.registry import Registry
 
@@ -62,6 +63,9 @@ class Observation:
     update_kind: str = "gradient"  # one of UPDATE_KINDS
     local_steps: int = 1  # local SGD steps behind a delta; 1 for a gradient
     local_lr: float | None = None  # the client's SGD rate; required for a delta
+    # The attacker's own labelled data (its shard, never the attacked batch): batch label
+    # counts use it where given (attacker.label_prior); None: the gradient alone.
+    label_prior: LabelPrior | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gradients", tuple(self.gradients))

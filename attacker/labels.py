@@ -30,7 +30,9 @@ activations, scaled by the activations' sum, whose per-sample size is estimated 
 `recover_labels` now takes its counts from attacker/label_counts.py by default (P
 estimated in logit space from the model's weights, iLRG-class), which needs no absent
 class and stays exact at B = 8-64 near initialisation; the bias-sign counts above
-remain as counts="bias" and as its fallback.
+remain as counts="bias" and as its fallback. With the attacker's own labelled data
+(`prior`, attacker/label_prior.py) both answers seed a likelihood search under that
+data's per-class gradient statistics, which stays exact further into training.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from attacker.label_counts import logit_label_counts
+from attacker.label_prior import LabelPrior, prior_label_counts
 
 if TYPE_CHECKING:
     from attacker.api import AttackConfig, Observation
@@ -193,6 +196,7 @@ def recover_labels(
     *,
     correct: bool = True,
     counts: str = "logits",
+    prior: LabelPrior | None = None,
 ) -> torch.Tensor:
     """The labels behind an update, as a sorted (B,) int64 tensor on the gradients' device.
 
@@ -203,7 +207,9 @@ def recover_labels(
     samples' features, if a change of up to two labels finds one
     (attacker.analytic_batch.search_labels), or one that separates it
     CORRECTION_GAIN times better than the counts do: this repairs the counts where the model
-    favours one class, e.g. the DLG-initialised LeNet. A batch gradient does not say
+    favours one class, e.g. the DLG-initialised LeNet. With `prior` (the attacker's own
+    labelled data, attacker.label_prior) the counts are the ones most likely under it,
+    searched from `counts`' answer too. A batch gradient does not say
     which sample had which label, so the order is arbitrary (sorted); scoring
     matches samples first.
 
@@ -215,14 +221,15 @@ def recover_labels(
     if batch_size == 1:
         label = recover_label_batch1(weight_grad, bias_grad)
         return torch.tensor([label], dtype=torch.int64, device=device)
-    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, counts)
+    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, counts, prior)
     if correct and bias_grad is not None and batch_size <= weight_grad.shape[0]:
         labels = _separable_labels(model, weight_grad, bias_grad, labels)[0]
     return labels
 
 
 def certified_labels(
-    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int
+    model: nn.Module, gradients: Sequence[torch.Tensor], batch_size: int,
+    prior: LabelPrior | None = None,
 ) -> torch.Tensor | None:
     """`recover_labels`' answer only where the gradient certifies it, else None.
 
@@ -237,7 +244,7 @@ def certified_labels(
     weight_grad, bias_grad = find_last_linear_grads(model, gradients)
     if bias_grad is None or batch_size > weight_grad.shape[0]:
         return None
-    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, "logits")
+    labels = _counted_labels(model, gradients, weight_grad, bias_grad, batch_size, "logits", prior)
     corrected, exact = _separable_labels(model, weight_grad, bias_grad, labels)
     return corrected if exact else None
 
@@ -249,11 +256,13 @@ def _counted_labels(
     bias_grad: torch.Tensor | None,
     batch_size: int,
     method: str,
+    prior: LabelPrior | None = None,
 ) -> torch.Tensor:
     """The counts of `method` as sorted (B,) labels on the gradient's device.
 
     "logits" falls back to "bias" where it has no answer (no bias, or a gradient so
-    distorted that its lower bounds exceed the batch)."""
+    distorted that its lower bounds exceed the batch). With `prior`, those counts
+    are one start of attacker.label_prior's search."""
     if method not in COUNT_METHODS:
         raise ValueError(f"unknown count method '{method}' (known: {', '.join(COUNT_METHODS)})")
     counts = None
@@ -264,6 +273,10 @@ def _counted_labels(
             counts = None
     if counts is None:
         counts = recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)
+    if prior is not None:  # both gradient-only answers seed the search; the likelihood picks
+        starts = [counts, recover_label_counts(weight_grad, bias_grad, batch_size=batch_size)]
+        counts = prior_label_counts(model, _last_linear(model), weight_grad, bias_grad,
+                                    batch_size, prior, starts=starts)
     classes = torch.arange(counts.shape[0], device=counts.device)
     return torch.repeat_interleave(classes, counts).to(weight_grad.device)
 
@@ -372,8 +385,8 @@ def analytic_labels(
         return torch.tensor([label], dtype=torch.int64, device=targets[0].device)
     try:
         if certified_only and config.label_recovery == "auto":
-            return certified_labels(model, targets, obs.batch_size)
-        return recover_labels(model, targets, obs.batch_size)
+            return certified_labels(model, targets, obs.batch_size, obs.label_prior)
+        return recover_labels(model, targets, obs.batch_size, prior=obs.label_prior)
     except ValueError:
         return None
 

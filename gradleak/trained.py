@@ -74,3 +74,17 @@ def trained_lenet(init: str = "dlg", seed: int = 0, max_steps: int = 3000) -> Tr
     cached = _train(init, seed, max_steps)
     return Trained(copy.deepcopy(cached.model), cached.accuracy, cached.steps,
                    cached.test_images, cached.test_labels)
+
+
+def adam_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, *,
+               lr: float = 0.005, batch_size: int = 32, seed: int = 0) -> nn.Module:
+    """`model` after `steps` Adam steps on random batches of (images, labels), the
+    peers' optimiser setting by default: a model part-way through training."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        pick = torch.randint(0, len(labels), (batch_size,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(images[pick]), labels[pick]).backward()
+        optimizer.step()
+    return model

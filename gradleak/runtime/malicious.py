@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from attacker.api import Attack, Observation, Reconstruction, choose_attack
+from attacker.label_prior import LabelPrior
 from attacker.scheduler import CAPACITY, Job, Scheduler
 from gradleak.core.devices import resolve_device
 from p2p.errors import VersionNotFound
@@ -93,10 +94,12 @@ class MaliciousPeer:
         num_classes: int, queue_size: int = 16, max_batch_size: int = 8,
         max_age_s: float | None = None, device: str = "auto", observer: Observer | None = None,
         claim: Claim | None = None, colluders: Sequence[str] = (),
+        label_prior: LabelPrior | None = None,
     ) -> None:
         if not attacks and not fallback:
             raise ValueError("need attacks to run, or a fallback chain to choose from")
         self.peer = peer
+        self.label_prior = label_prior  # its own shard: what batch label counts lean on
         self.attacks = dict(attacks or {})
         self.fallback = list(fallback)
         self.device = resolve_device(device)
@@ -225,6 +228,7 @@ class MaliciousPeer:
                 for name, _ in model.named_parameters()
             ),
             batch_size=h.num_samples, input_shape=self._input_shape, num_classes=self._num_classes,
+            label_prior=self.label_prior,
         )
         if self.attacks:
             runs = list(self.attacks.items())

@@ -161,9 +161,10 @@ def test_same_seed_same_reconstruction(digits, dlg_lenet, make_observation):
 
 def test_observation_carries_no_ground_truth():
     fields = {f.name for f in dataclasses.fields(Observation)}
-    # Public headers only; the FedAvg fields say how the update was made, not what from.
+    # Public headers only; the FedAvg fields say how the update was made, not what from;
+    # label_prior is the attacker's own shard (tests/attacker/test_label_prior.py).
     assert fields == {"gradients", "batch_size", "input_shape", "num_classes",
-                      "update_kind", "local_steps", "local_lr"}
+                      "update_kind", "local_steps", "local_lr", "label_prior"}
 
 
 def test_mismatched_observation_is_rejected(digits, dlg_lenet, make_observation):

@@ -324,3 +324,33 @@ def test_updates_from_a_colluder_are_refused_not_attacked(digits_data, lenet) ->
         assert st["evicted"] == {"from_colluder": 1} and _balanced(st)
     finally:
         mal.stop()
+
+
+def test_its_own_shard_reaches_the_attack_as_label_prior(digits_data, lenet) -> None:
+    from attacker.label_prior import LabelPrior
+
+    shard = LabelPrior.from_data(torch.as_tensor(digits_data.images[:50]),
+                                 torch.as_tensor(digits_data.labels[:50]), 10)
+    gate = _Gate()
+    gate.release.set()
+    _peer, mal, _gate, reports, _fetched = _setup(digits_data, lenet, attack=gate, label_prior=shard)
+    mal.start()
+    try:
+        mal.accept_update(_update(lenet, 0))
+        assert mal.wait_idle(10) and reports
+        assert gate.seen[0].label_prior is shard
+    finally:
+        mal.stop()
+
+
+def test_own_shard_becomes_a_capped_label_prior_or_none(digits_data) -> None:
+    from types import SimpleNamespace
+
+    from gradleak.runtime.malicious_node import AUX_SAMPLES, _own_shard
+
+    spec = SimpleNamespace(shard_images=digits_data.images, shard_labels=digits_data.labels, num_classes=10)
+    prior = _own_shard(spec)  # type: ignore[arg-type]
+    assert prior is not None and prior.labels.numel() == min(AUX_SAMPLES, len(digits_data.labels))
+    bad = SimpleNamespace(shard_images=digits_data.images[:4], shard_labels=digits_data.labels[:4] + 10,
+                          num_classes=10)
+    assert _own_shard(bad) is None  # type: ignore[arg-type]
