@@ -256,6 +256,10 @@ class AttackSettings:
     # Colluders share one pool: an update one of them took for attack is not attacked again
     # by another that also received it (the evaluator holds the claims).
     dedupe: bool = True
+    # Where batch label counts may draw on: none (the gradient alone) | shard (also the
+    # malicious peer's own shard, up to 512 samples, attacker/label_prior.py). Off by default:
+    # on peers trained past ~60% accuracy it did not raise live label accuracy (docs/live.md).
+    label_prior: str = "none"
 
     @property
     def effective_device(self) -> str:
@@ -310,6 +314,7 @@ class AttackSettings:
         if self.count < 1:
             raise ConfigError(f"the number of malicious peers (count) must be >= 1, got {self.count}")
         _known("placement", self.placement, PLACEMENTS)
+        _known("label prior", self.label_prior, ("none", "shard"))
         self.attack_params()
 
     def attack_config(self, seed: int) -> Any:

@@ -222,6 +222,8 @@ FLAGS: dict[str, Flag] = {
     "--strategy": Flag("attack", "strategy", str, "what the malicious peer sends in model gossip: honest, "
                        "state-override (each neighbour's next model := x0) or crafted (:= a fresh "
                        "attack-friendly init); lock-step model gossip only", STRATEGIES),
+    "--label-prior": Flag("attack", "label_prior", str, "what batch label counts may draw on besides the "
+                          "gradient: none, or shard (the malicious peer's own data)", ("none", "shard")),
     "--malicious": Flag("attack", "count", int, "number of colluding malicious peers, each its own "
                         "actor with its own attacks and transcript (1..--peers)", metavar="N"),
     "--malicious-placement": Flag("attack", "placement", str, "where the malicious peers sit in the "

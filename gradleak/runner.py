@@ -356,6 +356,7 @@ class Testbed:
                 attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
                 model_strategy=a.strategy, transcript_subdir=spec.peer_id if several else None,
                 shared_pool=several and a.dedupe, colluders=tuple(s.peer_id for s in specs),
+                shard_label_prior=a.label_prior == "shard",
             ))
         members = [s.peer_id for s in specs] + honest_ids(cfg.peers.honest)
         placement = {**placement_record(cfg.gossip.topology, members, self.attacker_ids, cfg.seed),

@@ -155,3 +155,10 @@ def test_model_gossip_flags_reach_the_config_and_bad_combinations_are_refused() 
                           "unknown model dtype")):
         with pytest.raises(ConfigError, match=needle):
             _cfg(*argv)
+
+
+def test_label_prior_flag_reaches_the_config_and_a_bad_value_is_refused() -> None:
+    assert _cfg().attack.label_prior == "none"
+    assert _cfg("--label-prior", "shard").attack.label_prior == "shard"
+    with pytest.raises(ConfigError, match="unknown label prior"):
+        _cfg("--label-prior", "public")
