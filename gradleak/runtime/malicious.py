@@ -120,6 +120,9 @@ class MaliciousPeer:
         # per attack run, not per update; models_received: model gossip messages (not attacked)
         self.stats = {"reconstructions": 0, "failed": 0, "models_received": 0}
         self.chosen: dict[str, int] = {}  # auto mode: updates attacked by each attack
+        # Worker seconds by stage (fetch the sender's weights, build the model, attack, report
+        # to the evaluator): where the attacker's time goes besides the attacks themselves.
+        self.seconds: dict[str, float] = {"fetch": 0.0, "build": 0.0, "attack": 0.0, "report": 0.0}
 
     # -- the UpdateHandler protocol the gRPC server calls --------------------------
     def accept_update(self, update: Update, wire_bytes: int = 0, caller: Caller | None = None) -> None:
@@ -218,10 +221,14 @@ class MaliciousPeer:
         """Attack one update; None when at least one attack ran, else the discard reason."""
         update = captured.update
         h = update.header
+        t0 = time.perf_counter()
         weights = self._fetch(h.sender, h.model_version)
+        t1 = time.perf_counter()
         model = self._build_model()
         model.load_state_dict(weights)
         model.to(self.device)
+        self._spend("fetch", t1 - t0)
+        self._spend("build", time.perf_counter() - t1)
         obs = Observation(
             gradients=tuple(
                 update.tensors[name].to(device=self.device, dtype=torch.float32)
@@ -240,6 +247,7 @@ class MaliciousPeer:
             runs = [(chosen.name, chosen)]
         ran = 0
         for name, attack in runs:
+            t2 = time.perf_counter()
             try:
                 rec = attack.reconstruct(model, obs)
             except Exception as exc:  # noqa: BLE001 - the other attacks may still run
@@ -249,7 +257,10 @@ class MaliciousPeer:
                     self.stats["failed"] += 1
                 continue
             self._observer.attacked(h, name, float(rec.stats.get("seconds", 0.0)))
+            t3 = time.perf_counter()
+            self._spend("attack", t3 - t2)
             self._report(h, name, rec, captured.received_at)
+            self._spend("report", time.perf_counter() - t3)
             latency = max(0.0, time.time() - captured.received_at)
             self._observer.scored(h, name, latency)
             with self._lock:
@@ -260,6 +271,10 @@ class MaliciousPeer:
             ran += 1
         return None if ran else "failed"
 
+    def _spend(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+
     # -- what the run reports --------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """received, attacked (distinct updates), evicted by reason, coverage, pending,
@@ -267,7 +282,8 @@ class MaliciousPeer:
         c = self.scheduler.counts()
         with self._lock:
             lat = np.asarray(self._latencies, dtype=np.float64)
-            extra: dict[str, Any] = {**self.stats, "chosen": dict(self.chosen)}
+            extra: dict[str, Any] = {**self.stats, "chosen": dict(self.chosen),
+                                     "worker_seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
         return {
             "received": c.received, "attacked": c.attacked, "evicted": c.evicted,
             "coverage": c.coverage, "pending": c.pending, "in_flight": c.in_flight,
