@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +28,8 @@ from gradleak.runtime.telemetry import Metrics
 from gradleak.runtime.transcript import TranscriptWriter
 from p2p.identity import Caller
 from p2p.update import Update, UpdateHeader
+
+REPORTS_IN_FLIGHT = 8  # reconstructions handed to the evaluator and not yet scored, at most
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,8 @@ class MaliciousNode(PeerNode):
         # Off by default: the one live run with it (docs/live.md) showed no gain in label
         # accuracy at B = 2-8 on peers at 0.91+ accuracy, where the aux counts are neutral.
         self._shard_label_prior = shard_label_prior
+        self._reports: deque[Any] = deque()  # evaluator.score refs not yet settled
+        self._reports_lock = threading.Lock()
         self._active: StateOverride | None = None  # accept_update may run before __init__ ends
         super().__init__(spec, evaluator)
         self._active = ACTIVE_STRATEGIES[model_strategy](self) if model_strategy in ACTIVE_STRATEGIES else None
@@ -172,25 +178,50 @@ class MaliciousNode(PeerNode):
         return state
 
     def _report(self, header: UpdateHeader, attack: str, rec: Reconstruction, received_at: float) -> None:
+        """Hand a reconstruction to the evaluator without waiting for its score (up to
+        REPORTS_IN_FLIGHT outstanding): scoring is the evaluator's time, not the worker's."""
         if self.evaluator is None:
             return
         stats = {k: v for k, v in rec.stats.items() if isinstance(v, (int, float, str, bool))}
-        ray.get(self.evaluator.score.remote(
+        ref = self.evaluator.score.remote(
             header.update_id, attack, rec.images.detach().cpu().numpy(),
             rec.labels.detach().cpu().numpy(), stats, received_at=received_at, step=header.round,
-        ))
+        )
+        with self._reports_lock:
+            self._reports.append(ref)
+            oldest = self._reports.popleft() if len(self._reports) > REPORTS_IN_FLIGHT else None
+        if oldest is not None:
+            self._settle([oldest])
+
+    def _settle(self, refs: list[Any]) -> None:
+        try:
+            ray.get(refs)
+        except Exception as exc:  # noqa: BLE001 - a refused score must not stop the worker
+            log.warning("the evaluator refused a score: %s", exc)
+
+    def flush_reports(self) -> None:
+        """Wait for every reconstruction handed to the evaluator to be scored."""
+        with self._reports_lock:
+            refs, self._reports = list(self._reports), deque()
+        if refs:
+            self._settle(refs)
 
     def status(self) -> dict[str, Any]:
         """The attacker's part of summary.json (see MaliciousPeer.status)."""
+        self.flush_reports()  # what it reports attacked, the evaluator has scored
         return {**self.malicious.status(), "queue": self.malicious.queue_depth(),
                 "idle": self.malicious.idle(), "device": str(self.malicious.device),
                 "transcript": self.transcript.stats() if self.transcript is not None else None}
 
     def wait_idle(self, timeout: float) -> bool:
-        return self.malicious.wait_idle(timeout)
+        idle = self.malicious.wait_idle(timeout)
+        if idle:
+            self.flush_reports()
+        return idle
 
     def stop(self) -> None:
         self.malicious.stop()
+        self.flush_reports()
         if self.transcript is not None:  # before the clients close: pending pulls need them
             self.transcript.close()
         super().stop()
