@@ -178,6 +178,16 @@ def shared(config_field: str) -> Any:
     return dataclasses.field(default=default, metadata={CONFIG_KEY: config_field})
 
 
+@dataclass(frozen=True)
+class LoopParams:
+    """The parameters every optimisation-based attack has (dlg's, idlg's, ig's base)."""
+
+    max_iters: int = shared("max_iters")
+    init: str = shared("init")
+    patience: int = shared("patience")
+    multi_step: str = shared("multi_step")
+
+
 @dataclass
 class Reconstruction:
     """An attack's answer: images, labels and how it got there."""

@@ -12,6 +12,7 @@ from attacker.api import (
     IDLG_LINE_SEARCH,
     Attack,
     AttackConfig,
+    LoopParams,
     Observation,
     Reconstruction,
     checked_targets,
@@ -27,19 +28,15 @@ from attacker.labels import analytic_labels
 
 
 @dataclass(frozen=True)
-class DLGParams:
+class DLGParams(LoopParams):
     """dlg's own parameters (attack.params.dlg); each stands for the AttackConfig field
     of its name, whose comments there say what it does."""
 
-    max_iters: int = shared("max_iters")
     lr: float = shared("lr")
     line_search: str | None = shared("line_search")
-    init: str = shared("init")
     lbfgs_inner: int = shared("lbfgs_inner")
     lbfgs_history: int = shared("lbfgs_history")
     grad_tol: float = shared("grad_tol")
-    patience: int = shared("patience")
-    multi_step: str = shared("multi_step")
 
 
 @dataclass(frozen=True)

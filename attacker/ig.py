@@ -21,6 +21,7 @@ from torch import nn
 from attacker.api import (
     Attack,
     AttackConfig,
+    LoopParams,
     Observation,
     Reconstruction,
     checked_targets,
@@ -35,21 +36,17 @@ from attacker.stacked import Schedule, StackedResult, attack_copy, invert_stacke
 
 
 @dataclass(frozen=True)
-class IGParams:
+class IGParams(LoopParams):
     """ig's own parameters (attack.params.ig), each standing for an AttackConfig field
     (named where it differs): see the comments there."""
 
-    max_iters: int = shared("max_iters")
     lr: float = shared("ig_lr")
     inner: int = shared("ig_inner")
     tv_weight: float = shared("tv_weight")
     restarts: int = shared("restarts")
     tol: float = shared("ig_tol")
     layer_weights: str = shared("layer_weights")
-    init: str = shared("init")
-    patience: int = shared("patience")
     label_recovery: str = shared("label_recovery")
-    multi_step: str = shared("multi_step")
 
 
 def schedule_of(config: AttackConfig) -> Schedule:

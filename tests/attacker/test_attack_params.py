@@ -95,3 +95,16 @@ def test_a_parameter_set_for_one_attack_leaves_the_others_alone():
     dlg = create_attack("dlg", CONFIG, {"lr": 0.1})
     idlg = create_attack("idlg", CONFIG)
     assert dlg.config.lr == 0.1 and idlg.config.lr == CONFIG.lr and idlg.config is CONFIG
+
+
+def test_the_api_module_imports_no_attack():
+    import ast
+    import inspect
+
+    import attacker.api
+
+    tree = ast.parse(inspect.getsource(attacker.api))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    attacks = {cls.__module__ for cls in ATTACKS.values()}
+    assert attacks and not imported & attacks, imported & attacks
