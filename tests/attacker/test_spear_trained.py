@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import attacker  # noqa: F401  (registers every attack)
+from attacker import spear
 from attacker.api import AttackConfig, Observation, compute_gradients, create_attack
 from gradleak.core.models import create_model
 from gradleak.data import load_dataset
@@ -61,3 +62,23 @@ def test_non_finite_gradient_is_refused():
     obs = Observation(gradients=tuple(grads), batch_size=8, input_shape=SHAPE, num_classes=10)
     with pytest.raises(ValueError, match="finite"):
         create_attack("spear").reconstruct(model, obs)
+
+
+def test_wrong_direction_is_reported_inconsistent(monkeypatch):
+    torch.manual_seed(4)  # at init, where spear recovers B = 4 exactly (test_spear.py)
+    model = create_model("relu-mlp", in_channels=3, num_classes=10, image_size=8)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.rand((4, 3, 8, 8), generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    obs = Observation(gradients=compute_gradients(model, x, y), batch_size=4,
+                      input_shape=(3, 8, 8), num_classes=10)
+    found = spear._independent
+
+    def mixed(entries, b):  # one sample's direction replaced by a mix of two
+        q = found(entries, b).clone()
+        if q.shape[1] == b:
+            q[:, 0] = torch.nn.functional.normalize(q[:, 0] + 0.5 * q[:, 1], dim=0)
+        return q
+
+    monkeypatch.setattr(spear, "_independent", mixed)
+    rec = create_attack("spear", AttackConfig(seed=0, time_budget_s=10)).reconstruct(model, obs)
+    assert rec.stats["found"] == 4 and rec.stats["stop_reason"] == "inconsistent"
