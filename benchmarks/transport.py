@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import torch
-from transport_procs import push_two_processes, tcp_two_processes
+from transport_procs import push_two_processes, tcp_pushes, tcp_two_processes
 
 from gradleak.core.models import create_model
 from p2p import codec
@@ -94,14 +94,7 @@ def tcp_baseline(nbytes: int, reps: int) -> list[float]:
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    payload = os.urandom(nbytes)
-    times = []
-    with socket.create_connection(("127.0.0.1", port)) as c:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            c.sendall(payload)
-            c.recv(8, socket.MSG_WAITALL)
-            times.append(time.perf_counter() - t0)
+    times = tcp_pushes(port, nbytes, reps)
     t.join()
     srv.close()
     return times

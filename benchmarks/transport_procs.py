@@ -59,6 +59,19 @@ def _serve_tcp(nbytes: int, reps: int, ports: Any) -> None:
     srv.close()
 
 
+def tcp_pushes(port: int, nbytes: int, reps: int) -> list[float]:
+    """Seconds per sendall of nbytes random bytes to 127.0.0.1:port and its 8-byte ack."""
+    payload = os.urandom(nbytes)
+    times = []
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            c.sendall(payload)
+            c.recv(8, socket.MSG_WAITALL)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def tcp_two_processes(nbytes: int, reps: int) -> list[float]:
     """Seconds per one-way transfer of nbytes to a socket in a child process, ack included."""
     ctx = mp.get_context("spawn")
@@ -66,15 +79,7 @@ def tcp_two_processes(nbytes: int, reps: int) -> list[float]:
     child = ctx.Process(target=_serve_tcp, args=(nbytes, reps, ports), daemon=True)
     child.start()
     try:
-        port = ports.get(timeout=60)
-        payload = os.urandom(nbytes)
-        times = []
-        with socket.create_connection(("127.0.0.1", port)) as c:
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                c.sendall(payload)
-                c.recv(8, socket.MSG_WAITALL)
-                times.append(time.perf_counter() - t0)
+        times = tcp_pushes(ports.get(timeout=60), nbytes, reps)
     finally:
         child.join(timeout=30)
         if child.is_alive():
