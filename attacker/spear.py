@@ -298,6 +298,8 @@ class Spear(Attack):
     numerical rank (the header's B bounds it). Labels follow from the recovered inputs.
     """
 
+    params_type = SpearConfig  # attack.params.spear
+
     def __init__(self, config: AttackConfig | None = None, params: SpearConfig | None = None) -> None:
         super().__init__(config)
         self.params = params if params is not None else SpearConfig()

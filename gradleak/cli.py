@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gradleak.config import ConfigError, RunConfig, check_attackable, from_dict, load_yaml
+from gradleak.config import (
+    ConfigError,
+    RunConfig,
+    check_attackable,
+    from_dict,
+    load_yaml,
+    parse_scalar,
+)
 from gradleak.flags import add_flags, overlay
 from gradleak.report import add_report_parser, run_report_command
 from gradleak.standalone import add_peer_parser, run_peer_command
@@ -79,6 +86,9 @@ def _add_attack_parser(sub: Any) -> None:
                         "gossip-algebra attack (OUT/gossip_attack.json), scored against RUN_DIR/truth")
     p.add_argument("--budget", type=float, default=30.0, metavar="S",
                    help="wall seconds of the --gossip-algebra attack (default: 30)")
+    p.add_argument("--attack-param", action="append", default=None, metavar="FIELD=VALUE",
+                   help="with --transcript: one of the replayed attack's own parameters (repeatable; "
+                        "default: the live run's attack.params; fields per attack in the README)")
 
 
 def _attack(args: argparse.Namespace) -> int:
@@ -98,7 +108,11 @@ def _attack(args: argparse.Namespace) -> int:
     if args.transcript is not None:
         return _attack_transcript(args)
     fields = {k: v for k, v in vars(args).items()
-              if k not in ("command", "corpus", "transcript", "gossip_algebra", "budget") and v is not None}
+              if k not in ("command", "corpus", "transcript", "gossip_algebra", "budget", "attack_param")
+              and v is not None}
+    if args.attack_param:
+        print("gradleak: error: --attack-param applies to --transcript only", file=sys.stderr)
+        return 2
     try:
         result = run_offline(OfflineConfig(**fields))
     except ValueError as exc:  # bad input of any kind: one line, nothing written
@@ -146,7 +160,16 @@ def _attack_transcript(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     keep = ("out", "attack", "max_iters", "seed", "threads", "device", "num_batches", "batch_size", "defence")
-    fields = {k: getattr(args, k) for k in keep if getattr(args, k) is not None}
+    fields: dict[str, Any] = {k: getattr(args, k) for k in keep if getattr(args, k) is not None}
+    if args.attack_param:
+        params: dict[str, Any] = {}
+        for item in args.attack_param:
+            name, eq, raw = item.partition("=")
+            if not (eq and name.strip()):
+                print(f"gradleak: error: --attack-param takes FIELD=VALUE, got {item!r}", file=sys.stderr)
+                return 2
+            params[name.strip()] = parse_scalar(raw)
+        fields["params"] = params
 
     def line(r: dict[str, Any]) -> None:
         head = f"{r['update_id']}: batch {r['batch_size']}, {r['defence']}, step {r['step']}"

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,9 @@ class ReplayConfig:
     num_batches: int | None = None  # replay only the first N updates (after the filters)
     batch_size: int | None = None  # only updates of this batch size
     defence: str | None = None  # only updates with this defence (canonical name, as in the header)
+    # The attack's own parameters (attack.params of the attack replayed), over the live run's
+    # (the transcript's meta keeps them); None: the live run's as they were.
+    params: Mapping[str, Any] | None = None
 
 
 def _attack_config(meta: dict[str, Any], cfg: ReplayConfig) -> AttackConfig:
@@ -98,7 +101,11 @@ def run_replay(cfg: ReplayConfig, progress: Callable[[dict[str, Any]], None] = l
         reader = TranscriptReader(run_dir)
     except TranscriptError as exc:
         raise ReplayError(str(exc)) from None
-    attack = create_attack(cfg.attack, _attack_config(reader.meta, cfg))
+    params = {**dict((reader.meta.get("attack_params") or {}).get(cfg.attack) or {}), **dict(cfg.params or {})}
+    try:
+        attack = create_attack(cfg.attack, _attack_config(reader.meta, cfg), params or None)
+    except ValueError as exc:  # an unknown field or a bad value: named, nothing written
+        raise ReplayError(str(exc)) from None
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     c, h, _w = reader.input_shape
@@ -114,7 +121,7 @@ def run_replay(cfg: ReplayConfig, progress: Callable[[dict[str, Any]], None] = l
         raise ReplayError(str(exc)) from None
     result = {
         "run_dir": str(run_dir), "attack": cfg.attack, "model": reader.model,
-        "attack_config": dataclasses.asdict(attack.config), "device": str(device),
+        "attack_config": dataclasses.asdict(attack.config), "attack_params": params, "device": str(device),
         "transcript": {k: reader.meta.get(k) for k in ("updates", "weights", "bytes", "truncated")},
         "updates": rows,
     }

@@ -150,6 +150,19 @@ def _damaged(run_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def test_replay_takes_the_attacks_own_parameters(live_run, tmp_path: Path, capsys) -> None:
+    run_dir, _rows, _status = live_run
+    out = tmp_path / "params"
+    assert main(["attack", "--transcript", str(run_dir), "--attack", "analytic", "--out", str(out),
+                 "--num-batches", "1", "--device", "cpu", "--attack-param", "cg_max_iters=3"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["attack_params"] == {"cg_max_iters": 3}
+    bad = tmp_path / "bad"
+    assert main(["attack", "--transcript", str(run_dir), "--attack", "analytic", "--out", str(bad),
+                 "--attack-param", "no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err and not bad.exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "no_transcript", "corrupt", "unknown_attack", "model"])
 def test_bad_input_is_one_line_exit_2_nothing_written(live_run, tmp_path: Path, capsys, case: str) -> None:
     run_dir, _rows, _status = live_run

@@ -94,6 +94,7 @@ class MaliciousNode(PeerNode):
         self.transcript = (TranscriptWriter(
             run_dir, max_bytes=transcript_bytes, model=spec.model, input_shape=spec.input_shape,
             num_classes=spec.num_classes, attack_config=dataclasses.asdict(attack_config or AttackConfig()),
+            attack_params=attack_params,
             pull=self._pull_weights, subdir=transcript_subdir,
         ) if run_dir is not None and transcript_bytes > 0 else None)
         self._attacks = () if tuple(attacks) == ("auto",) else tuple(attacks)

@@ -115,6 +115,7 @@ class TranscriptWriter:
     def __init__(
         self, run_dir: str | Path, *, max_bytes: int, model: str, input_shape: tuple[int, ...],
         num_classes: int, attack_config: Mapping[str, Any] | None = None,
+        attack_params: Mapping[str, Mapping[str, Any]] | None = None,
         chunk_bytes: int = _CHUNK_BYTES, pull: Pull | None = None, subdir: str | None = None,
     ) -> None:
         if max_bytes < 1:
@@ -129,6 +130,7 @@ class TranscriptWriter:
             "format_version": FORMAT_VERSION, "model": model,
             "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
             "attack_config": dict(attack_config or {}), "budget_bytes": max_bytes,
+            "attack_params": {k: dict(v) for k, v in (attack_params or {}).items()},
         }
         self.counts = {"updates": 0, "weights": 0, "sent": 0, "refused_updates": 0, "refused_weights": 0,
                        "refused_sent": 0, "weights_unpulled": 0}
