@@ -95,3 +95,18 @@ def test_a_trained_relu_mlp_still_gives_batch1_images_exactly():
         assert rec.images.shape == x.shape  # runs and scores, whatever it found
         if batch == 1:
             assert (rec.images - x).abs().max() < 1e-4
+
+
+def test_header_batch_below_the_rank_is_incomplete_not_a_crash():
+    # Regression: B = 3 of a rank-6 gradient gives no singular-value gap at s[3], the
+    # zero tolerance grew past 1, every unit was dropped as dead and topk raised
+    # "selected index k out of range" (seen on a trained relu-mlp).
+    from attacker.spear import SpearConfig, recover_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    dz = torch.randn(6, 64, generator=gen).clamp(min=0)
+    x = torch.rand(6, 48, generator=gen)
+    res = recover_inputs(dz.T @ x, dz.sum(0), batch_size=3, params=SpearConfig(),
+                         generator=gen)
+    assert res.found == 0 and res.rank == 6
+    assert res.inputs.shape == (3, 48)
