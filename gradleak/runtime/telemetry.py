@@ -128,7 +128,8 @@ class Metrics:
         self.updates_evicted = Counter(
             "gradleak_attacker_updates_evicted_total",
             "Received updates the attacker did not attack, by reason (capacity, stale, "
-            "batch_too_large, unsupported, version_gone, failed).", ("reason",), registry=r)
+            "batch_too_large, unsupported, version_gone, failed; colluders: colluder, "
+            "from_colluder).", ("reason",), registry=r)
         self.score_latency = Histogram(
             "gradleak_attacker_latency_seconds", "Seconds from receiving an update to scoring its reconstruction.",
             ("attack", "batch_size", "defence"), buckets=SECONDS_BUCKETS, registry=r)
