@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from p2p.memory import retain_freed_memory
 from p2p.transport import GossipClient, GossipServer
 from p2p.update import Update, UpdateHeader
 
@@ -37,8 +38,10 @@ class _Sink:
         raise NotImplementedError
 
 
-def _serve_grpc(shapes: dict[str, tuple[int, ...]], max_bytes: int, ports: Any, stop: Any) -> None:
+def _serve_grpc(shapes: dict[str, tuple[int, ...]], max_bytes: int, ports: Any, stop: Any, retain: int) -> None:
     torch.set_num_threads(1)
+    if retain:
+        retain_freed_memory(retain)
     server = GossipServer(_Sink(shapes), "sink", max_update_bytes=max_bytes)
     ports.put(server.start())
     stop.wait()
@@ -87,13 +90,14 @@ def tcp_two_processes(nbytes: int, reps: int) -> list[float]:
     return times
 
 
-def push_two_processes(update: Update, reps: int, chunk_bytes: int) -> list[float]:
-    """Seconds per PushUpdate of `update` to a GossipServer in a child process (plaintext)."""
+def push_two_processes(update: Update, reps: int, chunk_bytes: int, retain: int = 0) -> list[float]:
+    """Seconds per PushUpdate of `update` to a GossipServer in a child process (plaintext);
+    with retain, the child keeps that many bytes of freed memory warm (p2p.memory)."""
     shapes = {n: tuple(t.shape) for n, t in update.tensors.items()}
     size = sum(t.numel() * t.element_size() for t in update.tensors.values())
     ctx = mp.get_context("spawn")
     ports, stop = ctx.Queue(), ctx.Event()
-    child = ctx.Process(target=_serve_grpc, args=(shapes, 2 * size + (1 << 20), ports, stop), daemon=True)
+    child = ctx.Process(target=_serve_grpc, args=(shapes, 2 * size + (1 << 20), ports, stop, retain), daemon=True)
     child.start()
     times = []
     try:

@@ -32,6 +32,7 @@ from p2p.defences import parse_defence
 from p2p.errors import TransportError, UpdateRejected
 from p2p.identity import Caller
 from p2p.membership import membership_for
+from p2p.memory import retain_freed_memory
 from p2p.peer import MAX_SAMPLES, MAX_UPDATE_NORM, Applied, Batch, InboxLimits, Peer
 from p2p.secagg import SecureAggregation
 from p2p.staleness import parse_staleness
@@ -41,6 +42,11 @@ from p2p.transport import GossipClient, GossipServer
 from p2p.update import Update
 
 log = logging.getLogger(__name__)
+
+# A model of at least RETAIN_FROM_BYTES has its freed update buffers kept warm (p2p.memory):
+# room for RETAIN_UPDATES updates in flight (encoding, decoding, queued) per malloc arena.
+RETAIN_FROM_BYTES = 1 << 20
+RETAIN_UPDATES = 4
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,9 @@ class PeerNode:
             self.metrics.known(defences=spec.known_defences, batch_sizes=spec.known_batch_sizes or None)
         self.exporter = start_exporter(self.metrics, host=self.host, port=spec.metrics_port)
         model = self.build_model()
+        update_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if update_bytes >= RETAIN_FROM_BYTES:  # small models' buffers never leave the heap anyway
+            retain_freed_memory(RETAIN_UPDATES * update_bytes)
         gossip = model_gossip_for(spec, {n: tuple(p.shape) for n, p in model.named_parameters()})
         self.peer = Peer(
             spec.peer_id, model, spec.shard_images, spec.shard_labels,
