@@ -59,7 +59,10 @@ def load_done_cells(store: Path) -> tuple[list[dict[str, Any]], int]:
 
     Each row gets `best_psnr` (the best single image among its reconstructions), `grid`
     (its grid.png path, or None) and `nodes` (where its peers and attacker ran, node ids cut
-    to 8; None for cells stored before the sweep recorded them).
+    to 8; None for cells stored before the sweep recorded them). Where the sweep varies
+    parameters of the row's own attack, `attack` becomes that variant (`idlg (lr=0.5)`, see
+    `attack_variant`) and `attack_name` keeps the registry name, so the claims, heatmaps,
+    pooled tables and grids keep the variants apart instead of pooling them as one attack.
 
     Raises:
         StoreError: DIR is missing, has no done cell, or one of its files is unreadable.
@@ -69,12 +72,28 @@ def load_done_cells(store: Path) -> tuple[list[dict[str, Any]], int]:
         raise StoreError(f"no done cells in {store} (no {CELLS_DIR}/*/{CELL_FILE})")
     for row in rows:
         row["best_psnr"] = leakage(cell_reconstructions(store, row))["best_psnr"]
+        row["attack_name"] = row["attack"]
+        row["attack"] = attack_variant(row)
         folder = run_dir(store, row)
         row["grid"] = folder / GRID if folder and (folder / GRID).is_file() else None
         if row.get("attacker_node"):
             row["nodes"] = (f"peers {' '.join(n[:8] for n in row.get('peer_nodes') or [])}, "
                             f"attacker {row['attacker_node'][:8]}")
     return rows, incomplete
+
+
+def attack_variant(row: Mapping[str, Any]) -> str:
+    """The row's attack with the values of its own swept parameters: `idlg (lr=0.5)`.
+
+    `attack_params` holds the cell's parameter axes ({"idlg.lr": 0.5, "ig.tv": 0.1});
+    only the row's own attack's fields count (an idlg axis leaves an analytic cell as
+    `analytic`: its runs do not differ).
+    """
+    attack = str(row["attack"])
+    params = row.get("attack_params") or {}
+    own = sorted((str(k).split(".", 1)[1], v) for k, v in params.items()
+                 if str(k).startswith(f"{attack}.") and "." in str(k))
+    return f"{attack} ({', '.join(f'{name}={value}' for name, value in own)})" if own else attack
 
 
 # ------------------------------------------------------------------ the report

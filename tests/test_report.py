@@ -328,3 +328,26 @@ def test_several_network_shapes_get_a_figure_and_claims_compare_one_shape(
     assert verdicts_in(summary)[(4, "dlg")] == HOLDS
     assert "| dlg | 8 | none | 1 | 3 | 12.0 | 0.000 | 0.850 |" in summary  # pooled: 4 peers only
     assert "the 20 cells of peers `4`, fanout `2`, topology `complete`" in summary
+
+
+def test_swept_attack_parameters_are_kept_apart(tmp_path: Path) -> None:
+    """A sweep over idlg.lr reports each lr as its own attack: pooling them would average a
+    tuned attack with an untuned one. An analytic cell at either lr is the same run: pooled."""
+    store = tmp_path / "sweep"
+    for lr, psnr in ((0.1, 12.0), (1.0, 40.0)):
+        for attack, value in (("idlg", psnr), ("analytic", 90.0)):
+            row = cell_row(attack, 1, "none", value, 1.0 if value >= 30 else 0.0, 0.8)
+            row["cell_id"] = row["run_dir"] = f"{attack}-lr{lr}"
+            row["run_dir"] = f"runs/{attack}-lr{lr}"
+            row["attack_params"] = {"idlg.lr": lr}
+            write_cell(store, row)
+    assert report(store) == 0
+    out = store / "report"
+    summary = (out / "summary.md").read_text()
+    pooled = summary.split("## Leakage pooled over seeds")[1].split("## The attacker's view")[0]
+    assert "| idlg (lr=0.1) | 1 | none | 1 | 3 | 12.0 |" in pooled
+    assert "| idlg (lr=1.0) | 1 | none | 1 | 3 | 40.0 |" in pooled
+    assert "| analytic | 1 | none | 2 | 6 | 90.0 |" in pooled
+    assert "- attack: `analytic`, `idlg (lr=0.1)`, `idlg (lr=1.0)`" in summary
+    assert {"heatmap_idlg__lr_0.1_.png", "heatmap_idlg__lr_1.0_.png", "heatmap_analytic.png"} <= {
+        p.name for p in out.iterdir()}
