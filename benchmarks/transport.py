@@ -14,7 +14,9 @@ to bytes, bytes to a checked update), without gRPC; the rest of a push is gRPC's
 
 Rows marked "(bare)" are gRPC Python alone on the same bytes (a raw-bytes client stream in
 chunks of the same size, no codec, no protobuf, no checks): the ceiling any codec on top of
-grpcio can reach on this machine. Rows marked "(2 procs)" put the receiver in a child
+grpcio can reach on this machine; the indented "(bare)" rows after it are other uses of
+grpcio on the same bytes (one unary message, 4 and 16 MiB messages, two concurrent streams
+on two channels, four concurrent unary calls). Rows marked "(2 procs)" put the receiver in a child
 process, as peers are deployed (benchmarks/transport_procs.py), against a raw TCP
 baseline across the same two processes: sender and receiver then overlap on two cores.
 
@@ -171,6 +173,62 @@ def bare_grpc(nbytes: int, chunk_bytes: int, reps: int) -> list[float]:
     return times
 
 
+def bare_variants(nbytes: int, reps: int) -> list[tuple[str, list[float]]]:
+    """Seconds per push of nbytes by other bare uses of grpcio (issue 12, item 3): one unary
+    message, bigger stream messages, and the bytes striped over concurrent calls. The
+    ceiling a different use of gRPC could give PushUpdate; none changes it by much."""
+    import grpc
+
+    def unary(req: bytes, _ctx: object) -> bytes:
+        return str(len(req)).encode()
+
+    def consume(chunks: Iterator[bytes], _ctx: object) -> bytes:
+        return str(sum(len(c) for c in chunks)).encode()
+
+    handler = grpc.method_handlers_generic_handler("bench.Sink", {
+        "One": grpc.unary_unary_rpc_method_handler(unary),
+        "Push": grpc.stream_unary_rpc_method_handler(consume)})
+    limit = [("grpc.max_receive_message_length", 128 << 20), ("grpc.max_send_message_length", 128 << 20)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[handler], options=limit)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    payload = os.urandom(nbytes)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=limit) for _ in range(2)]
+    one = channels[0].unary_unary("/bench.Sink/One")
+    push = [ch.stream_unary("/bench.Sink/Push") for ch in channels]
+
+    def split(buf: bytes, size: int) -> list[bytes]:
+        return [buf[i:i + size] for i in range(0, len(buf), size)]
+
+    def striped(parts: list[list[bytes]], calls: list[Callable[..., object]]) -> Callable[[], int]:
+        return lambda: sum(int(f.result()) for f in [c.future(iter(p)) for c, p in zip(calls, parts)])
+
+    halves, quarters = split(payload, -(-nbytes // 2)), split(payload, -(-nbytes // 4))
+    by4, by16 = split(payload, 4 << 20), split(payload, 16 << 20)  # made once, outside the clock
+    variants: list[tuple[str, Callable[[], int]]] = [
+        ("1 unary msg", lambda: int(one(payload))),
+        ("stream 4 MiB", lambda: int(push[0](iter(by4)))),
+        ("stream 16 MiB", lambda: int(push[0](iter(by16)))),
+        ("2 streams/2 ch", striped([split(h, 1 << 20) for h in halves], push)),
+        ("4 unary/1 ch", lambda: sum(int(f.result()) for f in [one.future(q) for q in quarters])),
+    ]
+    out = []
+    try:
+        for label, fn in variants:
+            fn()  # the first call also pays for the connection
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                assert fn() == nbytes
+                times.append(time.perf_counter() - t0)
+            out.append((label, times))
+    finally:
+        for ch in channels:
+            ch.close()
+        server.stop(None)
+    return out
+
+
 def p50(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -225,6 +283,10 @@ def run_case(label: str, update: Update, reps: int, chunk_bytes: int, one_proces
         t = p50(bare_grpc(dense, chunk_bytes, reps))
         print(f"{label + ' (bare)':<20} {'plain':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} "
               f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
+        for name, times in bare_variants(dense, reps):
+            t = p50(times)
+            print(f"{'  (bare) ' + name:<20} {'plain':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} "
+                  f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
         if not one_process:
             tcp2 = p50(tcp_two_processes(dense, reps))
             t = p50(push_two_processes(update, reps, chunk_bytes, retain))
