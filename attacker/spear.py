@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacker import spear_peel
 from attacker.api import (
     Attack,
     AttackConfig,
@@ -58,6 +59,9 @@ class SpearConfig:
     # samples that slipped through the other tests 13% (0.1 let it in).
     min_zero_share: float = 0.2
     rank_tol: float = 1e-5  # singular values below this share of the largest are rank noise
+    # Peel directions off rows active for few samples (attacker/spear_peel.py) before
+    # the random search; False is the search alone.
+    peel: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.max_trials < 1:
@@ -153,8 +157,16 @@ def recover_inputs(
     # Units dead for the whole batch are zero in every sample: no information, and
     # they would count as zeros of any mix of samples.
     norms = ub.norm(dim=1)
-    live = ub[norms > tol * norms.max()]  # (m', b)
-    q, trials = _sparse_directions(live, tol, params, generator)  # (b, k)
+    alive = norms > tol * norms.max()
+    live = ub[alive]  # (m', b)
+    # The same rows in coordinates where the gradient's noise is isotropic (rows of dW
+    # on its top b singular vectors), and each row's noise there: the part of its dW
+    # row beyond rank b, scaled to b of the d - b dimensions it spreads over.
+    w = live * s[:b]
+    outside = (dw[alive].pow(2).sum(dim=1) - w.pow(2).sum(dim=1)).clamp_min(0.0).sqrt()
+    noise = outside * math.sqrt(b / max(1, dw.shape[1] - b))
+    peeled = _peeled(live, w, noise, s[:b], tol, params, generator) if params.peel else []
+    q, trials = _sparse_directions(live, tol, params, generator, peeled)  # (b, k)
     found = q.shape[1]
     if found < b:
         return SpearResult(inputs, found, rank, trials)
@@ -168,18 +180,65 @@ def recover_inputs(
     return SpearResult(inputs, found - int(bad.sum()), rank, trials)
 
 
+def _peeled(
+    u: torch.Tensor, w: torch.Tensor, noise: torch.Tensor, s: torch.Tensor, tol: float,
+    params: SpearConfig, generator: torch.Generator,
+) -> list[tuple[int, torch.Tensor]]:
+    """Directions (zeros, q) from peeling (attacker/spear_peel.py), each checked by _refine;
+    small complements a cascade stalled in are searched as smaller problems."""
+    b = u.shape[1]
+    need = _need(u.shape[0], b, params)
+    found: list[tuple[int, torch.Tensor]] = []
+
+    def take(q_w: torch.Tensor) -> None:
+        q = F.normalize(q_w * s, dim=0)  # w . q_w = u . (s * q_w)
+        entry = _refine(u, q, tol)
+        if entry is not None and entry[0] >= need:
+            _keep(found, entry)
+
+    direct, stalled = spear_peel.directions(w, noise)
+    for q_w in direct:
+        take(q_w)
+    # Larger stalled complements cost nearly what the whole search does: left to it.
+    for basis in sorted(stalled, key=lambda k: k.shape[1]):
+        if basis.shape[1] > max(_STALL_DIM, b // 2):
+            break
+        if expired() or _independent(found, b).shape[1] == b:
+            break
+        inside = sum(float((basis.T @ F.normalize(q / s, dim=0)).norm()) > 1 - 1e-6 for _, q in found)
+        if inside >= basis.shape[1]:
+            continue  # every sample of this complement is found already
+        sub, _ = _sparse_directions(w @ basis, tol, params, generator)
+        for q_sub in sub.T:
+            take(basis @ q_sub)
+    return found
+
+
+_STALL_DIM = 4  # stalled complements of at most this dimension (or B / 2) are searched
+
+
+def _need(m: int, b: int, params: SpearConfig) -> int:
+    """Zeros a sample's direction must have: the b - 1 that define it and a share more."""
+    return b - 1 + max(2, math.ceil(params.min_zero_share * (m - b + 1)))
+
+
 def _sparse_directions(
-    u: torch.Tensor, tol: float, params: SpearConfig, generator: torch.Generator
+    u: torch.Tensor, tol: float, params: SpearConfig, generator: torch.Generator,
+    found: list[tuple[int, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """(Q (b, k) unit columns of samples' directions, k <= b; row subsets tried)."""
+    """(Q (b, k) unit columns of samples' directions, k <= b; row subsets tried),
+    starting from the directions found already (extended in place)."""
     m, b = u.shape
     if b == 1:
         return u.new_ones((1, 1)), 0
-    need = b - 1 + max(2, math.ceil(params.min_zero_share * (m - b + 1)))
+    need = _need(m, b, params)
+    found = [] if found is None else found  # (zeros, q)
     if m < need:  # fewer live rows than a sample's zeros need: none can be confirmed
-        return _independent([], b), 0
-    found: list[tuple[int, torch.Tensor]] = []  # (zeros, q)
+        return _independent(found, b), 0
     trials = 0
+    chosen = _independent(found, b)
+    if chosen.shape[1] == b:
+        return chosen, 0
     # The chance of a hit is ~b 2^-(b-1): small batches need far fewer subsets per step.
     chunk = min(params.chunk, max(256, 2 ** (b + 1)))
     while trials < params.max_trials and not expired():
@@ -332,27 +391,34 @@ class Spear(Attack):
         linear = first_linear(model, obs.input_shape)
         index = {id(p): i for i, p in enumerate(model.parameters())}
         assert linear.bias is not None  # first_linear checked it
-        result = recover_inputs(
-            targets[index[id(linear.weight)]], targets[index[id(linear.bias)]],
-            batch_size=obs.batch_size, params=self.params,
-            generator=torch.Generator().manual_seed(self.config.seed),
-        )
         like = targets[0]
-        raw = result.inputs.reshape(obs.batch_size, *obs.input_shape).to(like)
+        scale = float(sum((t.double() ** 2).sum() for t in targets))
+        params = self.params
+        while True:
+            result = recover_inputs(
+                targets[index[id(linear.weight)]], targets[index[id(linear.bias)]],
+                batch_size=obs.batch_size, params=params,
+                generator=torch.Generator().manual_seed(self.config.seed),
+            )
+            raw = result.inputs.reshape(obs.batch_size, *obs.input_shape).to(like)
+            labels = _labels(model, raw, targets).to(device=like.device)
+            complete = result.found == min(result.rank, obs.batch_size) == obs.batch_size
+            distance = _distance(model, raw, labels, targets)
+            # A wrong direction can pass every test of the search (measured: B = 12, two
+            # images at input cosine 0.95-0.99, relative distance 3.7 against 1e-14 when
+            # exact), so a complete batch is called recovered only if it re-creates the
+            # update; a peeled one that does not is searched again without peeling.
+            if complete and distance > _CONSISTENT * scale:
+                reason = "inconsistent"
+                if params.peel and not expired():
+                    params = replace(params, peel=False)
+                    continue
+            else:
+                reason = "recovered" if complete else "incomplete"
+            break
         images = raw.clamp(0.0, 1.0)
-        labels = _labels(model, raw, targets).to(device=like.device)
         if callback is not None:
             callback(1, images)
-        complete = result.found == min(result.rank, obs.batch_size) == obs.batch_size
-        distance = _distance(model, raw, labels, targets)
-        # A wrong direction can pass every test of the search (measured: B = 12, two
-        # images at input cosine 0.95-0.99, relative distance 3.7 against 1e-14 when
-        # exact), so a complete batch is called recovered only if it re-creates the update.
-        scale = float(sum((t.double() ** 2).sum() for t in targets))
-        if complete and distance > _CONSISTENT * scale:
-            reason = "inconsistent"
-        else:
-            reason = "recovered" if complete else "incomplete"
         stats = {
             "attack": self.name,
             "iterations": 1,

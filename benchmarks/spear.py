@@ -44,7 +44,10 @@ def one(batch: int, seed: int, sigma: float, budget: float) -> tuple[float, floa
     rec = create_attack("spear", AttackConfig(seed=seed, time_budget_s=budget)).reconstruct(model, obs)
     seconds = time.perf_counter() - start
     perm = match_batch(rec.images.numpy(), x.numpy())
-    return min(psnr(rec.images[int(perm[j])], x[j]) for j in range(batch)), seconds
+    worst = min(psnr(rec.images[int(perm[j])], x[j]) for j in range(batch))
+    print(f"  B={batch} seed={seed} sigma={sigma:g}: worst {worst:.1f} dB in {seconds:.1f} s "
+          f"({rec.stats['found']}/{batch} found, {rec.stats['trials']} subsets)", file=sys.stderr, flush=True)
+    return worst, seconds
 
 
 def table(rows: list[tuple[str, list[tuple[float, float]]]], head: str) -> None:
