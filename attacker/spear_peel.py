@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 
 _KAPPA = 8.0  # a row's deviation from parallel may reach this many of its noise units
-_MIN_CLUSTER = 3
+_MIN_CLUSTER = 3  # rows that make a cluster: two could be parallel by chance near the end
 # The avoided direction comes from a cluster's fit, and its projection on a smaller
 # complement loses digits: a cluster this close to it counts as its sample.
-_BAN_SIN = 1e-4  # rows that make a cluster: two could be parallel by chance near the end
+_BAN_SIN = 1e-4
 
 
 def complement(v: torch.Tensor, b: int) -> torch.Tensor:
