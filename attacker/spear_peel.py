@@ -26,8 +26,13 @@ from __future__ import annotations
 
 import torch
 
-_KAPPA = 8.0  # a row's deviation from parallel may reach this many of its noise units
-_MIN_CLUSTER = 3  # rows that make a cluster: two could be parallel by chance near the end
+KAPPA = 8.0  # a row's deviation from parallel may reach this many of its noise units
+# Rows that make a cluster: two, while the complement has 4 or more dimensions (two
+# random rows there fall parallel within noise with a vanishing chance); three below
+# that, where two of a hundred rows can fall at one angle of a plane by chance. Three
+# everywhere left B = 16 batches stalled in complements of dimension 10-13.
+_MIN_CLUSTER = 3
+_MIN_PAIR_DIM = 4
 # The avoided direction comes from a cluster's fit, and its projection on a smaller
 # complement loses digits: a cluster this close to it counts as its sample.
 _BAN_SIN = 1e-4
@@ -65,12 +70,12 @@ def peel(
         k = complement(v, b)  # (b, d)
         p = w @ k  # (m, d)
         size = p.norm(dim=1)
-        live = size > _KAPPA * noise  # rows not (yet) inside V
-        if int(live.sum()) < _MIN_CLUSTER:
+        live = size > KAPPA * noise  # rows not (yet) inside V
+        if int(live.sum()) < 2:
             break
         idx = live.nonzero().flatten()
         unit = p[idx] / size[idx, None]
-        slack = _KAPPA * noise[idx] / size[idx]  # each row's angular noise, in radians
+        slack = KAPPA * noise[idx] / size[idx]  # each row's angular noise, in radians
         cos = (unit @ unit.T).clamp(-1.0, 1.0)
         sin = (1.0 - cos * cos).clamp_min(0.0).sqrt()
         parallel = sin <= slack[:, None] + slack[None, :]
@@ -82,7 +87,7 @@ def peel(
                 parallel &= ~(bsin <= slack + _BAN_SIN)[:, None]
         count = parallel.sum(dim=1)  # the row itself included
         best = int(count.argmax())
-        if int(count[best]) < _MIN_CLUSTER:
+        if int(count[best]) < (2 if k.shape[1] >= _MIN_PAIR_DIM else _MIN_CLUSTER):
             break
         members = unit[parallel[best]] * size[idx][parallel[best], None]  # (c, d)
         # The cluster's direction: the members' principal axis (big rows weigh more,
