@@ -12,6 +12,12 @@ to bytes, bytes to a checked update), without gRPC; the rest of a push is gRPC's
     .venv/bin/python benchmarks/transport.py --quick      # fewer repetitions
     .venv/bin/python benchmarks/transport.py --chunk-kib 4096   # bigger chunk frames
 
+Rows marked "(bulk)" send the payload over the receiver's bulk lane (p2p.bulk: the header
+checked over gRPC, then the bytes over one TCP or TLS connection straight into the
+tensors), as peers do for updates of 4 MiB or more; the other PushUpdate rows force the
+gRPC stream. "raw TLS socket" is the baseline's transfer over one mutual-TLS connection
+(Python's ssl), the floor of a TLS lane.
+
 Rows marked "(bare)" are gRPC Python alone on the same bytes (a raw-bytes client stream in
 chunks of the same size, no codec, no protobuf, no checks): the ceiling any codec on top of
 grpcio can reach on this machine; the indented "(bare)" rows after it are other uses of
@@ -47,7 +53,7 @@ from gradleak.core.models import create_model
 from p2p import codec
 from p2p.memory import retain_freed_memory
 from p2p.tls import make_test_pki
-from p2p.transport import GossipClient, GossipServer
+from p2p.transport import BULK_MIN_BYTES, GossipClient, GossipServer
 from p2p.update import Update, UpdateHeader
 
 
@@ -84,14 +90,20 @@ def model_update(model: str, image_size: int, in_channels: int, keep: float | No
     return Update(UpdateHeader("u", "h1", "h1", 1, 0, 1), tensors)
 
 
-def tcp_baseline(nbytes: int, reps: int) -> list[float]:
-    """Seconds per one-way transfer of nbytes over a raw loopback socket, ack included."""
+def tcp_baseline(nbytes: int, reps: int, tls: bool = False) -> list[float]:
+    """Seconds per one-way transfer of nbytes over a raw loopback socket, ack included; with
+    tls, over one mutual-TLS connection (Python's ssl with the bulk lane's contexts)."""
+    from p2p.bulk import client_context, server_context
+
+    materials = make_test_pki(peers=("sink", "h1"))[1] if tls else {}
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     buf = bytearray(nbytes)
 
     def serve() -> None:
         conn, _ = srv.accept()
+        if tls:
+            conn = server_context(materials["sink"]).wrap_socket(conn, server_side=True)
         view = memoryview(buf)
         with conn:
             for _ in range(reps):
@@ -102,7 +114,8 @@ def tcp_baseline(nbytes: int, reps: int) -> list[float]:
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    times = tcp_pushes(port, nbytes, reps)
+    wrap = client_context(materials["h1"]) if tls else None
+    times = tcp_pushes(port, nbytes, reps, wrap)
     t.join()
     srv.close()
     return times
@@ -123,8 +136,9 @@ def codec_times(update: Update, chunk_bytes: int, reps: int) -> tuple[float, flo
     return p50(enc), p50(dec)
 
 
-def grpc_push(update: Update, tls: bool, reps: int, chunk_bytes: int) -> tuple[list[float], int]:
-    """Seconds per push of update and the bytes one push puts on the wire."""
+def grpc_push(update: Update, tls: bool, reps: int, chunk_bytes: int, bulk: bool = False) -> tuple[list[float], int]:
+    """Seconds per push of update and the bytes one push puts on the wire; with bulk, the
+    payload takes the receiver's bulk lane (p2p.bulk), else the gRPC stream."""
     shapes = {n: tuple(t.shape) for n, t in update.tensors.items()}
     materials = make_test_pki(peers=("sink", "h1"))[1] if tls else {}
     size = sum(t.numel() * 4 for t in update.tensors.values())
@@ -132,7 +146,9 @@ def grpc_push(update: Update, tls: bool, reps: int, chunk_bytes: int) -> tuple[l
     port = server.start()
     times, sent = [], 0
     try:
-        with GossipClient(f"127.0.0.1:{port}", tls=materials.get("h1"), timeout_s=60, chunk_bytes=chunk_bytes) as client:
+        lane = 0 if bulk else None
+        with GossipClient(f"127.0.0.1:{port}", tls=materials.get("h1"), timeout_s=60, chunk_bytes=chunk_bytes,
+                          bulk_min_bytes=lane) as client:
             for k in range(reps + 1):
                 u = Update(UpdateHeader(f"u{k}", "h1", "h1", k + 1, 0, 1), update.tensors)
                 t0 = time.perf_counter()
@@ -272,13 +288,20 @@ def run_case(label: str, update: Update, reps: int, chunk_bytes: int, one_proces
     kept = sum(int((t != 0).sum()) for t in update.tensors.values())
     tcp = p50(tcp_baseline(dense, reps))
     enc, dec = codec_times(update, chunk_bytes, reps)
-    for tls in (False, True):
-        times, wire = grpc_push(update, tls, reps, chunk_bytes)
-        t = p50(times)
-        per_kept = f"{wire / kept:7.2f}" if "top" in label else f"{'-':>7}"
-        print(f"{label:<20} {'TLS' if tls else 'plain':<6} {dense / 1e6:9.3f} {wire / 1e6:9.3f} {per_kept} "
-              f"{enc * 1e3:7.1f} {dec * 1e3:7.1f} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} "
-              f"{dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
+    lanes = (False, True) if dense >= BULK_MIN_BYTES else (False,)
+    for bulk in lanes:
+        for tls in (False, True):
+            times, wire = grpc_push(update, tls, reps, chunk_bytes, bulk)
+            t = p50(times)
+            per_kept = f"{wire / kept:7.2f}" if "top" in label else f"{'-':>7}"
+            name = label + (" (bulk)" if bulk else "")
+            print(f"{name:<20} {'TLS' if tls else 'plain':<6} {dense / 1e6:9.3f} {wire / 1e6:9.3f} {per_kept} "
+                  f"{enc * 1e3:7.1f} {dec * 1e3:7.1f} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} "
+                  f"{dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
+    if "dense" in label and len(lanes) == 2:
+        tls_tcp = p50(tcp_baseline(dense, reps, tls=True))
+        print(f"{'  raw TLS socket':<20} {'TLS':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} {'-':>7} "
+              f"{'-':>7} {tls_tcp * 1e3:8.2f} {dense / tls_tcp / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / tls_tcp:7.2f}")
     if "dense" in label:
         t = p50(bare_grpc(dense, chunk_bytes, reps))
         print(f"{label + ' (bare)':<20} {'plain':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} "
@@ -289,10 +312,12 @@ def run_case(label: str, update: Update, reps: int, chunk_bytes: int, one_proces
                   f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
         if not one_process:
             tcp2 = p50(tcp_two_processes(dense, reps))
-            t = p50(push_two_processes(update, reps, chunk_bytes, retain))
-            print(f"{label + ' (2 procs)':<20} {'plain':<6} {dense / 1e6:9.3f} {wire / 1e6:9.3f} {'-':>7} "
-                  f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp2 / 1e6:9.1f} "
-                  f"{tcp2 / t:7.2f}")
+            for bulk in lanes:
+                t = p50(push_two_processes(update, reps, chunk_bytes, retain, bulk))
+                name = label + (" (2 procs, bulk)" if bulk else " (2 procs)")
+                print(f"{name:<20} {'plain':<6} {dense / 1e6:9.3f} {wire / 1e6:9.3f} {'-':>7} "
+                      f"{'-':>7} {'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp2 / 1e6:9.1f} "
+                      f"{tcp2 / t:7.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -62,15 +63,21 @@ def _serve_tcp(nbytes: int, reps: int, ports: Any) -> None:
     srv.close()
 
 
-def tcp_pushes(port: int, nbytes: int, reps: int) -> list[float]:
-    """Seconds per sendall of nbytes random bytes to 127.0.0.1:port and its 8-byte ack."""
+def tcp_pushes(port: int, nbytes: int, reps: int, tls: ssl.SSLContext | None = None) -> list[float]:
+    """Seconds per sendall of nbytes random bytes to 127.0.0.1:port and its 8-byte ack
+    (over TLS with that client context)."""
     payload = os.urandom(nbytes)
     times = []
-    with socket.create_connection(("127.0.0.1", port)) as c:
+    c = socket.create_connection(("127.0.0.1", port))
+    if tls is not None:
+        c = tls.wrap_socket(c, server_hostname="127.0.0.1")
+    with c:
         for _ in range(reps):
             t0 = time.perf_counter()
             c.sendall(payload)
-            c.recv(8, socket.MSG_WAITALL)
+            ack = b""
+            while len(ack) < 8:  # an SSL socket takes no MSG_WAITALL
+                ack += c.recv(8 - len(ack))
             times.append(time.perf_counter() - t0)
     return times
 
@@ -90,9 +97,10 @@ def tcp_two_processes(nbytes: int, reps: int) -> list[float]:
     return times
 
 
-def push_two_processes(update: Update, reps: int, chunk_bytes: int, retain: int = 0) -> list[float]:
+def push_two_processes(update: Update, reps: int, chunk_bytes: int, retain: int = 0, bulk: bool = False) -> list[float]:
     """Seconds per PushUpdate of `update` to a GossipServer in a child process (plaintext);
-    with retain, the child keeps that many bytes of freed memory warm (p2p.memory)."""
+    with retain, the child keeps that many bytes of freed memory warm (p2p.memory); with
+    bulk, the payload takes the bulk lane (p2p.bulk), else the gRPC stream."""
     shapes = {n: tuple(t.shape) for n, t in update.tensors.items()}
     size = sum(t.numel() * t.element_size() for t in update.tensors.values())
     ctx = mp.get_context("spawn")
@@ -102,7 +110,8 @@ def push_two_processes(update: Update, reps: int, chunk_bytes: int, retain: int 
     times = []
     try:
         port = ports.get(timeout=120)
-        with GossipClient(f"127.0.0.1:{port}", timeout_s=60, chunk_bytes=chunk_bytes) as client:
+        lane = 0 if bulk else None
+        with GossipClient(f"127.0.0.1:{port}", timeout_s=60, chunk_bytes=chunk_bytes, bulk_min_bytes=lane) as client:
             for k in range(reps + 1):
                 u = Update(UpdateHeader(f"u{k}", "h1", "h1", k + 1, 0, 1), update.tensors)
                 t0 = time.perf_counter()

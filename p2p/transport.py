@@ -23,9 +23,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from p2p import bulk as bulk_lane
 from p2p import codec
 from p2p.errors import (
     DuplicateUpdate,
@@ -60,6 +62,9 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 _HEALTH_SERVICES = ("", codec.SERVICE_NAME)
 _HEALTH_NAME = "grpc.health.v1.Health"
 _MAX_DETAILS = 512  # error details echo attacker-chosen names: keep them short
+# Updates of at least this many payload bytes take the bulk lane (p2p.bulk) where the
+# receiver has one: below it, gRPC's per-push costs are small beside the payload's.
+BULK_MIN_BYTES = 4 << 20
 
 
 class UpdateHandler(Protocol):
@@ -147,9 +152,12 @@ class _GossipServicer:
 
     def __init__(
         self, handler: UpdateHandler, peer_id: str, chunk_bytes: int, limits: Limits,
-        watchdog: Watchdog, max_update_bytes: int | None,
+        watchdog: Watchdog, max_update_bytes: int | None, bulk: bool = False,
     ) -> None:
         self._handler = handler
+        self.bulk = bulk
+        self.lane: bulk_lane.BulkLane | None = None  # set by GossipServer.start
+        self.tickets: bulk_lane.Tickets | None = None
         self._peer_id = peer_id
         self._chunk_bytes = chunk_bytes
         self._limits = limits
@@ -175,6 +183,15 @@ class _GossipServicer:
     @property
     def in_progress(self) -> int:
         return self._admission.in_progress
+
+    def open_lane(self, host: str, port: int, tls: TlsMaterial | None) -> bulk_lane.BulkLane:
+        """Bind the bulk lane; its grants share this servicer's call caps."""
+        self.tickets = bulk_lane.Tickets(self._admission, self._limits.idle_s)
+        self.lane = bulk_lane.BulkLane(
+            host, port, tls, self._limits, self.tickets, self._handler.accept_update,
+            lambda exc: _status_of(exc).name,
+        )
+        return self.lane
 
     def _watch(self, context: grpc.ServicerContext, what: str) -> AbstractContextManager[Ticket]:
         return self._watchdog.watch(context, what, self._limits.idle_s, self._limits.total_s)
@@ -213,6 +230,28 @@ class _GossipServicer:
         update_id = _guarded(context, "PushUpdate", run)
         return codec.push_ack(update_id, received[0]).SerializeToString()
 
+    def offer_bulk(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """Check an update's header frame and grant a bulk lane for its payload (p2p.bulk)."""
+        caller = caller_of(context)
+
+        def run() -> codec.BulkOffer:
+            lane, tickets = self.lane, self.tickets
+            if lane is None or tickets is None:
+                raise ResourceExhausted("the bulk lane is not serving")
+            with self._admission.admit(caller.key), self._watch(context, "OfferBulk") as ticket:
+                raw = _one_request(requests, ticket)
+            if len(raw) > self._max_header_bytes:
+                raise MalformedMessage(f"header frame of {len(raw)} bytes, limit {self._max_header_bytes} for this model")
+            frame = codec.parse_update_frame(raw)
+            if isinstance(frame, codec.RawChunk):
+                raise MalformedMessage("OfferBulk takes a header frame, got a chunk")
+            pending = codec.check_update_header(
+                frame, max_bytes=self._max_update_bytes, schema=self._schema, dtypes=self._dtypes
+            )
+            return codec.BulkOffer(ticket=tickets.grant(caller, pending, len(raw)), port=lane.port)
+
+        return _guarded(context, "OfferBulk", run).SerializeToString()
+
     def get_model(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """Stream the handler's weights at the requested version.
 
@@ -247,13 +286,13 @@ class _GossipServicer:
         Both read their requests as streams: a unary request is read by gRPC in a
         server thread before any handler code runs, where no limit could reach it.
         """
-        return grpc.method_handlers_generic_handler(
-            codec.SERVICE_NAME,
-            {
-                "PushUpdate": grpc.stream_unary_rpc_method_handler(self.push_update),
-                "GetModel": grpc.stream_stream_rpc_method_handler(self.get_model),
-            },
-        )
+        methods = {
+            "PushUpdate": grpc.stream_unary_rpc_method_handler(self.push_update),
+            "GetModel": grpc.stream_stream_rpc_method_handler(self.get_model),
+        }
+        if self.bulk:  # else OfferBulk answers UNIMPLEMENTED and senders stream
+            methods["OfferBulk"] = grpc.stream_unary_rpc_method_handler(self.offer_bulk)
+        return grpc.method_handlers_generic_handler(codec.SERVICE_NAME, methods)
 
 
 def _one_request(requests: Iterator[bytes], ticket: Ticket) -> bytes:
@@ -331,6 +370,8 @@ class GossipServer:
         tls: TlsMaterial | None = None,
         insecure: bool = False,
         limits: Limits | None = None,
+        bulk: bool = True,
+        bulk_port: int = 0,
     ) -> None:
         if tls is None and not insecure and not is_loopback_host(host):
             # Refused before anything binds: plaintext lets anyone who reaches it read and forge updates.
@@ -347,8 +388,10 @@ class GossipServer:
         )
         self._watchdog = Watchdog()
         self._servicer = _GossipServicer(
-            handler, peer_id, chunk_bytes, self.limits, self._watchdog, max_update_bytes
+            handler, peer_id, chunk_bytes, self.limits, self._watchdog, max_update_bytes, bulk
         )
+        self._bulk_port = bulk_port
+        self._lane: bulk_lane.BulkLane | None = None
         self._health = _Health(self.limits, self._watchdog)
         self._server.add_generic_rpc_handlers(
             (self._servicer.generic_handler(), self._health.generic_handler())
@@ -381,10 +424,23 @@ class GossipServer:
         if bound == 0:
             raise OSError(f"cannot bind {self._host}:{self._port}")
         self._port = bound
+        if self._servicer.bulk:
+            self._lane = self._servicer.open_lane(self._host, self._bulk_port, self._tls)
+            self._lane.start()
         self._watchdog.start()
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return bound
+
+    @property
+    def bulk_port(self) -> int | None:
+        """The bulk lane's port after start (None when it is off)."""
+        return self._lane.port if self._lane is not None else None
+
+    @property
+    def bulk_received(self) -> int:
+        """Updates that arrived over the bulk lane."""
+        return self._lane.received if self._lane is not None else 0
 
     @property
     def secure(self) -> bool:
@@ -400,6 +456,8 @@ class GossipServer:
         """Report NOT_SERVING, then stop, letting in-flight RPCs finish within grace."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace).wait()
+        if self._lane is not None:
+            self._lane.stop(grace)
         self._watchdog.stop()
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -441,9 +499,18 @@ class GossipClient:
         tls: TlsMaterial | None = None,
         server_name: str | None = None,
         schema: codec.Schema | None = None,
+        bulk_min_bytes: int | None = BULK_MIN_BYTES,
     ) -> None:
         if server_name is not None and tls is None:
             raise ValueError("server_name needs tls: a plaintext channel verifies no name")
+        if bulk_min_bytes is not None and bulk_min_bytes < 0:
+            raise ValueError(f"bulk_min_bytes must be >= 0 or None, got {bulk_min_bytes}")
+        # The bulk lane (p2p.bulk) carries payloads of at least bulk_min_bytes, where the
+        # receiver offers one and the dialled address names a host it can be reached on.
+        self._bulk_min_bytes = bulk_min_bytes
+        self._bulk_host = _host_of(address)
+        self._server_name = server_name
+        self._bulk_context = None if tls is None or bulk_min_bytes is None else bulk_lane.client_context(tls)
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._max_model_bytes = max_model_bytes
@@ -472,6 +539,10 @@ class GossipClient:
             f"{service}/PushUpdate", request_serializer=None,
             response_deserializer=codec.PushAck.FromString, _registered_method=True,
         )
+        self._offer_bulk = self._channel.unary_unary(
+            f"{service}/OfferBulk", request_serializer=None,
+            response_deserializer=codec.BulkOffer.FromString, _registered_method=True,
+        )
         self._get_model = self._channel.unary_stream(
             f"{service}/GetModel", request_serializer=codec.ModelRequest.SerializeToString,
             response_deserializer=None, _registered_method=True,
@@ -485,9 +556,19 @@ class GossipClient:
             TransportError: when the RPC fails or the receipt does not match.
         """
         sent = [0]
+        wire: Iterator[bytes] | None = None
+        size = bulk_lane.dense_bytes(update.tensors)
+        if self._bulk_min_bytes is not None and self._bulk_host is not None and size >= self._bulk_min_bytes:
+            header, payloads = codec.update_to_bulk(update, sparse=sparse)
+            if sum(p.size for p in payloads) >= self._bulk_min_bytes:
+                done = self._push_bulk(update.header.update_id, header, payloads)
+                if done is not None:
+                    return done
+            wire = codec.wire_frames(header, payloads, self._chunk_bytes)
 
         def frames() -> Iterator[bytes]:
-            for frame in codec.update_to_wire(update, chunk_bytes=self._chunk_bytes, sparse=sparse):
+            source = wire or codec.update_to_wire(update, chunk_bytes=self._chunk_bytes, sparse=sparse)
+            for frame in source:
                 sent[0] += len(frame)
                 yield frame
 
@@ -499,6 +580,35 @@ class GossipClient:
                 f"{update.header.update_id!r}/{sent[0]} bytes sent",
             )
         return sent[0]
+
+    def _push_bulk(self, update_id: str, header: bytes, payloads: list[np.ndarray]) -> int | None:
+        """Send over the receiver's bulk lane; None when it has none (then it is not asked again).
+
+        Raises:
+            TransportError: when the receiver refuses the update or the lane breaks.
+        """
+        host = self._bulk_host
+        assert host is not None  # push_update checks it
+        try:
+            offer = _call(lambda: self._offer_bulk(header, timeout=self._timeout_s), self._hint)
+            ack = bulk_lane.send(host, offer, payloads, timeout_s=self._timeout_s,
+                                 context=self._bulk_context, server_name=self._server_name)
+        except bulk_lane.LaneUnreachable as exc:
+            log.warning("%s; pushing over gRPC streams from now on", exc.details)
+            self._bulk_min_bytes = None
+            return None
+        except TransportError as exc:
+            if exc.code != "UNIMPLEMENTED":
+                raise
+            self._bulk_min_bytes = None  # an older or bulk-less receiver
+            return None
+        sent = len(header) + sum(p.size for p in payloads)
+        if ack.update_id != update_id or ack.bytes_received != sent:
+            raise TransportError(
+                "DATA_LOSS",
+                f"receipt {ack.update_id!r}/{ack.bytes_received} bytes does not match {update_id!r}/{sent} bytes sent",
+            )
+        return sent
 
     def get_model(self, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         """Fetch the peer's weights at version (None: latest); return (version, state).
@@ -538,6 +648,17 @@ class GossipClient:
     ) -> None:
         """Close the channel."""
         self.close()
+
+
+def _host_of(address: str) -> str | None:
+    """The host of a "host:port" or "[v6]:port" address; None for other target forms."""
+    if "/" in address:  # a gRPC target URI (dns:///, unix:, ...): no host to dial directly
+        return None
+    if address.startswith("["):
+        end = address.find("]")
+        return address[1:end] if end > 1 else None
+    host, sep, port = address.rpartition(":")
+    return host if sep and host and ":" not in host and port.isdigit() else None
 
 
 def _call(fn: Callable[[], _T], unavailable_hint: str = "") -> _T:

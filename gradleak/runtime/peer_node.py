@@ -75,6 +75,7 @@ class PeerSpec:
     topology: str = "complete"
     timeout_s: float = 10.0
     chunk_bytes: int = 1 << 20
+    bulk_min_bytes: int = 4 << 20  # payloads this large take the receiver's bulk lane (0: no lane)
     host: str = "127.0.0.1"
     port: int = 0  # gossip port to bind (0: any free one; a standalone peer binds its roster address)
     metrics_port: int = 0  # /metrics port (0: any free one)
@@ -140,7 +141,8 @@ class PeerNode:
         self.metrics.device.info({"role": spec.role, "device": str(self.peer.device)})
         self.handler = self.make_handler()
         self.server = GossipServer(self, spec.peer_id, host=self.host, port=spec.port,
-                                   chunk_bytes=spec.chunk_bytes, tls=spec.tls, insecure=spec.insecure)
+                                   chunk_bytes=spec.chunk_bytes, tls=spec.tls, insecure=spec.insecure,
+                                   bulk=spec.bulk_min_bytes > 0)
         self.server.start()
         self._members: dict[str, str] = {}
         self._clients: dict[str, GossipClient] = {}
@@ -445,6 +447,7 @@ class PeerNode:
                 self._clients[peer_id] = GossipClient(
                     self._members[peer_id], timeout_s=self.spec.timeout_s,
                     chunk_bytes=self.spec.chunk_bytes, tls=self.spec.tls,
+                    bulk_min_bytes=self.spec.bulk_min_bytes or None,
                     schema=self.peer.schema(),  # a pulled model must be exactly ours in shape
                 )
             return self._clients[peer_id]

@@ -105,6 +105,24 @@ class PushAck(_message.Message):
     bytes_received: int
     def __init__(self, update_id: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
+class BulkOffer(_message.Message):
+    __slots__ = ("ticket", "port")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    port: int
+    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ...) -> None: ...
+
+class BulkResult(_message.Message):
+    __slots__ = ("code", "details", "ack")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    details: str
+    ack: PushAck
+    def __init__(self, code: _Optional[str] = ..., details: _Optional[str] = ..., ack: _Optional[_Union[PushAck, _Mapping]] = ...) -> None: ...
+
 class ModelRequest(_message.Message):
     __slots__ = ("version",)
     VERSION_FIELD_NUMBER: _ClassVar[int]

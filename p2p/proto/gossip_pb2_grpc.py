@@ -45,6 +45,11 @@ class GossipStub:
                 request_serializer=p2p_dot_proto_dot_gossip__pb2.ModelRequest.SerializeToString,
                 response_deserializer=p2p_dot_proto_dot_gossip__pb2.ModelFrame.FromString,
                 _registered_method=True)
+        self.OfferBulk = channel.unary_unary(
+                '/gradleak.v1.Gossip/OfferBulk',
+                request_serializer=p2p_dot_proto_dot_gossip__pb2.UpdateFrame.SerializeToString,
+                response_deserializer=p2p_dot_proto_dot_gossip__pb2.BulkOffer.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -65,6 +70,14 @@ class GossipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OfferBulk(self, request, context):
+        """Checks an update's header (one header frame) and grants a bulk lane for its
+        payload; a server without one answers UNIMPLEMENTED and PushUpdate is used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GossipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=p2p_dot_proto_dot_gossip__pb2.ModelRequest.FromString,
                     response_serializer=p2p_dot_proto_dot_gossip__pb2.ModelFrame.SerializeToString,
+            ),
+            'OfferBulk': grpc.unary_unary_rpc_method_handler(
+                    servicer.OfferBulk,
+                    request_deserializer=p2p_dot_proto_dot_gossip__pb2.UpdateFrame.FromString,
+                    response_serializer=p2p_dot_proto_dot_gossip__pb2.BulkOffer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class Gossip:
             '/gradleak.v1.Gossip/GetModel',
             p2p_dot_proto_dot_gossip__pb2.ModelRequest.SerializeToString,
             p2p_dot_proto_dot_gossip__pb2.ModelFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OfferBulk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradleak.v1.Gossip/OfferBulk',
+            p2p_dot_proto_dot_gossip__pb2.UpdateFrame.SerializeToString,
+            p2p_dot_proto_dot_gossip__pb2.BulkOffer.FromString,
             options,
             channel_credentials,
             insecure,

@@ -424,3 +424,16 @@ def test_every_header_field_travels() -> None:
     from p2p.update import UpdateHeader
 
     assert set(_HEADER_FIELDS) == {f.name for f in dataclasses.fields(UpdateHeader)}
+
+
+@pytest.mark.parametrize(("share", "layout"), [(1.0, "DENSE"), (0.6, "DENSE"), (0.45, "SPARSE"), (0.05, "SPARSE")])
+def test_auto_layout_of_a_large_tensor_is_the_smaller_one(share: float, layout: str) -> None:
+    # 200k elements: judged on a strided sample first, counted exactly near the break-even share (0.5).
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(200_000, generator=g)
+    t[torch.rand(200_000, generator=g) >= share] = 0.0
+    header, payloads = codec.update_to_bulk(make_update({"w": t}), sparse="auto")
+    spec = codec.UpdateFrame.FromString(header).header.tensors[0]
+    assert codec.pb.Layout.Name(spec.layout) == f"LAYOUT_{layout}"
+    nnz = int((t != 0).sum())
+    assert payloads[0].size == min(nnz * 8, t.numel() * 4)

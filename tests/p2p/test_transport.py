@@ -118,7 +118,7 @@ def test_single_frames_above_4_mib_pass_when_both_ends_allow_them(
     srv = GossipServer(handler, "peer-b", chunk_bytes=7 << 20)
     srv.start()
     try:
-        with GossipClient(srv.address, chunk_bytes=7 << 20) as c:
+        with GossipClient(srv.address, chunk_bytes=7 << 20, bulk_min_bytes=None) as c:  # the gRPC stream
             c.push_update(make_update("one-frame", numel=1_600_000), sparse="never")
             version, state = c.get_model()
     finally:
@@ -133,7 +133,7 @@ def test_frame_above_the_server_limit_is_refused(handler: RecordingHandler) -> N
     srv.start()
     try:
         with (
-            GossipClient(srv.address, chunk_bytes=2 << 20) as c,
+            GossipClient(srv.address, chunk_bytes=2 << 20, bulk_min_bytes=None) as c,
             pytest.raises(TransportError) as err,
         ):
             c.push_update(make_update("too-big-frame", numel=1_000_000), sparse="never")
