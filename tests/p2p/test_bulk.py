@@ -202,6 +202,25 @@ def test_stalled_payload_times_out(recorder: Recorder) -> None:
         srv.stop(grace=0)
 
 
+def test_a_trickle_is_cut_at_the_total_limit(recorder: Recorder) -> None:
+    srv = serve(recorder, limits=Limits(idle_s=0.4, total_s=0.8))
+    try:
+        u = update("trickle")
+        grant = offer(srv, u)
+        with socket.create_connection(("127.0.0.1", grant.port), timeout=10) as s:
+            s.sendall(bulk.MAGIC + grant.ticket)
+            t0 = time.monotonic()
+            with pytest.raises(OSError):  # the receiver answers and closes while we still send
+                for _ in range(40):  # one byte every 0.1 s: never idle, never done
+                    s.sendall(b"x")
+                    time.sleep(0.1)
+            assert time.monotonic() - t0 < 3.0
+        wait_idle(srv)
+        assert recorder.accepted == [] and srv.calls_in_progress == 0
+    finally:
+        srv.stop(grace=0)
+
+
 def test_unused_grants_expire_and_release_their_slots(recorder: Recorder) -> None:
     srv = serve(recorder, limits=Limits(idle_s=0.2, max_calls_per_caller=2))
     try:
