@@ -244,6 +244,9 @@ FLAGS: dict[str, Flag] = {
     "--limit": Flag("data", "limit", int, "use at most this many samples", metavar="N"),
     "--metrics-port": Flag("telemetry", "metrics_port", int,
                            "the evaluator's /metrics port (0: any free port)", metavar="PORT"),
+    "--evaluators": Flag("telemetry", "evaluators", int,
+                         "evaluator actors sharing the truths and scores by update id (their /metrics "
+                         "on --metrics-port, +1, +2, ...)", metavar="N"),
     "--host": Flag("telemetry", "host", str,
                    "address servers bind and advertise ('auto': each node's own IP)", metavar="ADDR"),
     "--seed": Flag("", "seed", int, "seed of the split, inits, batches and attack starts", metavar="N"),

@@ -20,6 +20,7 @@ import numpy as np
 from attacker.metrics import score_batch
 from gradleak.config import RunConfig, load_yaml
 from gradleak.runtime.evaluation import load_truth
+from gradleak.runtime.evaluator_shards import as_shards
 from gradleak.runtime.gossip_leak import GossipPublic, join_scores, run_gossip_attack, summary_of
 from gradleak.runtime.record import RunRecord, clean
 from gradleak.runtime.transcript import TranscriptError, TranscriptReader, transcript_path
@@ -45,7 +46,13 @@ def colluder_readers(cfg: RunConfig, run_dir: Path) -> dict[str, TranscriptReade
 
 
 def live_gossip_attack(cfg: RunConfig, run_dir: Path, evaluator: Any, get: Callable[[Any], Any]) -> dict[str, Any]:
-    """Run the attack on a finished live run; `get` resolves Ray refs (the Testbed's _get)."""
+    """Run the attack on a finished live run; `get` resolves Ray refs (the Testbed's _get).
+
+    evaluator: the run's EvaluatorShards (or one evaluator handle); scores go to each
+    update's shard, the share to the primary.
+    """
+    shards = as_shards(evaluator)
+    assert shards is not None
     try:
         readers = colluder_readers(cfg, run_dir)
     except TranscriptError as exc:
@@ -55,7 +62,7 @@ def live_gossip_attack(cfg: RunConfig, run_dir: Path, evaluator: Any, get: Calla
 
         def score(update_id: str, attack: str, images: np.ndarray, labels: np.ndarray,
                   stats: dict[str, Any]) -> None:
-            refs.append(evaluator.score.remote(update_id, attack, images, labels, stats))
+            refs.append(shards.for_update(update_id).score.remote(update_id, attack, images, labels, stats))
 
         report = run_gossip_attack(readers, GossipPublic.from_config(cfg), score,
                                    budget_s=cfg.attack.gossip_budget_s, max_batch_size=cfg.attack.max_batch_size)
@@ -64,7 +71,7 @@ def live_gossip_attack(cfg: RunConfig, run_dir: Path, evaluator: Any, get: Calla
         report = join_scores(report, RunRecord(run_dir).rows())
     _write(run_dir / REPORT_FILE, report)
     if report.get("status") == "done":
-        get(evaluator.set_reconstructible.remote(cfg.gossip.topology, "models", report["reconstructed_share"]))
+        get(shards.primary.set_reconstructible.remote(cfg.gossip.topology, "models", report["reconstructed_share"]))
     return summary_of(report)
 
 

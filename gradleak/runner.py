@@ -43,6 +43,7 @@ from gradleak.data import Dataset, load_dataset, split
 from gradleak.placement import FitError, Node, Plan, plan
 from gradleak.runtime.evaluation import summarise
 from gradleak.runtime.evaluator_node import EvaluatorActor
+from gradleak.runtime.evaluator_shards import EvaluatorShards, merge_counts, merge_shipped
 from gradleak.runtime.faults import FaultLog, rejoin_sources
 from gradleak.runtime.host import PeerHostActor
 from gradleak.runtime.malicious_node import MaliciousActor
@@ -216,7 +217,10 @@ class Testbed:
         self.attackers: list[Any] = []  # the malicious peers' actors, in slot order
         self.attacker_ids: list[str] = []
         self.placement: dict[str, Any] = {}  # where the attackers sit (RUN_DIR/attackers.json)
-        self.evaluator: Any = None
+        self.evaluator: Any = None  # shard 0 of self.evaluators: the run's endpoint
+        self.evaluators: list[Any] = []
+        self.shards: EvaluatorShards | None = None
+        self.metrics_urls: list[str] = []
         self.addresses: list[dict[str, str]] = []  # honest peers first, the attacker last
         self.metrics_url = ""
         self.started_at = time.time()
@@ -291,9 +295,15 @@ class Testbed:
         tel = cfg.telemetry
         # The evaluator writes the run records: pinned to the driver's node, it writes where the
         # driver writes config.yaml, i.e. where --out is mounted (KubeRay: the head pod's claim).
-        self.evaluator = EvaluatorActor.options(num_cpus=0, scheduling_strategy=driver_node()).remote(
-            str(self.run_dir), host=tel.host, metrics_port=tel.metrics_port)
-        self.metrics_url = f"http://{self._get(self.evaluator.metrics_address.remote(), START_TIMEOUT_S)}/metrics"
+        n = tel.evaluators
+        self.evaluators = [EvaluatorActor.options(num_cpus=0, scheduling_strategy=driver_node()).remote(
+            str(self.run_dir), host=tel.host, metrics_port=tel.metrics_port + k if tel.metrics_port else 0,
+            shard=k, shards=n) for k in range(n)]
+        self.evaluator = self.evaluators[0]
+        self.shards = EvaluatorShards(self.evaluators)
+        self.metrics_urls = [f"http://{a}/metrics" for a in self._get(
+            [e.metrics_address.remote() for e in self.evaluators], START_TIMEOUT_S)]
+        self.metrics_url = self.metrics_urls[0]
         specs = self._specs(data)
         count = cfg.attack.count
         self._start_hosts(specs[:-count], layout)
@@ -337,7 +347,7 @@ class Testbed:
             self._host_options.append(options)
             self._host_rows.append([])
             self._incarnations.append(0)
-            self.hosts.append(PeerHostActor.options(**options).remote(group, self.evaluator, cfg.peers.threads))
+            self.hosts.append(PeerHostActor.options(**options).remote(group, self.shards, cfg.peers.threads))
 
     def _start_attackers(self, specs: list[PeerSpec]) -> None:
         """One actor per malicious peer, each with its own scheduler, attacks and transcript."""
@@ -350,7 +360,7 @@ class Testbed:
             self.attacker_ids.append(spec.peer_id)
             self.attackers.append(MaliciousActor.options(num_cpus=cfg.peers.num_cpus, num_gpus=a.num_gpus,
                                                          **marker).remote(
-                spec, self.evaluator, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
+                spec, self.shards, attacks=a.attacks, fallback=a.fallback, max_age_s=a.max_age_s,
                 attack_config=a.attack_config(cfg.seed), attack_params=a.params,
                 queue_size=a.queue_size, max_batch_size=a.max_batch_size, device=a.effective_device,
                 attack_threads=a.threads, run_dir=str(self.run_dir), transcript_bytes=a.transcript_bytes,
@@ -397,7 +407,8 @@ class Testbed:
 
     def _write_targets(self) -> None:
         """Prometheus file_sd list of every exporter of this run."""
-        groups = [{"targets": [self.metrics_url.split("/")[2]], "labels": {"role": "evaluator"}}]
+        groups = [{"targets": [url.split("/")[2]], "labels": {"role": "evaluator", "shard": str(k)}}
+                  for k, url in enumerate(self.metrics_urls)]
         groups += [{"targets": [a["metrics"]], "labels": {"role": a["role"]}} for a in self.addresses]
         (self.run_dir / "prometheus_targets.json").write_text(json.dumps(groups, indent=2))
 
@@ -533,10 +544,11 @@ class Testbed:
         """
         hosts, count = len(self.hosts), len(self.attackers)
         refs = ([h.progress.remote() for h in self.hosts] + [m.progress.remote() for m in self.attackers]
-                + [self.evaluator.counts.remote()])
+                + [e.counts.remote() for e in self.evaluators])
         got = self._get_each(refs, 30.0, "the peers")
-        named = [(EVALUATOR, got[-1])] + [(attacker_name(aid, count), answer) for aid, answer in
-                                          zip(self.attacker_ids, got[hosts:hosts + count], strict=True)]
+        named = [(EVALUATOR, answer) for answer in got[hosts + count:]] + [
+            (attacker_name(aid, count), answer)
+            for aid, answer in zip(self.attacker_ids, got[hosts:hosts + count], strict=True)]
         for who, answer in named:
             if isinstance(answer, ray.exceptions.ActorDiedError):
                 self.faults.lost_actor = self.faults.lost_actor or who
@@ -587,7 +599,7 @@ class Testbed:
         incarnation = self._incarnations[k]
         specs = [dataclasses.replace(s, seed=s.seed + RESEED * incarnation) for s in self._host_specs[k]]
         try:
-            host: Any = PeerHostActor.options(**self._host_options[k]).remote(specs, self.evaluator,
+            host: Any = PeerHostActor.options(**self._host_options[k]).remote(specs, self.shards,
                                                                          self.cfg.peers.threads)
             self.hosts[k] = host
             fresh = self._get(host.addresses.remote(), START_TIMEOUT_S, "the restarted peers")
@@ -597,7 +609,9 @@ class Testbed:
             book = {a["peer_id"]: a["gossip"] for a in self.addresses}
             live = [n for j, n in enumerate(self.hosts) if j not in self._dead] + [host, *self.attackers]
             self._get_each([n.set_members.remote(book) for n in live], 30.0)  # the others redial
-            shipped = self._get([self.evaluator.last_shipped.remote(p) for p in peers])
+            n = len(self.evaluators)
+            asked = self._get([e.last_shipped.remote(p) for p in peers for e in self.evaluators])
+            shipped = [merge_shipped(asked[i * n:(i + 1) * n]) for i in range(len(peers))]
             honest = [a["peer_id"] for a in self.addresses if a["role"] == "honest" and a["peer_id"] not in
                       {p for j in self._dead for p in (s.peer_id for s in self._host_specs[j])}]
             plans = [{"sources": rejoin_sources(p, list(book), honest, self.cfg.gossip.topology, self.cfg.seed),
@@ -623,7 +637,7 @@ class Testbed:
     def lost_actor(self, exc: BaseException) -> ActorLost:
         """Which actor a RayActorError from a call came from, as an ActorLost (pings each, 5 s)."""
         count = len(self.attackers)
-        critical = [(EVALUATOR, self.evaluator)] + [(attacker_name(aid, count), m)
+        critical = [(EVALUATOR, e) for e in self.evaluators] + [(attacker_name(aid, count), m)
                                                     for aid, m in zip(self.attacker_ids, self.attackers, strict=True)]
         named = critical + [
             (f"the peer host of {', '.join(s.peer_id for s in self._host_specs[k])}", h)
@@ -641,8 +655,12 @@ class Testbed:
                 continue
         return ActorLost(f"an actor was lost: {_one_line(exc)}")
 
+    def counts(self, timeout: float | None = None) -> dict[str, Any]:
+        """The evaluators' counts, merged over the shards."""
+        return merge_counts(self._get([e.counts.remote() for e in self.evaluators], timeout))
+
     def _status_line(self, step: int) -> str:
-        counts = self._get(self.evaluator.counts.remote())
+        counts = self.counts()
         self._attacker_status = dict(zip(self.attacker_ids, self._get([m.status.remote() for m in self.attackers]),
                                          strict=True))
         status = pool_status(self._attacker_status)
@@ -713,8 +731,9 @@ class Testbed:
         summary: list[dict[str, Any]] = []
         if self.faults.lost_actor != EVALUATOR:
             try:
-                summary = self._get(self.evaluator.finish.remote(accuracy, extra), wait)
-                counts = self._get(self.evaluator.counts.remote(), wait)
+                others = self._get([e.export.remote() for e in self.evaluators[1:]], wait)
+                summary = self._get(self.evaluator.finish.remote(accuracy, extra, others), wait)
+                counts = self.counts(wait)
             except ray.exceptions.RayActorError:
                 self.faults.lost_actor = self.faults.lost_actor or EVALUATOR
                 extra["faults"] = self.faults.to_dict(extra["steps"])
@@ -776,7 +795,7 @@ class Testbed:
             return {"status": "skipped", "reason": why}
         self.progress(f"gossip-algebra attack on the transcript (up to {self.cfg.attack.gossip_budget_s:.0f} s)")
         try:
-            return live_gossip_attack(self.cfg, self.run_dir, self.evaluator, lambda refs: self._get(refs, 60.0))
+            return live_gossip_attack(self.cfg, self.run_dir, self.shards, lambda refs: self._get(refs, 60.0))
         except (ray.exceptions.RayError, TimeoutError, ValueError) as exc:
             log.warning("the gossip-algebra attack failed: %s", exc)
             return {"status": "failed", "reason": _one_line(exc)}
@@ -790,7 +809,7 @@ class Testbed:
                 ray.wait(refs, num_returns=len(refs), timeout=5)
             except ray.exceptions.RayError as exc:  # a dead actor has nothing to stop
                 log.warning("stopping an actor failed: %s", exc)
-            for n in [*actors, self.evaluator]:
+            for n in [*actors, *self.evaluators]:
                 if n is not None:
                     ray.kill(n)
         if self.started_ray:

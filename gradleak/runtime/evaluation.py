@@ -38,14 +38,19 @@ class Truth:
     incarnation: int = 0  # of the origin peer: 0 first, +1 for each restart after its host was lost
 
 
+TRUTH_FILES = 4096  # truth files a run keeps on disk (the first ones), over all its evaluators
+
+
 class Evaluator:
     """Scores reconstructions, writes the run record and the leakage metrics."""
 
     def __init__(
         self, record: RunRecord, metrics: Metrics | None = None, *,
-        keep_truths: int = 4096, grid_items: int = 16, persist_truths: bool = True,
+        keep_truths: int = TRUTH_FILES, grid_items: int = 16, persist_truths: bool = True,
+        truth_files: int | None = None,
     ) -> None:
         self.record = record
+        self._keep_files = keep_truths if truth_files is None else truth_files  # shards split the files
         # On disk the first keep_truths are kept (later ones counted, not written): the
         # transcript keeps the earliest updates too, so the two stay joinable.
         self._persist = persist_truths
@@ -60,6 +65,7 @@ class Evaluator:
         self._shipped: dict[str, tuple[int, int]] = {}  # origin -> its last (step, model version) filed
         self.unmatched = 0
         self.duplicates = 0  # second scores of one (update, attack), refused
+        self._others: list[dict[str, Any]] = []  # other shards' exports, for the summary only
 
     def register_truth(
         self, update_id: str, images: np.ndarray, labels: np.ndarray, *,
@@ -81,7 +87,7 @@ class Evaluator:
         step, version = self._shipped.get(origin, (0, -1))
         self._shipped[origin] = (max(step, round), max(version, -1 if model_version is None else model_version))
         if self._persist:
-            if self._files_written < self._keep:
+            if self._files_written < self._keep_files:
                 _write_truth(self.record.dir, update_id, self._truths[update_id])
                 self._files_written += 1
             else:
@@ -160,12 +166,14 @@ class Evaluator:
 
     def summary(self, honest_accuracy: dict[tuple[int, str], float] | None = None) -> list[dict[str, Any]]:
         """One row per (batch size, defence, attack) with the leakage and honest accuracy."""
-        return summarise(self._rows, honest_accuracy)
+        return summarise(self._rows + [r for part in self._others for r in part["rows"]], honest_accuracy)
 
     def write_outputs(self, honest_accuracy: dict[tuple[int, str], float], extra: dict[str, Any]) -> list[dict[str, Any]]:
         """Write summary.json / summary.md and grid.png; return the summary rows."""
         rows = self.summary(honest_accuracy)
-        self.record.write_summary(rows, {**extra, "unmatched": self.unmatched, "duplicates": self.duplicates})
+        unmatched = self.unmatched + sum(p["unmatched"] for p in self._others)
+        duplicates = self.duplicates + sum(p["duplicates"] for p in self._others)
+        self.record.write_summary(rows, {**extra, "unmatched": unmatched, "duplicates": duplicates})
         pairs = [
             (t, r, f"b{bs} {d[:5]} {p:.0f}dB")
             for (bs, d, _a), (p, t, r) in sorted(self._examples.items())
@@ -173,6 +181,19 @@ class Evaluator:
         if pairs:
             write_grid(self.record.dir / "grid.png", pairs)
         return rows
+
+    def export(self) -> dict[str, Any]:
+        """Rows, best examples and counters, for another shard's summary (see absorb)."""
+        return {"rows": list(self._rows), "examples": dict(self._examples),
+                "unmatched": self.unmatched, "duplicates": self.duplicates}
+
+    def absorb(self, part: dict[str, Any]) -> None:
+        """Take another shard's export into this summary and grid (its rows are already on
+        disk; this shard's own counts stay its own)."""
+        self._others.append(part)
+        for key, example in part["examples"].items():
+            if key not in self._examples or example[0] > self._examples[key][0]:
+                self._examples[key] = example
 
     def counts(self) -> dict[str, int]:
         return {"reconstructions": len(self._rows), "truths": len(self._truths), "unmatched": self.unmatched,

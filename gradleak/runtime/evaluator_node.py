@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from gradleak.runtime.evaluation import Evaluator
+from gradleak.runtime.evaluation import TRUTH_FILES, Evaluator
 from gradleak.runtime.record import RunRecord
 from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
 
@@ -16,10 +16,13 @@ from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
 class EvaluatorNode:
     """Thin adapter: owns the Evaluator, the run record and the leakage exporter."""
 
-    def __init__(self, run_dir: str, *, host: str = "127.0.0.1", metrics_port: int = 0) -> None:
+    def __init__(self, run_dir: str, *, host: str = "127.0.0.1", metrics_port: int = 0,
+                 shard: int = 0, shards: int = 1) -> None:
         self.metrics = Metrics()
         self.exporter = start_exporter(self.metrics, host=resolve_host(host), port=metrics_port)
-        self.evaluator = Evaluator(RunRecord(run_dir), self.metrics)
+        # Each shard writes its share of the run's first truth files (gradleak.runtime.evaluator_shards).
+        self.shard = shard
+        self.evaluator = Evaluator(RunRecord(run_dir), self.metrics, truth_files=TRUTH_FILES // shards)
         self._claims: dict[str, str] = {}  # update id -> the colluder that took it for attack
 
 
@@ -59,7 +62,15 @@ class EvaluatorNode:
     def counts(self) -> dict[str, Any]:
         return {**self.evaluator.counts(), "mean_psnr": self.evaluator.mean_psnr()}
 
-    def finish(self, honest_accuracy: list[tuple[int, str, float]], extra: dict[str, Any]) -> list[dict[str, Any]]:
+    def export(self) -> dict[str, Any]:
+        """What the summary needs of this shard (its rows, best examples and counters)."""
+        return self.evaluator.export()
+
+    def finish(self, honest_accuracy: list[tuple[int, str, float]], extra: dict[str, Any],
+               others: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Write the summary, from this shard's rows and the other shards' exports."""
+        for part in others or []:
+            self.evaluator.absorb(part)
         acc: dict[tuple[int, str], list[float]] = {}
         for bs, defence, value in honest_accuracy:
             acc.setdefault((bs, defence), []).append(value)

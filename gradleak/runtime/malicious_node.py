@@ -163,7 +163,8 @@ class MaliciousNode(PeerNode):
 
     def _claim(self, update_id: str) -> bool:
         """The colluders' shared pool: True if no other attacker of the run took this update."""
-        return bool(ray.get(self.evaluator.claim.remote(update_id, self.spec.peer_id)))
+        assert self.evaluators is not None  # the shared pool needs an evaluator
+        return bool(ray.get(self.evaluators.for_update(update_id).claim.remote(update_id, self.spec.peer_id)))
 
     def _fetch_weights(self, sender: str, version: int) -> dict[str, torch.Tensor]:
         if self._active is not None and (chosen := self._active.weights_for(sender, version)) is not None:
@@ -181,10 +182,10 @@ class MaliciousNode(PeerNode):
     def _report(self, header: UpdateHeader, attack: str, rec: Reconstruction, received_at: float) -> None:
         """Hand a reconstruction to the evaluator without waiting for its score (up to
         REPORTS_IN_FLIGHT outstanding): scoring is the evaluator's time, not the worker's."""
-        if self.evaluator is None:
+        if self.evaluators is None:
             return
         stats = {k: v for k, v in rec.stats.items() if isinstance(v, (int, float, str, bool))}
-        ref = self.evaluator.score.remote(
+        ref = self.evaluators.for_update(header.update_id).score.remote(
             header.update_id, attack, rec.images.detach().cpu().numpy(),
             rec.labels.detach().cpu().numpy(), stats, received_at=received_at, step=header.round,
         )

@@ -23,6 +23,7 @@ import torch
 
 from gradleak.core.devices import resolve_device
 from gradleak.core.models import create_model, init_model
+from gradleak.runtime.evaluator_shards import as_shards
 from gradleak.runtime.faults import rejoin_version, resume_step
 from gradleak.runtime.model_exchange import ModelExchange, model_gossip_for
 from gradleak.runtime.telemetry import Metrics, resolve_host, start_exporter
@@ -114,7 +115,10 @@ class PeerNode:
     def __init__(self, spec: PeerSpec, evaluator: Any = None) -> None:
         torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.evaluator = evaluator  # Ray handle of the evaluator, or None
+        # The run's evaluator actors (EvaluatorShards, or one Ray handle), or None; a truth goes
+        # to its update's shard, this peer's record rows to the shard of its own id.
+        self.evaluators = as_shards(evaluator)
+        self.evaluator = None if self.evaluators is None else self.evaluators.for_update(spec.peer_id)
         self.host = resolve_host(spec.host)
         self.metrics = Metrics()
         if spec.known_defences:
@@ -268,7 +272,8 @@ class PeerNode:
         if self.evaluator is None or self.spec.role != "honest":
             return
         # Waiting makes sure the truth is filed before any attacker can score the update.
-        ray.get(self.evaluator.register_truth.remote(
+        assert self.evaluators is not None  # self.evaluator is set from it
+        ray.get(self.evaluators.for_update(update_id).register_truth.remote(
             update_id, batch.images, batch.labels, origin=self.spec.peer_id, round=round_, defence=defence,
             model_version=model_version, incarnation=self.incarnation,
         ))

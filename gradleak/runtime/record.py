@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,14 +40,14 @@ class RunRecord:
     def append(self, row: dict[str, Any]) -> None:
         """Append one reconstruction row (flushed at once, so a crash loses nothing written)."""
         line = json.dumps(row, sort_keys=True, allow_nan=False, default=_finite)
-        with self._lock, open(self.dir / RECONSTRUCTIONS, "a") as f:
-            f.write(line + "\n")
+        with self._lock:
+            _append(self.dir / RECONSTRUCTIONS, line + "\n")
 
     def append_updates(self, rows: Sequence[dict[str, Any]]) -> None:
         """Append per-update rows (sender's step, sent/received times, version lag) at once."""
         text = "".join(json.dumps(r, sort_keys=True, allow_nan=False, default=_finite) + "\n" for r in rows)
-        with self._lock, open(self.dir / UPDATES, "a") as f:
-            f.write(text)
+        with self._lock:
+            _append(self.dir / UPDATES, text)
 
     def rows(self) -> list[dict[str, Any]]:
         path = self.dir / RECONSTRUCTIONS
@@ -66,6 +67,21 @@ class RunRecord:
             parts += ["Honest accuracy on the held-out set (mean over the peers of each batch size):", accuracy]
         path.write_text("\n\n".join(parts) + "\n")
         return path
+
+
+def _append(path: Path, text: str) -> None:
+    """Append text with one write(2) on an O_APPEND descriptor: several evaluator processes
+    append to the same files (gradleak.runtime.evaluator_shards), and the kernel serialises
+    whole writes to one file, so their rows never interleave (a buffered file object may
+    split a long row into several writes)."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it whole unless the disk is full
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _finite(value: Any) -> Any:

@@ -23,6 +23,21 @@ def test_updates_flow_and_the_model_learns(testbed) -> None:
     assert len(honest) == 3 and min(honest) > 0.2, result.accuracy  # chance is 0.1
 
 
+def test_two_evaluator_shards_split_the_truths_and_write_one_record(testbed) -> None:
+    import ray
+
+    bed, result = testbed
+    per = ray.get([e.counts.remote() for e in bed.evaluators])
+    assert len(per) == 2 and all(c["truths"] > 0 for c in per), per  # both filed a share of the steps
+    rows = [json.loads(x) for x in (bed.run_dir / "reconstructions.jsonl").read_text().splitlines()]
+    assert sum(c["reconstructions"] for c in per) == result.counts["reconstructions"] == len(rows) > 0
+    summary = json.loads((bed.run_dir / "summary.json").read_text())
+    assert sum(g["reconstructions"] for g in summary["groups"]) == len(rows)  # shard 1's rows in shard 0's summary
+    assert len(list((bed.run_dir / "truth").glob("*.npz"))) == sum(c["truth_files"] for c in per)
+    targets = json.loads((bed.run_dir / "prometheus_targets.json").read_text())
+    assert [t["labels"].get("shard") for t in targets if t["labels"]["role"] == "evaluator"] == ["0", "1"]
+
+
 def test_peers_on_their_own_clocks_aggregate_late_updates(testbed) -> None:
     bed, result = testbed
     assert set(result.extra["steps"].values()) == {120}  # every loop ran to its end
@@ -69,7 +84,7 @@ def test_prometheus_scrapes_leakage_by_batch_size(testbed, prometheus) -> None:
                                until=lambda r: bool(r) and float(r[0]["value"][1]) == result.messages)
     assert float(sent[0]["value"][1]) == result.messages
     up = prometheus.query('count(up{job="gradleak"} == 1)')
-    assert float(up[0]["value"][1]) == 5  # evaluator + 3 honest + malicious
+    assert float(up[0]["value"][1]) == 6  # 2 evaluator shards + 3 honest + malicious
 
 
 def test_a_malformed_update_gets_a_status_and_the_peer_keeps_serving(testbed) -> None:
