@@ -20,15 +20,17 @@ exact and fast up to B ~ 20 on the CPU and stops working beyond that.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacker import spear_peel
+from attacker import spear_complete, spear_peel
 from attacker.api import (
     Attack,
     AttackConfig,
@@ -126,6 +128,7 @@ def recover_inputs(
     batch_size: int,
     params: SpearConfig,
     generator: torch.Generator,
+    completion: spear_complete.Completion | None = None,
 ) -> SpearResult:
     """The B inputs of a linear layer followed by ReLU, from its weight and bias gradients.
 
@@ -135,6 +138,8 @@ def recover_inputs(
         batch_size: B from the update's header; the rank decides when it is smaller.
         params: search settings.
         generator: seeds the random row subsets.
+        completion: the layer's weight and bias and a consistency check of a batch;
+            with it, the last directions come from the ReLU pattern (spear_complete.py).
     """
     dw = weight_grad.detach().to(torch.float64)
     db = bias_grad.detach().to(torch.float64).flatten()
@@ -165,13 +170,17 @@ def recover_inputs(
     w = live * s[:b]
     outside = (dw[alive].pow(2).sum(dim=1) - w.pow(2).sum(dim=1)).clamp_min(0.0).sqrt()
     noise = outside * math.sqrt(b / max(1, dw.shape[1] - b))
+    h = ub.T @ db
+    finish = None
+    if completion is not None and b == batch_size:
+        def finish(known: torch.Tensor) -> torch.Tensor | None:
+            return _completed(live, known, s[:b], vh[:b], h, alive, tol, completion)
     peeled = _peeled(live, w, noise, s[:b], tol, params, generator) if params.peel else []
-    q, trials = _sparse_directions(live, tol, params, generator, peeled)  # (b, k)
+    q, trials = _sparse_directions(live, tol, params, generator, peeled, finish)  # (b, k)
     found = q.shape[1]
     if found < b:
         return SpearResult(inputs, found, rank, trials)
-    scales = torch.linalg.solve(q, ub.T @ db)  # (b,): db = U Q s
-    x = torch.linalg.solve(q, s[:b, None] * vh[:b]) / scales[:, None]  # (b, d)
+    x = spear_complete.inputs(q, s[:b], vh[:b], h)  # (b, d)
     # A sample whose bias gradient is (near) zero has no recoverable scale: its row
     # is inf or nan, which would poison the labels' pseudo-inverse; report it missing.
     bad = ~torch.isfinite(x).all(dim=1)
@@ -215,7 +224,7 @@ def _peeled(
         # asks 20% of its rows), so its zero share is relaxed here; _refine then asks
         # the full share of every direction on all the rows.
         rows = rows[rows.norm(dim=1) > _SUB_SNR * noise]
-        sub, _ = _sparse_directions(rows, tol, replace(params, min_zero_share=_SUB_ZERO_SHARE), generator)
+        sub, _ = _sparse_directions(rows, tol, replace(params, min_zero_share=_SUB_ZERO_SHARE, max_trials=_SUB_TRIALS), generator)
         for q_sub in sub.T:
             take(basis @ q_sub)
     return found
@@ -224,6 +233,40 @@ def _peeled(
 _STALL_DIM = 4  # stalled complements of at most this dimension (or B / 2) are searched
 _SUB_SNR = 1e3  # rows kept in a complement's search: projected norm over the row's noise
 _SUB_ZERO_SHARE = 0.05
+# Subsets tried per complement: its samples are found within a few thousand, and a
+# sample whose zeros nest in another's is never found (it used to take the budget).
+_SUB_TRIALS = 50_000
+
+
+def _completed(
+    u: torch.Tensor, known: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, h: torch.Tensor,
+    alive: torch.Tensor, tol: float, spec: spear_complete.Completion,
+) -> torch.Tensor | None:
+    """spear_complete.complete of the directions found, or of them less one or two.
+
+    A mix of samples whose zeros nest passes every zero test (measured: B = 16 with near-duplicate images), so a set that
+    cannot be completed consistently is tried again without the directions whose zeros
+    are near another's: the suspects."""
+    b, k = known.shape
+    if (q := spear_complete.complete(u, known, s, vh, h, alive, tol, spec)) is not None:
+        return q
+    col = (u @ known).abs()  # (m', k)
+    pat = (col <= tol * col.amax(dim=0)).to(u.dtype).T  # (k, m')
+    apart = pat.sum(1, keepdim=True) + pat.sum(1) - 2 * pat @ pat.T + 1e9 * torch.eye(k, dtype=u.dtype)
+    suspects = (apart.amin(dim=1) < _SUSPECT).nonzero().flatten().tolist()
+    for size in range(1, spear_complete.MAX_LEFT + 1):
+        if b - (k - size) > spear_complete.MAX_LEFT:
+            break
+        for drop in itertools.combinations(suspects, size):
+            if expired():
+                return None
+            keep = [i for i in range(k) if i not in drop]
+            if (q := spear_complete.complete(u, known[:, keep], s, vh, h, alive, tol, spec)) is not None:
+                return q
+    return None
+
+
+_SUSPECT = 16  # zero rows apart from another direction's below which a direction is suspect
 
 
 def _need(m: int, b: int, params: SpearConfig) -> int:
@@ -234,19 +277,37 @@ def _need(m: int, b: int, params: SpearConfig) -> int:
 def _sparse_directions(
     u: torch.Tensor, tol: float, params: SpearConfig, generator: torch.Generator,
     found: list[tuple[int, torch.Tensor]] | None = None,
+    finish: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(Q (b, k) unit columns of samples' directions, k <= b; row subsets tried),
-    starting from the directions found already (extended in place)."""
+    starting from the directions found already (extended in place); finish(Q (b, k))
+    may complete a nearly full set (None when it cannot)."""
     m, b = u.shape
     if b == 1:
         return u.new_ones((1, 1)), 0
     need = _need(m, b, params)
     found = [] if found is None else found  # (zeros, q)
-    if m < need:  # fewer live rows than a sample's zeros need: none can be confirmed
-        return _independent(found, b), 0
     trials = 0
     chosen = _independent(found, b)
-    if chosen.shape[1] == b:
+    tried = -1  # len(found) when the completion was last tried
+
+    def completed() -> torch.Tensor | None:
+        nonlocal tried
+        if finish is None or len(found) == tried or chosen.shape[1] < b - spear_complete.MAX_LEFT:
+            return None
+        tried = len(found)
+        return finish(chosen)
+
+    def done() -> torch.Tensor | None:
+        """The full set: consistent if it can be made so, else as found (the caller checks)."""
+        full = completed()
+        if full is None and chosen.shape[1] == b:
+            return chosen
+        return full
+
+    if (full := done()) is not None:
+        return full, 0
+    if m < need:  # fewer live rows than a sample's zeros need: none can be confirmed
         return chosen, 0
     # The chance of a hit is ~b 2^-(b-1): small batches need far fewer subsets per step.
     chunk = min(params.chunk, max(256, 2 ** (b + 1)))
@@ -269,8 +330,8 @@ def _sparse_directions(
             if entry is not None and entry[0] >= need:
                 _keep(found, entry)
         chosen = _independent(found, b)
-        if chosen.shape[1] == b:
-            return chosen, trials
+        if (full := done()) is not None:
+            return full, trials
     return _independent(found, b), trials
 
 
@@ -304,7 +365,8 @@ def _refine(u: torch.Tensor, q: torch.Tensor, tol: float) -> tuple[int, torch.Te
     if bool((sv[:, -2] <= 10 * tol * sv[:, 0]).any()):
         return None
     col = (u @ q).abs()
-    return int((col <= tol * col.max()).sum()), q
+    zeros = col <= tol * col.max()
+    return int(zeros.sum()), q
 
 
 def _keep(found: list[tuple[int, torch.Tensor]], entry: tuple[int, torch.Tensor]) -> None:
@@ -403,11 +465,19 @@ class Spear(Attack):
         like = targets[0]
         scale = float(sum((t.double() ** 2).sum() for t in targets))
         params = self.params
+
+        def share(x: torch.Tensor) -> float:
+            batch = x.reshape(obs.batch_size, *obs.input_shape).to(like)
+            return _distance(model, batch, _labels(model, batch, targets), targets) / scale
+
+        completion = spear_complete.Completion(
+            linear.weight.detach().to(torch.float64), linear.bias.detach().to(torch.float64),
+            share, _CONSISTENT)
         while True:
             result = recover_inputs(
                 targets[index[id(linear.weight)]], targets[index[id(linear.bias)]],
                 batch_size=obs.batch_size, params=params,
-                generator=torch.Generator().manual_seed(self.config.seed),
+                generator=torch.Generator().manual_seed(self.config.seed), completion=completion,
             )
             raw = result.inputs.reshape(obs.batch_size, *obs.input_shape).to(like)
             labels = _labels(model, raw, targets).to(device=like.device)
