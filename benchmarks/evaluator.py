@@ -34,6 +34,7 @@ import ray
 
 from gradleak.runtime.evaluation import Evaluator
 from gradleak.runtime.evaluator_node import EvaluatorActor
+from gradleak.runtime.evaluator_shards import EvaluatorShards
 from gradleak.runtime.record import RunRecord
 
 
@@ -41,6 +42,9 @@ from gradleak.runtime.record import RunRecord
 class Noop:
     def call(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def batch(b: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +64,9 @@ def in_process(n: int, b: int, size: int, persist: bool) -> float:
 
 
 def through_ray(actor: Any, method: str, callers: int, seconds: float, b: int, size: int) -> float:
+    """Calls per second of C threads calling actor.method back to back (actor: a handle, or
+    EvaluatorShards, each call then going to its update's shard as the peers' do)."""
+    shards = actor if isinstance(actor, EvaluatorShards) else None
     images, labels = batch(b, size, np.random.default_rng(1))
     done = [0] * callers
     stop = time.perf_counter() + seconds
@@ -68,7 +75,8 @@ def through_ray(actor: Any, method: str, callers: int, seconds: float, b: int, s
         i = 0
         while time.perf_counter() < stop:
             uid = f"c{k}/r{i}"
-            ray.get(getattr(actor, method).remote(uid, images, labels, origin=f"c{k}", round=i,
+            target = shards.for_update(uid) if shards is not None else actor
+            ray.get(getattr(target, method).remote(uid, images, labels, origin=f"c{k}", round=i,
                                                   defence="none", model_version=i))
             i += 1
         done[k] = i
@@ -82,6 +90,16 @@ def through_ray(actor: Any, method: str, callers: int, seconds: float, b: int, s
     return sum(done) / (time.perf_counter() - t0)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--callers", type=int, default=8, help="concurrent peers calling the actor")
@@ -89,6 +107,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--n", type=int, default=4000, help="calls per in-process measurement")
+    p.add_argument("--shards", default="2,4", help="evaluator shard counts to measure too (comma-separated)")
     a = p.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
           f"batch {a.batch_size} x {a.image_size}x{a.image_size}")
@@ -100,8 +119,23 @@ def main() -> None:
             ev = EvaluatorActor.options(num_cpus=0).remote(d)
             noop = Noop.options(num_cpus=0).remote()
             ray.get([ev.pid.remote(), noop.call.remote()])
+            noop_pid = ray.get(noop.pid.remote())
+            cpu0 = cpu_seconds([noop_pid])
             base = through_ray(noop, "call", a.callers, a.seconds, a.batch_size, a.image_size)
+            per_noop = (cpu_seconds([noop_pid]) - cpu0) / max(1.0, base * a.seconds)
+            pid = ray.get(ev.pid.remote())
+            cpu0 = cpu_seconds([pid])
             real = through_ray(ev, "register_truth", a.callers, a.seconds, a.batch_size, a.image_size)
+            per_truth = (cpu_seconds([pid]) - cpu0) / max(1.0, real * a.seconds)
+            sharded = []
+            for n in [int(x) for x in a.shards.split(",") if x]:
+                handles = [EvaluatorActor.options(num_cpus=0).remote(d, shard=k, shards=n) for k in range(n)]
+                ray.get([h.pid.remote() for h in handles])
+                rate = through_ray(EvaluatorShards(handles), "register_truth", a.callers, a.seconds,
+                                   a.batch_size, a.image_size)
+                sharded.append((n, rate))
+                for h in handles:
+                    ray.kill(h)
     finally:
         ray.shutdown()
     print("| path | truths/s | vs Ray no-op |")
@@ -110,6 +144,11 @@ def main() -> None:
     print(f"| in-process, memory only | {mem:,.0f} | |")
     print(f"| Ray no-op call, {a.callers} callers (baseline) | {base:,.0f} | 1.00 |")
     print(f"| Ray EvaluatorActor.register_truth, {a.callers} callers | {real:,.0f} | {real / base:.2f} |")
+    print(f"the evaluator's own CPU per truth filed: {per_truth * 1e3:.2f} ms, so one evaluator on a core of "
+          f"its own files up to {1 / per_truth:,.0f} truths/s (a no-op actor: {per_noop * 1e3:.2f} ms per call, "
+          "Ray's own share); the rest of a call's time is the callers'")
+    for n, rate in sharded:
+        print(f"| Ray, {n} evaluator shards (by update id), {a.callers} callers | {rate:,.0f} | {rate / base:.2f} |")
     print(f"1,000 peers at 4 steps/s file 4,000 truths/s: {4000 / real:.1f} evaluators at this rate")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
