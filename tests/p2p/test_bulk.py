@@ -222,14 +222,16 @@ def test_a_trickle_is_cut_at_the_total_limit(recorder: Recorder) -> None:
 
 
 def test_unused_grants_expire_and_release_their_slots(recorder: Recorder) -> None:
-    srv = serve(recorder, limits=Limits(idle_s=0.2, max_calls_per_caller=2))
+    srv = serve(recorder, limits=Limits(idle_s=1.0, max_calls_per_caller=2))
     try:
         u = update("late")
         grants = [offer(srv, u), offer(srv, u)]
         with pytest.raises(grpc.RpcError) as err:  # both slots held by grants
             offer(srv, u)
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        time.sleep(0.9)  # past the ttl; the accept loop expires grants every 0.5 s
+        assert srv.calls_in_progress == 2
+        time.sleep(1.0)  # the ttl; the accept loop expires grants every 0.5 s
+        wait_idle(srv)
         assert srv.calls_in_progress == 0
         result = lane_result(grants[0].port, bulk.MAGIC + grants[0].ticket + payload(u))
         assert result.code == "PERMISSION_DENIED"
