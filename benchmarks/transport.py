@@ -18,6 +18,9 @@ tensors), as peers do for updates of 4 MiB or more; the other PushUpdate rows fo
 gRPC stream. "raw TLS socket" is the baseline's transfer over one mutual-TLS connection
 (Python's ssl), the floor of a TLS lane.
 
+"GetModel" rows pull weights of the update's size (plaintext), over the stream and over
+the lane (OfferModel: the header and a ticket over gRPC, the bytes over the lane).
+
 Rows marked "(bare)" are gRPC Python alone on the same bytes (a raw-bytes client stream in
 chunks of the same size, no codec, no protobuf, no checks): the ceiling any codec on top of
 grpcio can reach on this machine; the indented "(bare)" rows after it are other uses of
@@ -60,9 +63,10 @@ from p2p.update import Update, UpdateHeader
 class Sink:
     """A handler that only counts: the cost measured is the transport's, not the peer's."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor] | None = None) -> None:
         self.shapes = shapes
         self.count = 0
+        self.weights = weights  # what model pulls get
 
     def schema(self) -> dict[str, tuple[int, ...]]:
         return self.shapes
@@ -71,7 +75,9 @@ class Sink:
         self.count += 1
 
     def model_at(self, version: int | None, caller: object = None) -> tuple[int, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        if self.weights is None:
+            raise NotImplementedError
+        return 1, self.weights
 
 
 def model_update(model: str, image_size: int, in_channels: int, keep: float | None) -> Update:
@@ -158,6 +164,26 @@ def grpc_push(update: Update, tls: bool, reps: int, chunk_bytes: int, bulk: bool
     finally:
         server.stop(0)
     return times, sent
+
+
+def model_pulls(update: Update, reps: int, chunk_bytes: int, bulk: bool) -> list[float]:
+    """Seconds per GetModel of weights the size of update (plaintext); with bulk over the
+    holder's bulk lane (OfferModel), else the gRPC stream."""
+    shapes = {n: tuple(t.shape) for n, t in update.tensors.items()}
+    server = GossipServer(Sink(shapes, dict(update.tensors)), "sink")
+    port = server.start()
+    times = []
+    try:
+        with GossipClient(f"127.0.0.1:{port}", timeout_s=60, chunk_bytes=chunk_bytes, schema=shapes,
+                          max_model_bytes=1 << 30, bulk_min_bytes=0 if bulk else None) as client:
+            for k in range(reps + 1):
+                t0 = time.perf_counter()
+                client.get_model()
+                if k:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        server.stop(0)
+    return times
 
 
 def bare_grpc(nbytes: int, chunk_bytes: int, reps: int) -> list[float]:
@@ -299,6 +325,11 @@ def run_case(label: str, update: Update, reps: int, chunk_bytes: int, one_proces
                   f"{enc * 1e3:7.1f} {dec * 1e3:7.1f} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} "
                   f"{dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
     if "dense" in label and len(lanes) == 2:
+        for bulk in lanes:
+            t = p50(model_pulls(update, reps, chunk_bytes, bulk))
+            name = "  GetModel" + (" (bulk)" if bulk else "")
+            print(f"{name:<20} {'plain':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} {'-':>7} "
+                  f"{'-':>7} {t * 1e3:8.2f} {dense / t / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / t:7.2f}")
         tls_tcp = p50(tcp_baseline(dense, reps, tls=True))
         print(f"{'  raw TLS socket':<20} {'TLS':<6} {dense / 1e6:9.3f} {dense / 1e6:9.3f} {'-':>7} {'-':>7} "
               f"{'-':>7} {tls_tcp * 1e3:8.2f} {dense / tls_tcp / 1e6:7.1f} {dense / tcp / 1e6:9.1f} {tcp / tls_tcp:7.2f}")

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"GLB1"  # gradleak bulk lane, version 1
+MAGIC = b"GLB1"  # gradleak bulk lane, version 1: a push
+PULL_MAGIC = b"GLM1"  # the same lane, a model pull
 TICKET_BYTES = 16
 _RESULT_LIMIT = 4096  # a BulkResult is a code, a clipped message and a receipt
 _SPARE_CONNECTIONS = 4  # connections beyond the call cap, so refusals can still be answered
@@ -68,9 +69,14 @@ class Grant:
     """One ticket: who may send which payload, until when."""
 
     caller: Caller
-    pending: codec.PendingUpdate
+    pending: codec.PendingUpdate | None  # a push: the update whose payload is to come
     header_bytes: int
     expires: float  # time.monotonic()
+    payloads: Sequence[np.ndarray] = ()  # a pull: the weights' payloads to send
+
+    @property
+    def magic(self) -> bytes:
+        return MAGIC if self.pending is not None else PULL_MAGIC
 
 
 class Tickets:
@@ -82,8 +88,9 @@ class Tickets:
         self._lock = threading.Lock()
         self._grants: dict[bytes, Grant] = {}
 
-    def grant(self, caller: Caller, pending: codec.PendingUpdate, header_bytes: int) -> bytes:
-        """A new ticket for caller's payload.
+    def grant(self, caller: Caller, pending: codec.PendingUpdate | None, header_bytes: int,
+              payloads: Sequence[np.ndarray] = ()) -> bytes:
+        """A new ticket for caller's push (pending) or pull (payloads).
 
         Raises:
             ResourceExhausted: when the server or this caller is at its call cap.
@@ -92,18 +99,19 @@ class Tickets:
         self._admission.acquire(caller.key)  # released by claim's finish or by expire
         ticket = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
-            self._grants[ticket] = Grant(caller, pending, header_bytes, time.monotonic() + self._ttl_s)
+            self._grants[ticket] = Grant(caller, pending, header_bytes, time.monotonic() + self._ttl_s, payloads)
         return ticket
 
-    def claim(self, ticket: bytes, caller: Caller) -> Grant:
+    def claim(self, ticket: bytes, caller: Caller, magic: bytes = MAGIC) -> Grant:
         """Take the grant of ticket for caller; its slot is released by `done`.
 
         Raises:
-            PermissionDenied: for an unknown, expired or used ticket, or another caller's.
+            PermissionDenied: for an unknown, expired or used ticket, another caller's, or
+                a push ticket opened as a pull (or the reverse).
         """
         with self._lock:
             grant = self._grants.get(ticket)
-            if grant is None or grant.expires < time.monotonic():
+            if grant is None or grant.expires < time.monotonic() or grant.magic != magic:
                 raise PermissionDenied("unknown, expired or already used bulk ticket")
             if grant.caller.key != caller.key:
                 # Left in place: the ticket's own caller may still use it.
@@ -160,6 +168,7 @@ class BulkLane:
         self._sock.settimeout(0.5)  # the accept loop wakes to expire grants and to stop
         self.port: int = self._sock.getsockname()[1]
         self.received = 0  # updates delivered over the lane
+        self.served = 0  # model pulls answered over the lane
         self._slots = threading.BoundedSemaphore(limits.max_calls + _SPARE_CONNECTIONS)
         self._stopped = threading.Event()
         self._threads: set[threading.Thread] = set()
@@ -206,7 +215,7 @@ class BulkLane:
             stream: socket.socket = conn
             if self._ssl is not None:
                 stream = self._ssl.wrap_socket(conn, server_side=True)
-            _reply(stream, *self._receive(stream, _caller(stream, addr)))
+            self._dispatch(stream, _caller(stream, addr))
         except (OSError, ssl.SSLError) as exc:  # the sender went away or failed its handshake
             log.debug("bulk connection from %s ended: %s", addr, exc)
         finally:
@@ -216,15 +225,32 @@ class BulkLane:
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
-    def _receive(self, stream: socket.socket, caller: Caller) -> tuple[str, str, codec.PushAck | None]:
-        """Read one payload and hand it over; return (code, details, receipt)."""
+    def _dispatch(self, stream: socket.socket, caller: Caller) -> None:
+        """Read the opening, claim its ticket, then take a push or serve a pull."""
         try:
             opening = _read_exact(stream, len(MAGIC) + TICKET_BYTES, time.monotonic() + self._limits.idle_s)
-            if opening[: len(MAGIC)] != MAGIC:
+            magic = bytes(opening[: len(MAGIC)])
+            if magic not in (MAGIC, PULL_MAGIC):
                 raise MalformedMessage("not a bulk lane opening (bad magic)")
-            grant = self._tickets.claim(bytes(opening[len(MAGIC):]), caller)
+            grant = self._tickets.claim(bytes(opening[len(MAGIC):]), caller, magic)
         except Exception as exc:  # noqa: BLE001  # every refusal is answered, never a crash
-            return self._code(exc), _details(exc), None
+            _reply(stream, self._code(exc), _details(exc), None)
+            return
+        if grant.pending is None:
+            try:  # a pull: the answer first, then exactly the declared bytes
+                _reply(stream, "OK", "", None)
+                for p in grant.payloads:
+                    stream.sendall(p.data.cast("B"))
+                with self._lock:
+                    self.served += 1
+            finally:
+                self._tickets.done(grant)
+            return
+        _reply(stream, *self._receive(stream, grant))
+
+    def _receive(self, stream: socket.socket, grant: Grant) -> tuple[str, str, codec.PushAck | None]:
+        """Read a push's payload and hand it over; return (code, details, receipt)."""
+        assert grant.pending is not None
         try:
             deadline = time.monotonic() + self._limits.total_s
             buffers = grant.pending.buffers()
@@ -309,6 +335,34 @@ class LaneUnreachable(TransportError):
     """The lane's port did not take a connection: nothing was sent, the stream may be used."""
 
 
+def _connect(host: str, port: int, timeout_s: float, context: ssl.SSLContext | None,
+             server_name: str | None) -> tuple[socket.socket, socket.socket]:
+    """(raw socket, stream to use: the TLS one when context is given).
+
+    Raises:
+        LaneUnreachable: when the port takes no connection.
+    """
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        raise LaneUnreachable("UNAVAILABLE", f"bulk lane {host}:{port} unreachable: {exc}") from exc
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = context.wrap_socket(raw, server_hostname=server_name or host) if context is not None else raw
+    except ssl.SSLError as exc:
+        raw.close()
+        raise TransportError("UNAVAILABLE", f"bulk lane TLS failed: {exc}") from exc
+    except OSError as exc:
+        raw.close()
+        raise TransportError("UNAVAILABLE", f"bulk lane broke: {exc}") from exc
+    return raw, stream
+
+
+def _check_offer(ticket: bytes, port: int) -> None:
+    if len(ticket) != TICKET_BYTES or not 0 < port < 65536:
+        raise TransportError("DATA_LOSS", f"bad bulk offer: ticket of {len(ticket)} bytes, port {port}")
+
+
 def send(
     host: str, offer: codec.BulkOffer, payloads: Sequence[np.ndarray], *, timeout_s: float,
     context: ssl.SSLContext | None, server_name: str | None,
@@ -319,18 +373,10 @@ def send(
         TransportError: UNAVAILABLE when the lane cannot be reached or breaks, else the
             receiver's status code name with its details.
     """
-    if len(offer.ticket) != TICKET_BYTES or not 0 < offer.port < 65536:
-        raise TransportError("DATA_LOSS", f"bad bulk offer: ticket of {len(offer.ticket)} bytes, port {offer.port}")
+    _check_offer(offer.ticket, offer.port)
     deadline = time.monotonic() + timeout_s
+    raw, stream = _connect(host, offer.port, timeout_s, context, server_name)
     try:
-        raw = socket.create_connection((host, offer.port), timeout=timeout_s)
-    except OSError as exc:
-        raise LaneUnreachable("UNAVAILABLE", f"bulk lane {host}:{offer.port} unreachable: {exc}") from exc
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stream = raw
-        if context is not None:
-            stream = context.wrap_socket(raw, server_hostname=server_name or host)
         try:
             stream.sendall(MAGIC + offer.ticket)
             for p in payloads:
@@ -342,9 +388,7 @@ def send(
                 raise TransportError("UNAVAILABLE", f"bulk lane broke while sending: {exc}") from exc
         else:
             result = _read_result(stream, deadline)
-    except ssl.SSLError as exc:
-        raise TransportError("UNAVAILABLE", f"bulk lane TLS failed: {exc}") from exc
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError included
         raise TransportError("UNAVAILABLE", f"bulk lane broke: {exc}") from exc
     finally:
         with contextlib.suppress(OSError):
@@ -352,6 +396,38 @@ def send(
     if result.code != "OK":
         raise TransportError(result.code or "UNKNOWN", result.details)
     return result.ack
+
+
+def pull(
+    host: str, ticket: bytes, port: int, buffers: Sequence[torch.Tensor], *, timeout_s: float,
+    context: ssl.SSLContext | None, server_name: str | None,
+) -> None:
+    """Fill buffers (uint8, as the offered header declares) from the lane's pull.
+
+    Raises:
+        LaneUnreachable: when the port takes no connection.
+        TransportError: the holder's refusal, or UNAVAILABLE / DEADLINE_EXCEEDED when the
+            lane breaks or stalls before every byte is in.
+    """
+    _check_offer(ticket, port)
+    deadline = time.monotonic() + timeout_s
+    raw, stream = _connect(host, port, timeout_s, context, server_name)
+    try:
+        stream.sendall(PULL_MAGIC + ticket)
+        result = _read_result(stream, deadline)
+        if result.code != "OK":
+            raise TransportError(result.code or "UNKNOWN", result.details)
+        for buf in buffers:
+            _read_into(stream, buf.numpy(), deadline)
+    except MalformedMessage as exc:  # the holder closed early
+        raise TransportError("UNAVAILABLE", f"bulk pull: {exc}") from exc
+    except TimeoutError as exc:
+        raise TransportError("DEADLINE_EXCEEDED", f"bulk pull stalled: {exc}") from exc
+    except OSError as exc:
+        raise TransportError("UNAVAILABLE", f"bulk pull broke: {exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            raw.close()
 
 
 def _read_result(stream: socket.socket, deadline: float) -> codec.BulkResult:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -52,6 +52,7 @@ ModelFrame = pb.ModelFrame
 PushAck = pb.PushAck
 BulkOffer = pb.BulkOffer
 BulkResult = pb.BulkResult
+ModelOffer = pb.ModelOffer
 ModelRequest = pb.ModelRequest
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Gossip"].full_name
 
@@ -340,6 +341,15 @@ def update_to_bulk(update: Update, *, sparse: str = "auto") -> tuple[bytes, list
     dense: nothing is copied), for a payload sent outside gRPC messages (p2p.bulk)."""
     specs, payloads = _encode_tensors(update.tensors, sparse)
     return pb.UpdateFrame(header=_update_header(update, specs)).SerializeToString(), payloads
+
+
+def model_to_bulk(
+    peer_id: str, version: int, state: Mapping[str, torch.Tensor]
+) -> tuple[pb.ModelHeader, list[np.ndarray]]:
+    """Model weights as their header and dense payloads (views: nothing copied), for a
+    pull over the bulk lane (p2p.bulk)."""
+    specs, payloads = _encode_tensors(state, "never")
+    return pb.ModelHeader(peer_id=peer_id, model_version=version, tensors=specs), payloads
 
 
 def model_to_wire(
@@ -773,3 +783,21 @@ def model_from_frames(
     h = _first(it).header
     state = _read_chunks(it, h.tensors, max_bytes, dense_only=True, schema=schema)
     return h.peer_id, h.model_version, state
+
+
+def check_model_header(
+    header: pb.ModelHeader, *, max_bytes: int = DEFAULT_MAX_BYTES, schema: Schema | None = None
+) -> tuple[list[torch.Tensor], Callable[[Sequence[torch.Tensor]], dict[str, torch.Tensor]]]:
+    """Check a pulled model's header as `model_from_frames` does; return empty buffers for
+    its payloads and the function that decodes them once filled.
+
+    Raises:
+        MalformedMessage: on a SPARSE tensor, over max_bytes, or off the schema.
+    """
+    specs = _check_specs(header.tensors, max_bytes, True, schema)
+    buffers = [torch.empty(s.byte_length, dtype=torch.uint8) for s in specs]
+
+    def decode(filled: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {s.name: _decode(s, b) for s, b in zip(specs, filled, strict=True)}
+
+    return buffers, decode

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -252,6 +253,24 @@ class _GossipServicer:
 
         return _guarded(context, "OfferBulk", run).SerializeToString()
 
+    def offer_model(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """GetModel's header and a bulk lane ticket for its payloads (p2p.bulk)."""
+        caller = caller_of(context)
+
+        def run() -> codec.ModelOffer:
+            lane, tickets = self.lane, self.tickets
+            if lane is None or tickets is None:
+                raise ResourceExhausted("the bulk lane is not serving")
+            with self._admission.admit(caller.key), self._watch(context, "OfferModel") as ticket:
+                request = _one_request(requests, ticket)
+                version, state = self._handler.model_at(codec.parse_model_request(request), caller)
+            header, payloads = codec.model_to_bulk(self._peer_id, version, state)
+            # The grant keeps the snapshot's tensors until the pull or the ttl (model_at's contract).
+            granted = tickets.grant(caller, None, 0, payloads)
+            return codec.ModelOffer(header=header, ticket=granted, port=lane.port)
+
+        return _guarded(context, "OfferModel", run).SerializeToString()
+
     def get_model(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """Stream the handler's weights at the requested version.
 
@@ -292,6 +311,7 @@ class _GossipServicer:
         }
         if self.bulk:  # else OfferBulk answers UNIMPLEMENTED and senders stream
             methods["OfferBulk"] = grpc.stream_unary_rpc_method_handler(self.offer_bulk)
+            methods["OfferModel"] = grpc.stream_unary_rpc_method_handler(self.offer_model)
         return grpc.method_handlers_generic_handler(codec.SERVICE_NAME, methods)
 
 
@@ -443,6 +463,11 @@ class GossipServer:
         return self._lane.received if self._lane is not None else 0
 
     @property
+    def bulk_served(self) -> int:
+        """Model pulls answered over the bulk lane."""
+        return self._lane.served if self._lane is not None else 0
+
+    @property
     def secure(self) -> bool:
         """True when the server accepts only mutual-TLS connections."""
         return self._tls is not None
@@ -543,6 +568,11 @@ class GossipClient:
             f"{service}/OfferBulk", request_serializer=None,
             response_deserializer=codec.BulkOffer.FromString, _registered_method=True,
         )
+        self._offer_model = self._channel.unary_unary(
+            f"{service}/OfferModel", request_serializer=codec.ModelRequest.SerializeToString,
+            response_deserializer=codec.ModelOffer.FromString, _registered_method=True,
+        )
+        self._pull_bulk_ok = True  # cleared when the holder has no lane for pulls
         self._get_model = self._channel.unary_stream(
             f"{service}/GetModel", request_serializer=codec.ModelRequest.SerializeToString,
             response_deserializer=None, _registered_method=True,
@@ -610,6 +640,34 @@ class GossipClient:
             )
         return sent
 
+    def _pulls_by_lane(self) -> bool:
+        """Whether a pull should try the lane: a model of at least bulk_min_bytes (float32
+        by the schema; without one its size is unknown) from a holder that may have one."""
+        if self._bulk_min_bytes is None or self._bulk_host is None or self._schema is None or not self._pull_bulk_ok:
+            return False
+        return 4 * sum(math.prod(shape) for shape in self._schema.values()) >= self._bulk_min_bytes
+
+    def _pull_bulk(self, version: int | None) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """A pull over the holder's lane; None when it has none (it is not asked again)."""
+        host = self._bulk_host
+        assert host is not None
+        try:
+            offer = _call(lambda: self._offer_model(codec.model_request(version), timeout=self._timeout_s), self._hint)
+        except TransportError as exc:
+            if exc.code != "UNIMPLEMENTED":
+                raise
+            self._pull_bulk_ok = False
+            return None
+        buffers, decode = codec.check_model_header(offer.header, max_bytes=self._max_model_bytes, schema=self._schema)
+        try:
+            bulk_lane.pull(host, offer.ticket, offer.port, buffers, timeout_s=self._timeout_s,
+                           context=self._bulk_context, server_name=self._server_name)
+        except bulk_lane.LaneUnreachable as exc:
+            log.warning("%s; pulling over gRPC streams from now on", exc.details)
+            self._pull_bulk_ok = False
+            return None
+        return offer.header.model_version, decode(buffers)
+
     def get_model(self, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         """Fetch the peer's weights at version (None: latest); return (version, state).
 
@@ -617,6 +675,11 @@ class GossipClient:
             TransportError: when the RPC fails (NOT_FOUND for a version not held).
             MalformedMessage: when the peer's frames do not decode.
         """
+
+        if self._pulls_by_lane():
+            pulled = self._pull_bulk(version)
+            if pulled is not None:
+                return pulled
 
         def fetch() -> tuple[str, int, dict[str, torch.Tensor]]:
             raw = self._get_model(codec.model_request(version), timeout=self._timeout_s)

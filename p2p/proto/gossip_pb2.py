@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2p/proto/gossip.proto\x12\x0bgradleak.v1\"\x93\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.gradleak.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12#\n\x06layout\x18\x04 \x01(\x0e\x32\x13.gradleak.v1.Layout\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x04\";\n\x05\x43hunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x80\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65\x66\x65nce\x18\x07 \x01(\t\x12\x15\n\rmixing_weight\x18\x08 \x01(\x01\x12(\n\x07tensors\x18\t \x03(\x0b\x32\x17.gradleak.v1.TensorSpec\x12\x0f\n\x07sent_at\x18\n \x01(\x01\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x11\n\tmix_round\x18\x0c \x01(\x04\"g\n\x0bUpdateFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.gradleak.v1.UpdateHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gradleak.v1.ChunkH\x00\x42\x06\n\x04kind\"4\n\x07PushAck\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\")\n\tBulkOffer\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"N\n\nBulkResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12!\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x14.gradleak.v1.PushAck\"0\n\x0cModelRequest\x12\x14\n\x07version\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\n\n\x08_version\"_\n\x0bModelHeader\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.gradleak.v1.TensorSpec\"e\n\nModelFrame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gradleak.v1.ModelHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gradleak.v1.ChunkH\x00\x42\x06\n\x04kind*\xae\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT64\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08*-\n\x06Layout\x12\x10\n\x0cLAYOUT_DENSE\x10\x00\x12\x11\n\rLAYOUT_SPARSE\x10\x01\x32\xc9\x01\n\x06Gossip\x12>\n\nPushUpdate\x12\x18.gradleak.v1.UpdateFrame\x1a\x14.gradleak.v1.PushAck(\x01\x12@\n\x08GetModel\x12\x19.gradleak.v1.ModelRequest\x1a\x17.gradleak.v1.ModelFrame0\x01\x12=\n\tOfferBulk\x12\x18.gradleak.v1.UpdateFrame\x1a\x16.gradleak.v1.BulkOfferb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2p/proto/gossip.proto\x12\x0bgradleak.v1\"\x93\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.gradleak.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12#\n\x06layout\x18\x04 \x01(\x0e\x32\x13.gradleak.v1.Layout\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x04\";\n\x05\x43hunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x80\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65\x66\x65nce\x18\x07 \x01(\t\x12\x15\n\rmixing_weight\x18\x08 \x01(\x01\x12(\n\x07tensors\x18\t \x03(\x0b\x32\x17.gradleak.v1.TensorSpec\x12\x0f\n\x07sent_at\x18\n \x01(\x01\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x11\n\tmix_round\x18\x0c \x01(\x04\"g\n\x0bUpdateFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.gradleak.v1.UpdateHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gradleak.v1.ChunkH\x00\x42\x06\n\x04kind\"4\n\x07PushAck\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\")\n\tBulkOffer\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"N\n\nBulkResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12!\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x14.gradleak.v1.PushAck\"T\n\nModelOffer\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.gradleak.v1.ModelHeader\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\x12\x0c\n\x04port\x18\x03 \x01(\r\"0\n\x0cModelRequest\x12\x14\n\x07version\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\n\n\x08_version\"_\n\x0bModelHeader\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.gradleak.v1.TensorSpec\"e\n\nModelFrame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gradleak.v1.ModelHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gradleak.v1.ChunkH\x00\x42\x06\n\x04kind*\xae\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT64\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08*-\n\x06Layout\x12\x10\n\x0cLAYOUT_DENSE\x10\x00\x12\x11\n\rLAYOUT_SPARSE\x10\x01\x32\x8b\x02\n\x06Gossip\x12>\n\nPushUpdate\x12\x18.gradleak.v1.UpdateFrame\x1a\x14.gradleak.v1.PushAck(\x01\x12@\n\x08GetModel\x12\x19.gradleak.v1.ModelRequest\x1a\x17.gradleak.v1.ModelFrame0\x01\x12=\n\tOfferBulk\x12\x18.gradleak.v1.UpdateFrame\x1a\x16.gradleak.v1.BulkOffer\x12@\n\nOfferModel\x12\x19.gradleak.v1.ModelRequest\x1a\x17.gradleak.v1.ModelOfferb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2p.proto.gossip_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1042
-  _globals['_DTYPE']._serialized_end=1216
-  _globals['_LAYOUT']._serialized_start=1218
-  _globals['_LAYOUT']._serialized_end=1263
+  _globals['_DTYPE']._serialized_start=1128
+  _globals['_DTYPE']._serialized_end=1302
+  _globals['_LAYOUT']._serialized_start=1304
+  _globals['_LAYOUT']._serialized_end=1349
   _globals['_TENSORSPEC']._serialized_start=40
   _globals['_TENSORSPEC']._serialized_end=187
   _globals['_CHUNK']._serialized_start=189
@@ -49,12 +49,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BULKOFFER']._serialized_end=709
   _globals['_BULKRESULT']._serialized_start=711
   _globals['_BULKRESULT']._serialized_end=789
-  _globals['_MODELREQUEST']._serialized_start=791
-  _globals['_MODELREQUEST']._serialized_end=839
-  _globals['_MODELHEADER']._serialized_start=841
-  _globals['_MODELHEADER']._serialized_end=936
-  _globals['_MODELFRAME']._serialized_start=938
-  _globals['_MODELFRAME']._serialized_end=1039
-  _globals['_GOSSIP']._serialized_start=1266
-  _globals['_GOSSIP']._serialized_end=1467
+  _globals['_MODELOFFER']._serialized_start=791
+  _globals['_MODELOFFER']._serialized_end=875
+  _globals['_MODELREQUEST']._serialized_start=877
+  _globals['_MODELREQUEST']._serialized_end=925
+  _globals['_MODELHEADER']._serialized_start=927
+  _globals['_MODELHEADER']._serialized_end=1022
+  _globals['_MODELFRAME']._serialized_start=1024
+  _globals['_MODELFRAME']._serialized_end=1125
+  _globals['_GOSSIP']._serialized_start=1352
+  _globals['_GOSSIP']._serialized_end=1619
 # @@protoc_insertion_point(module_scope)

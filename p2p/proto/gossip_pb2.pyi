@@ -123,6 +123,16 @@ class BulkResult(_message.Message):
     ack: PushAck
     def __init__(self, code: _Optional[str] = ..., details: _Optional[str] = ..., ack: _Optional[_Union[PushAck, _Mapping]] = ...) -> None: ...
 
+class ModelOffer(_message.Message):
+    __slots__ = ("header", "ticket", "port")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    ticket: bytes
+    port: int
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., ticket: _Optional[bytes] = ..., port: _Optional[int] = ...) -> None: ...
+
 class ModelRequest(_message.Message):
     __slots__ = ("version",)
     VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class GossipStub:
                 request_serializer=p2p_dot_proto_dot_gossip__pb2.UpdateFrame.SerializeToString,
                 response_deserializer=p2p_dot_proto_dot_gossip__pb2.BulkOffer.FromString,
                 _registered_method=True)
+        self.OfferModel = channel.unary_unary(
+                '/gradleak.v1.Gossip/OfferModel',
+                request_serializer=p2p_dot_proto_dot_gossip__pb2.ModelRequest.SerializeToString,
+                response_deserializer=p2p_dot_proto_dot_gossip__pb2.ModelOffer.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -78,6 +83,14 @@ class GossipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OfferModel(self, request, context):
+        """GetModel's payload over the bulk lane (p2p.bulk): the header and a ticket here, the
+        bytes on the lane; a server without one answers UNIMPLEMENTED and GetModel is used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GossipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.OfferBulk,
                     request_deserializer=p2p_dot_proto_dot_gossip__pb2.UpdateFrame.FromString,
                     response_serializer=p2p_dot_proto_dot_gossip__pb2.BulkOffer.SerializeToString,
+            ),
+            'OfferModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OfferModel,
+                    request_deserializer=p2p_dot_proto_dot_gossip__pb2.ModelRequest.FromString,
+                    response_serializer=p2p_dot_proto_dot_gossip__pb2.ModelOffer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +197,33 @@ class Gossip:
             '/gradleak.v1.Gossip/OfferBulk',
             p2p_dot_proto_dot_gossip__pb2.UpdateFrame.SerializeToString,
             p2p_dot_proto_dot_gossip__pb2.BulkOffer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OfferModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradleak.v1.Gossip/OfferModel',
+            p2p_dot_proto_dot_gossip__pb2.ModelRequest.SerializeToString,
+            p2p_dot_proto_dot_gossip__pb2.ModelOffer.FromString,
             options,
             channel_credentials,
             insecure,

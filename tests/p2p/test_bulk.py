@@ -27,6 +27,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.accepted: list[tuple[Update, int, object]] = []
+        g = torch.Generator().manual_seed(9)
+        self.model = {"w": torch.randn(3000, generator=g), "b": torch.randn(7, generator=g)}
 
     def schema(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
@@ -39,7 +41,11 @@ class Recorder:
         self.accepted.append((update, wire_bytes, caller))
 
     def model_at(self, version: int | None, caller: object = None) -> tuple[int, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        from p2p.errors import VersionNotFound
+
+        if version not in (None, 5):
+            raise VersionNotFound(f"version {version} not held")
+        return 5, self.model
 
 
 def update(update_id: str, *, sparse_share: float = 1.0, kind: str = "gradient") -> Update:
@@ -222,7 +228,7 @@ def test_a_trickle_is_cut_at_the_total_limit(recorder: Recorder) -> None:
 
 
 def test_unused_grants_expire_and_release_their_slots(recorder: Recorder) -> None:
-    srv = serve(recorder, limits=Limits(idle_s=1.0, max_calls_per_caller=2))
+    srv = serve(recorder, limits=Limits(idle_s=2.5, max_calls_per_caller=2))
     try:
         u = update("late")
         grants = [offer(srv, u), offer(srv, u)]
@@ -230,7 +236,7 @@ def test_unused_grants_expire_and_release_their_slots(recorder: Recorder) -> Non
             offer(srv, u)
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert srv.calls_in_progress == 2
-        time.sleep(1.0)  # the ttl; the accept loop expires grants every 0.5 s
+        time.sleep(2.5)  # the ttl; the accept loop expires grants every 0.5 s
         wait_idle(srv)
         assert srv.calls_in_progress == 0
         result = lane_result(grants[0].port, bulk.MAGIC + grants[0].ticket + payload(u))
@@ -295,3 +301,54 @@ def test_config_refuses_a_negative_threshold() -> None:
     with pytest.raises(ConfigError, match="bulk_min_bytes"):
         GossipConfig(bulk_min_bytes=-1).validate()
     GossipConfig(bulk_min_bytes=0).validate()  # 0: no lane
+
+
+def test_model_pulls_take_the_lane_and_arrive_exact(pki: dict[str, TlsMaterial], recorder: Recorder) -> None:
+    for tls in (None, pki["sink"]):
+        srv = serve(recorder, tls)
+        try:
+            with GossipClient(srv.address, tls=pki["h1"] if tls else None, schema=SHAPES, bulk_min_bytes=1024) as c:
+                version, state = c.get_model()
+                assert c.get_model(5)[0] == 5
+                with pytest.raises(TransportError) as err:
+                    c.get_model(7)
+                assert err.value.code == "NOT_FOUND"  # refused by OfferModel, as GetModel refuses it
+        finally:
+            srv.stop(grace=0)
+        assert version == 5 and all(torch.equal(state[k], recorder.model[k]) for k in SHAPES)
+        assert srv.bulk_served == 2 and srv.calls_in_progress == 0
+
+
+def test_a_pull_ticket_is_good_once_and_only_as_a_pull(server: GossipServer) -> None:
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.unary_unary(f"/{codec.SERVICE_NAME}/OfferModel", request_serializer=None,
+                              response_deserializer=codec.ModelOffer.FromString)
+        grant = call(b"", timeout=5)
+    assert [s.name for s in grant.header.tensors] == ["w", "b"]
+    assert lane_result(grant.port, bulk.MAGIC + grant.ticket).code == "PERMISSION_DENIED"  # a pull is no push
+    buffers, decode = codec.check_model_header(grant.header, schema=SHAPES)
+    bulk.pull("127.0.0.1", grant.ticket, grant.port, buffers, timeout_s=5, context=None, server_name=None)
+    assert torch.equal(decode(buffers)["b"], server._servicer._handler.model["b"])  # type: ignore[attr-defined]
+    with pytest.raises(TransportError) as err:
+        bulk.pull("127.0.0.1", grant.ticket, grant.port, buffers, timeout_s=5, context=None, server_name=None)
+    assert err.value.code == "PERMISSION_DENIED"
+    wait_idle(server)
+    assert server.calls_in_progress == 0
+
+
+def test_an_offered_model_off_the_schema_is_refused_before_any_pull(server: GossipServer) -> None:
+    from p2p.errors import MalformedMessage
+
+    with GossipClient(server.address, schema={"w": (3000,), "b": (8,)}, bulk_min_bytes=1024) as c:
+        with pytest.raises(MalformedMessage, match="shape"):
+            c.get_model()
+    assert server.bulk_served == 0
+
+
+def test_pulls_from_a_holder_without_a_lane_use_the_stream(recorder: Recorder) -> None:
+    srv = serve(recorder, bulk=False)
+    try:
+        with GossipClient(srv.address, schema=SHAPES, bulk_min_bytes=1024) as c:
+            assert c.get_model()[0] == 5 and c.get_model()[0] == 5
+    finally:
+        srv.stop(grace=0)
