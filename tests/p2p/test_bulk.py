@@ -339,9 +339,9 @@ def test_a_pull_ticket_is_good_once_and_only_as_a_pull(server: GossipServer) -> 
 def test_an_offered_model_off_the_schema_is_refused_before_any_pull(server: GossipServer) -> None:
     from p2p.errors import MalformedMessage
 
-    with GossipClient(server.address, schema={"w": (3000,), "b": (8,)}, bulk_min_bytes=1024) as c:
-        with pytest.raises(MalformedMessage, match="shape"):
-            c.get_model()
+    with (GossipClient(server.address, schema={"w": (3000,), "b": (8,)}, bulk_min_bytes=1024) as c,
+          pytest.raises(MalformedMessage, match="shape")):
+        c.get_model()
     assert server.bulk_served == 0
 
 
