@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,19 +68,18 @@ def test_two_shards_write_one_record_and_one_summary(tmp_path: Path) -> None:
     assert sorted(json.loads(x)["update_id"] for x in lines) == sorted(ids)
 
 
-def _write_rows(path: str, writer: int, count: int) -> None:
-    record = RunRecord(path)
-    for i in range(count):  # rows of ~20 KB: a buffered file would split them into several writes
-        record.append({"writer": writer, "i": i, "pad": "x" * 20_000})
+# Each writer a process of its own that imports only the record module (not torch).
+_WRITER = """
+import sys
+from gradleak.runtime.record import RunRecord
+record = RunRecord(sys.argv[1])
+for i in range(40):  # rows of ~20 KB: a buffered file would split them into several writes
+    record.append({"writer": int(sys.argv[2]), "i": i, "pad": "x" * 20_000})
+"""
 
 
 def test_rows_from_several_processes_never_interleave(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_write_rows, args=(str(tmp_path), w, 40)) for w in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(w)]) for w in range(3)]
+    assert [p.wait(60) for p in procs] == [0, 0, 0]
     rows = [json.loads(x) for x in (tmp_path / "reconstructions.jsonl").read_text().splitlines()]
     assert sorted((r["writer"], r["i"]) for r in rows) == [(w, i) for w in range(3) for i in range(40)]
