@@ -203,7 +203,7 @@ def _peeled(
         q = F.normalize(q_w * s, dim=0)  # w . q_w = u . (s * q_w)
         entry = _refine(u, q, tol)
         if entry is not None and entry[0] >= need:
-            _keep(found, entry)
+            _keep(found, entry, u, tol)
 
     direct, stalled = spear_peel.directions(w, noise)
     for q_w in direct:
@@ -212,11 +212,18 @@ def _peeled(
     for basis in sorted(stalled, key=lambda k: k.shape[1]):
         if basis.shape[1] > max(_STALL_DIM, b // 2):
             break
-        if expired() or _independent(found, b).shape[1] == b:
+        # Not stopped when the found set has b directions: mixes of near-duplicate samples
+        # pass _refine (measured: B = 16, seed 1602, every complement held the same three
+        # such samples and one other) and would fill it before the later complements'
+        # samples are reached; _independent then prefers the sharpest zeros.
+        if expired():
             break
-        inside = sum(float((basis.T @ F.normalize(q / s, dim=0)).norm()) > 1 - 1e-6 for _, q in found)
-        if inside >= basis.shape[1]:
-            continue  # every sample of this complement is found already
+        # Every sample of this complement is found already when the directions inside it
+        # span it; by rank, as mixes repeat, and with a rank tolerance above what a mix
+        # just off the complement adds (residual 1e-4, singular value 1e-3 measured).
+        inside = [q for _, q in found if float((basis.T @ F.normalize(q / s, dim=0)).norm()) > 1 - 1e-9]
+        if inside and _rank(torch.stack(inside, dim=1), _INSIDE_RANK) >= basis.shape[1]:
+            continue
         rows = w @ basis
         # Rows inside the peeled span project to noise: they would count as zeros of any
         # direction. The complement's own rows hold only the zeros its samples do not
@@ -224,8 +231,14 @@ def _peeled(
         # asks 20% of its rows), so its zero share is relaxed here; _refine then asks
         # the full share of every direction on all the rows.
         rows = rows[rows.norm(dim=1) > _SUB_SNR * noise]
-        sub, _ = _sparse_directions(rows, tol, replace(params, min_zero_share=_SUB_ZERO_SHARE, max_trials=_SUB_TRIALS), generator)
-        for q_sub in sub.T:
+        # Every direction the sub-search passes, not just b independent ones: mixes of
+        # the complement's near-duplicate samples would fill those before its other
+        # sample is hit (measured: seed 1602's sample 3); _refine and the sharpness
+        # order of _independent sort them out.
+        sub: list[tuple[int, torch.Tensor]] = []
+        _sparse_directions(rows, tol, replace(params, min_zero_share=_SUB_ZERO_SHARE, max_trials=_SUB_TRIALS),
+                           generator, sub, stop=False)
+        for _, q_sub in sub:
             take(basis @ q_sub)
     return found
 
@@ -233,9 +246,11 @@ def _peeled(
 _STALL_DIM = 4  # stalled complements of at most this dimension (or B / 2) are searched
 _SUB_SNR = 1e3  # rows kept in a complement's search: projected norm over the row's noise
 _SUB_ZERO_SHARE = 0.05
-# Subsets tried per complement: its samples are found within a few thousand, and a
-# sample whose zeros nest in another's is never found (it used to take the budget).
-_SUB_TRIALS = 50_000
+_INSIDE_RANK = 1e-2
+# Subsets tried per complement, all of them now that the sub-search does not stop at a
+# full set: its samples are found within a few thousand (0.3-0.9 s each at B = 16),
+# and a sample whose zeros nest in another's is never found (50,000 took the budget).
+_SUB_TRIALS = 8_192
 
 
 def _completed(
@@ -257,7 +272,11 @@ def _completed(
     for size in range(1, spear_complete.MAX_LEFT + 1):
         if b - (k - size) > spear_complete.MAX_LEFT:
             break
-        for drop in itertools.combinations(suspects, size):
+        # known's columns come sharpest zeros first (_independent): its last few are the
+        # likeliest mixes (seed 1602: the two mixes among the last four, behind a
+        # sample's q whose zeros sat at 3e-7), tried before the suspects.
+        tail = list(itertools.combinations(range(max(0, k - _TAIL), k), size))
+        for drop in [*tail, *(d for d in itertools.combinations(suspects, size) if d not in tail)]:
             if expired():
                 return None
             keep = [i for i in range(k) if i not in drop]
@@ -266,6 +285,7 @@ def _completed(
     return None
 
 
+_TAIL = 4  # last (least sharp) columns of a full set whose drops are tried first
 _SUSPECT = 16  # zero rows apart from another direction's below which a direction is suspect
 
 
@@ -278,6 +298,7 @@ def _sparse_directions(
     u: torch.Tensor, tol: float, params: SpearConfig, generator: torch.Generator,
     found: list[tuple[int, torch.Tensor]] | None = None,
     finish: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    stop: bool = True,
 ) -> tuple[torch.Tensor, int]:
     """(Q (b, k) unit columns of samples' directions, k <= b; row subsets tried),
     starting from the directions found already (extended in place); finish(Q (b, k))
@@ -288,7 +309,7 @@ def _sparse_directions(
     need = _need(m, b, params)
     found = [] if found is None else found  # (zeros, q)
     trials = 0
-    chosen = _independent(found, b)
+    chosen = _independent(found, b, u, tol)
     tried = -1  # len(found) when the completion was last tried
 
     def completed() -> torch.Tensor | None:
@@ -301,7 +322,7 @@ def _sparse_directions(
     def done() -> torch.Tensor | None:
         """The full set: consistent if it can be made so, else as found (the caller checks)."""
         full = completed()
-        if full is None and chosen.shape[1] == b:
+        if full is None and chosen.shape[1] == b and stop:
             return chosen
         return full
 
@@ -328,11 +349,11 @@ def _sparse_directions(
         for q in hits[:_REFINE_PER_STEP]:
             entry = _refine(u, q, tol)
             if entry is not None and entry[0] >= need:
-                _keep(found, entry)
-        chosen = _independent(found, b)
+                _keep(found, entry, u, tol)
+        chosen = _independent(found, b, u, tol)
         if (full := done()) is not None:
             return full, trials
-    return _independent(found, b), trials
+    return _independent(found, b, u, tol), trials
 
 
 # Zero tolerances at or above this share of a column's largest entry call a third of
@@ -364,26 +385,64 @@ def _refine(u: torch.Tensor, q: torch.Tensor, tol: float) -> tuple[int, torch.Te
     sv = torch.linalg.svdvals(loo)  # (z, b)
     if bool((sv[:, -2] <= 10 * tol * sv[:, 0]).any()):
         return None
+    # Polish: a row only near zero (within tol, far above the other zeros) tilts q, by
+    # ~3e-4 rad measured (seed 1602), enough to spoil the completion: re-solved
+    # without it (it still counts as a zero).
+    col = (u @ q).abs()
+    share = col / col.max()
+    zeros = share <= tol
+    sharp = zeros & (share <= _POLISH * share[zeros].median())
+    if b < int(sharp.sum()) < int(zeros.sum()):
+        q = torch.linalg.svd(u[sharp], full_matrices=True).Vh[-1]
     col = (u @ q).abs()
     zeros = col <= tol * col.max()
     return int(zeros.sum()), q
 
 
-def _keep(found: list[tuple[int, torch.Tensor]], entry: tuple[int, torch.Tensor]) -> None:
-    """Add a direction unless it is one already found (|cos| near 1)."""
-    zeros, q = entry
-    for i, (old_zeros, old) in enumerate(found):
+_POLISH = 100.0  # zero rows above this many times the median zero are left out by the polish
+
+
+def _keep(found: list[tuple[int, torch.Tensor]], entry: tuple[int, torch.Tensor],
+          u: torch.Tensor, tol: float) -> None:
+    """Add a direction unless it is one already found (|cos| near 1); of two, keep the
+    sharper: one re-solved on a row that is only near zero is off by ~3e-4 rad and has
+    more zeros (measured: seed 1602, zeros at 3e-7 against 1e-8), and it spoilt the
+    completion of an otherwise exact set."""
+    _, q = entry
+    for i, (_, old) in enumerate(found):
         if abs(float(old @ q)) > 1 - 1e-6:
-            if zeros > old_zeros:
+            if _depth(u, q, tol) < _depth(u, old, tol):
                 found[i] = entry
             return
     found.append(entry)
 
 
-def _independent(found: list[tuple[int, torch.Tensor]], b: int) -> torch.Tensor:
-    """Up to b linearly independent directions, sparsest first, as columns (b, k)."""
+def _rank(q: torch.Tensor, tol: float) -> int:
+    """Numerical rank of unit columns q (b, k)."""
+    return int((torch.linalg.svdvals(q) > tol).sum())
+
+
+def _depth(u: torch.Tensor, q: torch.Tensor, tol: float) -> float:
+    """The largest of q's zero entries (U q) as a share of its largest entry.
+
+    A sample's zeros sit at the gradient's rounding (<= 1e-7 measured), a mix that
+    passed _refine has its zeros up to the tolerance (1e-6 to 1e-5 of 1.5e-5)."""
+    col = (u @ q).abs()
+    col = col / col.max()
+    zeros = col[col <= tol]
+    return float(zeros.max()) if zeros.numel() else tol
+
+
+def _independent(found: list[tuple[int, torch.Tensor]], b: int,
+                 u: torch.Tensor | None = None, tol: float = 0.0) -> torch.Tensor:
+    """Up to b linearly independent directions as columns (b, k): sparsest first, or,
+    given the rows u, sharpest zeros first (samples before mixes of samples)."""
     chosen: list[torch.Tensor] = []
-    for _, q in sorted(found, key=lambda e: -e[0]):
+    if u is None:
+        order = sorted(found, key=lambda e: -e[0])
+    else:
+        order = sorted(found, key=lambda e: (_depth(u, e[1], tol), -e[0]))
+    for _, q in order:
         trial = torch.stack([*chosen, q], dim=1)
         if torch.linalg.svdvals(trial)[-1] > 1e-6:
             chosen.append(q)

@@ -73,12 +73,15 @@ def test_wrong_direction_is_reported_inconsistent(monkeypatch):
                       input_shape=(3, 8, 8), num_classes=10)
     found = spear._independent
 
-    def mixed(entries, b):  # one sample's direction replaced by a mix of two
-        q = found(entries, b).clone()
+    def mixed(entries, b, *rest):  # one sample's direction replaced by a mix of two
+        q = found(entries, b, *rest).clone()
         if q.shape[1] == b:
             q[:, 0] = torch.nn.functional.normalize(q[:, 0] + 0.5 * q[:, 1], dim=0)
         return q
 
     monkeypatch.setattr(spear, "_independent", mixed)
+    # The completion would drop the mix and complete the set (it tries the last
+    # columns' drops): off, so the inconsistent set is what comes out.
+    monkeypatch.setattr(spear, "_completed", lambda *args: None)
     rec = create_attack("spear", AttackConfig(seed=0, time_budget_s=10)).reconstruct(model, obs)
     assert rec.stats["found"] == 4 and rec.stats["stop_reason"] == "inconsistent"
