@@ -168,6 +168,9 @@ FLAGS: dict[str, Flag] = {
     "--aggregate": Flag("gossip", "aggregate", str, "how a peer combines the updates of a step: mean "
                         "(weighted), median or trimmed:F (coordinate-wise, F of the votes cut at each "
                         "end), clip:C (each update's L2 norm clipped to C, then the mean)", metavar="RULE"),
+    "--bulk-min-bytes": Flag("gossip", "bulk_min_bytes", int,
+                             "payloads of at least this many bytes take the receiver's bulk lane "
+                             "(p2p/bulk.py; 0: no lane, the gRPC stream only)", metavar="N"),
     "--max-update-norm": Flag("gossip", "max_update_norm", float, "L2 bound of a received update "
                               "(larger: refused) and of a step's aggregate (larger or not finite: the "
                               "step is refused, the model kept)", metavar="NORM"),

@@ -24,6 +24,8 @@ def test_flags_map_to_config_fields() -> None:
     assert cfg.peers.defences == ("prune:0.3", "fp16") and cfg.gossip.fanout == 3
     assert cfg.seed == 5 and cfg.telemetry.metrics_port == 0 and cfg.out_dir == "/tmp/x"
     assert cfg.attack.attacks == ("dlg", "idlg") and cfg.gossip.topology == "ring"
+    cfg = _cfg("--bulk-min-bytes", "0", "--evaluators", "3")
+    assert cfg.gossip.bulk_min_bytes == 0 and cfg.telemetry.evaluators == 3
 
 
 def test_yaml_then_flags(tmp_path: Path) -> None:
@@ -44,6 +46,9 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--fanout", "9"], "fanout 9 exceeds"),
     (["--metrics-port", "70000"], "metrics_port"),
+    (["--evaluators", "0"], "evaluators must be in 1..64"),
+    (["--metrics-port", "65535", "--evaluators", "2"], "run past 65535"),
+    (["--bulk-min-bytes", "-1"], "bulk_min_bytes must be >= 0"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
 ])
 def test_bad_values_give_one_line_and_exit_2(argv: list[str], needle: str, capsys) -> None:
