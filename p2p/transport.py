@@ -207,10 +207,8 @@ class _GossipServicer:
             for raw in requests:
                 ticket.touch()
                 received[0] += len(raw)
-                if first and len(raw) > self._max_header_bytes:
-                    raise MalformedMessage(
-                        f"header frame of {len(raw)} bytes, limit {self._max_header_bytes} for this model"
-                    )
+                if first:
+                    self._check_header_size(raw)
                 first = False
                 yield codec.parse_update_frame(raw)
             ticket.touch()  # a cancelled call also ends the stream: never use what it sent
@@ -231,18 +229,24 @@ class _GossipServicer:
         update_id = _guarded(context, "PushUpdate", run)
         return codec.push_ack(update_id, received[0]).SerializeToString()
 
+    def _check_header_size(self, raw: bytes) -> None:
+        if len(raw) > self._max_header_bytes:
+            raise MalformedMessage(f"header frame of {len(raw)} bytes, limit {self._max_header_bytes} for this model")
+
+    def _serving_lane(self) -> tuple[bulk_lane.BulkLane, bulk_lane.Tickets]:
+        if self.lane is None or self.tickets is None:
+            raise ResourceExhausted("the bulk lane is not serving")
+        return self.lane, self.tickets
+
     def offer_bulk(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         """Check an update's header frame and grant a bulk lane for its payload (p2p.bulk)."""
         caller = caller_of(context)
 
         def run() -> codec.BulkOffer:
-            lane, tickets = self.lane, self.tickets
-            if lane is None or tickets is None:
-                raise ResourceExhausted("the bulk lane is not serving")
+            lane, tickets = self._serving_lane()
             with self._admission.admit(caller.key), self._watch(context, "OfferBulk") as ticket:
                 raw = _one_request(requests, ticket)
-            if len(raw) > self._max_header_bytes:
-                raise MalformedMessage(f"header frame of {len(raw)} bytes, limit {self._max_header_bytes} for this model")
+            self._check_header_size(raw)
             frame = codec.parse_update_frame(raw)
             if isinstance(frame, codec.RawChunk):
                 raise MalformedMessage("OfferBulk takes a header frame, got a chunk")
@@ -258,9 +262,7 @@ class _GossipServicer:
         caller = caller_of(context)
 
         def run() -> codec.ModelOffer:
-            lane, tickets = self.lane, self.tickets
-            if lane is None or tickets is None:
-                raise ResourceExhausted("the bulk lane is not serving")
+            lane, tickets = self._serving_lane()
             with self._admission.admit(caller.key), self._watch(context, "OfferModel") as ticket:
                 request = _one_request(requests, ticket)
                 version, state = self._handler.model_at(codec.parse_model_request(request), caller)
